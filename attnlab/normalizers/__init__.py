@@ -1,0 +1,46 @@
+"""Attention normalizers: logits -> probabilities along one axis, exact, with safe masking.
+
+Functional API (each `f(logits, *, axis=-1, where=None, **params)`, like `jax.nn.softmax`):
+`softmax`, `scaled_softmax`, `ssmax`, `sparsemax`, `entmax15`, `entmax`.
+Named normalizers with bound parameters: `get(name, **params)`, with `NAMES` listing them.
+Composition: `Normalizer(mapping, scale)` from the mappings (`Softmax`, `Sparsemax`,
+`Entmax15`, `Entmax`) and scale policies (`Temperature`, `LogN`).
+"""
+
+from attnlab.normalizers import stats
+from attnlab.normalizers.mappings import Entmax, Entmax15, Softmax, Sparsemax
+from attnlab.normalizers.normalizer import Normalizer
+from attnlab.normalizers.registry import (
+    NAMES,
+    entmax,
+    entmax15,
+    get,
+    parameters,
+    scaled_softmax,
+    softmax,
+    sparsemax,
+    ssmax,
+    summary,
+)
+from attnlab.normalizers.scaling import LogN, Temperature
+
+__all__ = [
+    "NAMES",
+    "Entmax",
+    "Entmax15",
+    "LogN",
+    "Normalizer",
+    "Softmax",
+    "Sparsemax",
+    "Temperature",
+    "entmax",
+    "entmax15",
+    "get",
+    "parameters",
+    "scaled_softmax",
+    "softmax",
+    "sparsemax",
+    "ssmax",
+    "stats",
+    "summary",
+]

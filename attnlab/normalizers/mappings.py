@@ -1,0 +1,216 @@
+"""Mappings: valid-masked rows of logits -> probability rows.
+
+A mapping is the second half of a normalizer (the first is an optional rescaling of the
+logits, see :mod:`attnlab.normalizers.scaling`). It acts on the last axis of prepared rows
+(see :func:`attnlab.normalizers._rows.prepare_rows`): z [..., n] finite where valid, and
+valid [..., n] bool. It returns p [..., n] with p >= 0, sum over valid entries 1, p = 0 exactly
+where invalid, and all zeros for a row with no valid entry.
+
+The entmax family (Peters, Niculae & Martins 2019),
+
+    alpha-entmax(z) = [(alpha - 1) z - tau]_+ ** (1 / (alpha - 1)),
+
+covers softmax (alpha -> 1), 1.5-entmax and sparsemax (alpha = 2). Its Jacobian is
+
+    J = diag(s) - s s^T / sum(s),   s_i = p_i ** (2 - alpha) on the support, 0 off it,
+
+and (Correia et al. 2019)
+
+    dp/dalpha = (p - p~) / (alpha - 1)^2 + (h - p~ sum(h)) / (alpha - 1),
+    p~ = s / sum(s),  h_i = -p_i log p_i.
+
+Both are applied through `jax.custom_jvp`, so no derivative ever passes through the
+threshold search; reverse mode comes from transposing the (linear) JVP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.normalizers._rows import align_param, check_param, concrete_values, row_max
+from attnlab.normalizers.thresholds import entmax_threshold
+
+Align = Callable[[Any, str], jax.Array]
+
+
+def _safe_total(x: jax.Array) -> jax.Array:
+    total = jnp.sum(x, axis=-1, keepdims=True)
+    return jnp.where(total > 0, total, 1.0)
+
+
+def softmax_rows(z: jax.Array, valid: jax.Array) -> jax.Array:
+    """p_i = exp(z_i - max z) / sum_j exp(z_j - max z) over valid entries; [..., n]."""
+    m = jax.lax.stop_gradient(row_max(z, valid))
+    e = jnp.where(valid, jnp.exp(jnp.where(valid, z - m, 0.0)), 0.0)
+    return e / _safe_total(e)
+
+
+def _entmax_forward(z: jax.Array, valid: jax.Array, alpha: Any) -> jax.Array:
+    m = row_max(z, valid)
+    u = jnp.where(valid, (alpha - 1.0) * (z - m), 0.0)
+    tau = entmax_threshold(u, valid, alpha)
+    gap = jnp.where(valid & (u > tau), u - tau, 0.0)
+    if isinstance(alpha, float) and alpha == 2.0:
+        p = gap
+    elif isinstance(alpha, float) and alpha == 1.5:
+        p = gap * gap
+    else:
+        inside = gap > 0
+        p = jnp.where(inside, jnp.exp(jnp.log(jnp.where(inside, gap, 1.0)) / (alpha - 1.0)), 0.0)
+    return p / _safe_total(p)
+
+
+def _jacobian_weights(p: jax.Array, alpha: Any) -> jax.Array:
+    """s = p^(2 - alpha) on the support of p, 0 off it."""
+    support = p > 0
+    if isinstance(alpha, float) and alpha == 2.0:
+        return support.astype(p.dtype)
+    if isinstance(alpha, float) and alpha == 1.5:
+        return jnp.sqrt(p)
+    safe_p = jnp.where(support, p, 1.0)
+    return jnp.where(support, jnp.exp((2.0 - alpha) * jnp.log(safe_p)), 0.0)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _entmax_static(z: jax.Array, valid: jax.Array, alpha: float) -> jax.Array:
+    return _entmax_forward(z, valid, alpha)
+
+
+@_entmax_static.defjvp
+def _entmax_static_jvp(alpha, primals, tangents):
+    z, valid = primals
+    dz, _ = tangents
+    p = _entmax_static(z, valid, alpha)
+    s = _jacobian_weights(p, alpha)
+    dp = s * dz - s * jnp.sum(s * dz, axis=-1, keepdims=True) / _safe_total(s)
+    return p, dp
+
+
+@jax.custom_jvp
+def _entmax_dynamic(z: jax.Array, valid: jax.Array, alpha: jax.Array) -> jax.Array:
+    return _entmax_forward(z, valid, alpha)
+
+
+@_entmax_dynamic.defjvp
+def _entmax_dynamic_jvp(primals, tangents):
+    z, valid, alpha = primals
+    dz, _, dalpha = tangents
+    p = _entmax_dynamic(z, valid, alpha)
+    s = _jacobian_weights(p, alpha)
+    s_total = _safe_total(s)
+    dp = s * dz - s * jnp.sum(s * dz, axis=-1, keepdims=True) / s_total
+    p_tilde = s / s_total
+    support = p > 0
+    h = jnp.where(support, -p * jnp.log(jnp.where(support, p, 1.0)), 0.0)
+    shift = alpha - 1.0
+    dp_dalpha = (p - p_tilde) / shift**2 + (h - p_tilde * jnp.sum(h, axis=-1, keepdims=True)) / shift
+    return p, dp + dp_dalpha * dalpha
+
+
+def sparsemax_rows(z: jax.Array, valid: jax.Array) -> jax.Array:
+    """Euclidean projection onto the simplex, p = [z - tau]_+ (exact threshold)."""
+    return _entmax_static(z, valid, 2.0)
+
+
+def entmax15_rows(z: jax.Array, valid: jax.Array) -> jax.Array:
+    """1.5-entmax, p = [z/2 - tau]_+^2 (exact threshold)."""
+    return _entmax_static(z, valid, 1.5)
+
+
+def entmax_rows(z: jax.Array, valid: jax.Array, alpha: Any) -> jax.Array:
+    """alpha-entmax for alpha >= 1: a Python float or an array broadcasting against [..., 1].
+
+    Static alpha in {1, 1.5, 2} takes the softmax or the exact closed forms. Array alpha is
+    differentiable; entries equal to 1 give softmax (with d/dalpha taken as 0 there).
+    """
+    if isinstance(alpha, (int, float)):
+        alpha = float(alpha)
+        if alpha == 1.0:
+            return softmax_rows(z, valid)
+        if alpha in (1.5, 2.0):
+            return _entmax_static(z, valid, alpha)
+        return _entmax_dynamic(z, valid, jnp.asarray(alpha, z.dtype))
+    alpha = jnp.asarray(alpha, z.dtype)
+    at_one = alpha == 1.0
+    p = _entmax_dynamic(z, valid, jnp.where(at_one, 2.0, alpha))
+    if concrete_values(alpha) is not None and not bool(jnp.any(at_one)):
+        return p
+    return jnp.where(at_one, softmax_rows(z, valid), p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mapping objects: what a Normalizer composes. Parameters are pytree leaves (so they can be
+# learned and traced); everything else is static.
+
+
+@dataclasses.dataclass(frozen=True)
+class Softmax:
+    """exp(z) / sum exp(z)."""
+
+    name = "softmax"
+    sparse = False
+
+    def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
+        return softmax_rows(z, valid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sparsemax:
+    """argmin_{p in simplex} ||p - z||^2 = [z - tau]_+ (Martins & Astudillo 2016)."""
+
+    name = "sparsemax"
+    sparse = True
+
+    def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
+        return sparsemax_rows(z, valid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entmax15:
+    """1.5-entmax, [z/2 - tau]_+^2 (Peters et al. 2019)."""
+
+    name = "entmax15"
+    sparse = True
+
+    def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
+        return entmax15_rows(z, valid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entmax:
+    """alpha-entmax, [(alpha-1) z - tau]_+^(1/(alpha-1)), alpha >= 1 (scalar or one per row)."""
+
+    alpha: Any = 1.5
+    name = "entmax"
+    sparse = True
+
+    def __post_init__(self):
+        check_param("alpha", self.alpha, minimum=1.0, inclusive=True, where="entmax")
+
+    def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
+        alpha = self.alpha
+        if not isinstance(alpha, (int, float)):
+            alpha = align(alpha, "alpha")
+        return entmax_rows(z, valid, alpha)
+
+
+for _cls in (Softmax, Sparsemax, Entmax15):
+    jax.tree_util.register_dataclass(_cls, data_fields=[], meta_fields=[])
+jax.tree_util.register_dataclass(Entmax, data_fields=["alpha"], meta_fields=[])
+
+__all__ = [
+    "Entmax",
+    "Entmax15",
+    "Softmax",
+    "Sparsemax",
+    "align_param",
+    "entmax15_rows",
+    "entmax_rows",
+    "softmax_rows",
+    "sparsemax_rows",
+]

@@ -1,0 +1,71 @@
+"""A normalizer = an optional scale policy followed by a mapping, applied along one axis."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.normalizers._rows import align_param, prepare_rows, restore_rows
+from attnlab.normalizers.mappings import Entmax, Entmax15, Softmax, Sparsemax
+from attnlab.normalizers.scaling import LogN, Temperature
+
+Mapping = Softmax | Sparsemax | Entmax15 | Entmax
+Scale = Temperature | LogN
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalizer:
+    """logits -> probabilities along `axis`: p = mapping(factor(n) * logits).
+
+    A pytree whose leaves are the numeric parameters (temperature, s, bias, n, alpha), so a
+    Normalizer can be passed through jit and its parameters learned. Calling it follows
+    `jax.nn.softmax`: `norm(logits, axis=-1, where=None)` returns an array of the same shape
+    and dtype (half precision is computed in float32).
+
+    Masking: entries with where=False or logit -inf get exactly 0 and zero gradient; a row with
+    no valid entry is all zeros with zero gradient; a row holding +inf is uniform over its +inf
+    entries. n, for scale policies that use it, is the row's number of valid entries.
+    """
+
+    mapping: Mapping
+    scale: Scale | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", self.mapping.name if self.scale is None else f"scaled_{self.mapping.name}")
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the mapping can output exact zeros on valid entries."""
+        return self.mapping.sparse
+
+    def __call__(self, logits: Any, *, axis: int = -1, where: Any = None) -> jax.Array:
+        logits = jnp.asarray(logits)
+        axis = _check_axis(axis, logits.ndim, self.name)
+        align = partial(_align, shape=logits.shape, axis=axis)
+        z, valid = prepare_rows(logits, axis, where)
+        if self.scale is not None:
+            n_valid = jnp.sum(valid, axis=-1, keepdims=True).astype(z.dtype)
+            z = z * self.scale.factor(n_valid, align).astype(z.dtype)
+        p = self.mapping(z, valid, align)
+        return restore_rows(p, axis, logits.dtype)
+
+
+def _align(value: Any, name: str, *, shape: tuple[int, ...], axis: int) -> jax.Array:
+    return align_param(value, name, shape, axis)
+
+
+def _check_axis(axis: int, ndim: int, name: str) -> int:
+    if ndim == 0:
+        raise ValueError(f"{name}: logits must have at least one axis; got a scalar")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}: axis={axis} is out of range for logits with {ndim} axes")
+    return axis % ndim
+
+
+jax.tree_util.register_dataclass(Normalizer, data_fields=["mapping", "scale"], meta_fields=["name"])

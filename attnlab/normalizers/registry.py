@@ -1,0 +1,149 @@
+"""Named normalizers: `get(name, **params)` and the functional API built on it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from attnlab.normalizers.mappings import Entmax, Entmax15, Softmax, Sparsemax
+from attnlab.normalizers.normalizer import Normalizer
+from attnlab.normalizers.scaling import LogN, Temperature
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    build: Callable[..., Normalizer]
+    defaults: dict[str, Any]
+    summary: str
+
+
+def _entmax_mapping(alpha: Any) -> Any:
+    # A Python alpha of 1, 1.5 or 2 selects the exact closed forms; anything else (an array,
+    # possibly traced or learned) goes through the general threshold search.
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        if float(alpha) == 1.0:
+            return Softmax()
+        if float(alpha) == 1.5:
+            return Entmax15()
+        if float(alpha) == 2.0:
+            return Sparsemax()
+    return Entmax(alpha)
+
+
+def _logn(s: Any, bias: Any, n: Any) -> LogN:
+    return LogN(s=s, bias=bias, n=n)
+
+
+_LOGN_DEFAULTS = {"s": 0.43, "bias": 0.0, "n": None}
+
+_REGISTRY: dict[str, _Entry] = {
+    "softmax": _Entry(lambda: Normalizer(Softmax(), name="softmax"), {}, "exp(z) / sum exp(z)"),
+    "scaled_softmax": _Entry(
+        lambda temperature: Normalizer(Softmax(), Temperature(temperature), name="scaled_softmax"),
+        {"temperature": 1.0},
+        "softmax(z / temperature)",
+    ),
+    "ssmax": _Entry(
+        lambda s, bias, n: Normalizer(Softmax(), _logn(s, bias, n), name="ssmax"),
+        _LOGN_DEFAULTS,
+        "Scalable-Softmax: softmax((s log n + bias) z), n = valid entries of the row",
+    ),
+    "sparsemax": _Entry(lambda: Normalizer(Sparsemax(), name="sparsemax"), {}, "[z - tau]_+ (exact)"),
+    "entmax15": _Entry(lambda: Normalizer(Entmax15(), name="entmax15"), {}, "[z/2 - tau]_+^2 (exact)"),
+    "entmax": _Entry(
+        lambda alpha: Normalizer(_entmax_mapping(alpha), name="entmax"),
+        {"alpha": 1.5},
+        "[(alpha-1) z - tau]_+^(1/(alpha-1)), alpha >= 1",
+    ),
+    "logn_sparsemax": _Entry(
+        lambda s, bias, n: Normalizer(Sparsemax(), _logn(s, bias, n), name="logn_sparsemax"),
+        _LOGN_DEFAULTS,
+        "sparsemax((s log n + bias) z)",
+    ),
+    "logn_entmax15": _Entry(
+        lambda s, bias, n: Normalizer(Entmax15(), _logn(s, bias, n), name="logn_entmax15"),
+        _LOGN_DEFAULTS,
+        "1.5-entmax((s log n + bias) z)",
+    ),
+    "logn_entmax": _Entry(
+        lambda alpha, s, bias, n: Normalizer(_entmax_mapping(alpha), _logn(s, bias, n), name="logn_entmax"),
+        {"alpha": 1.5, **_LOGN_DEFAULTS},
+        "alpha-entmax((s log n + bias) z)",
+    ),
+}
+
+NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def parameters(name: str) -> dict[str, Any]:
+    """The parameters `name` accepts, with their defaults."""
+    return dict(_entry(name).defaults)
+
+
+def summary(name: str) -> str:
+    """One line of math describing the normalizer `name`."""
+    return _entry(name).summary
+
+
+def get(name: str, **params: Any) -> Normalizer:
+    """The normalizer `name` with `params` bound, as a callable `f(logits, *, axis=-1, where=None)`.
+
+    Raises ValueError for an unknown name (listing `NAMES`), an unknown parameter (listing the
+    accepted ones) or a value out of range (naming the range).
+    """
+    entry = _entry(name)
+    unknown = sorted(set(params) - set(entry.defaults))
+    if unknown:
+        accepted = ", ".join(entry.defaults) or "no parameters"
+        raise ValueError(f"normalizer {name!r} does not take {', '.join(unknown)}; it accepts {accepted}")
+    return entry.build(**{**entry.defaults, **params})
+
+
+def _entry(name: str) -> _Entry:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown normalizer {name!r}; valid names are: {', '.join(NAMES)}")
+    return _REGISTRY[name]
+
+
+def _functional(name: str, doc: str) -> Callable[..., jax.Array]:
+    def normalize(logits: Any, *, axis: int = -1, where: Any = None, **params: Any) -> jax.Array:
+        return get(name, **params)(logits, axis=axis, where=where)
+
+    normalize.__name__ = normalize.__qualname__ = name
+    normalize.__doc__ = doc
+    return normalize
+
+
+_COMMON = """
+
+Args:
+  logits: array [..., n, ...]; half precision is computed in float32 and returned as given.
+  axis: the axis normalised over.
+  where: optional bool array broadcasting against `logits`; False entries are masked.
+{params}
+Returns:
+  Array of the shape and dtype of `logits`: >= 0, summing to 1 over the valid entries of each
+  row, exactly 0 on masked entries (with zero gradient), all zeros for a row with nothing valid.
+"""
+
+softmax = _functional("softmax", "p = exp(z) / sum exp(z)." + _COMMON.format(params=""))
+scaled_softmax = _functional(
+    "scaled_softmax",
+    "p = softmax(z / temperature)." + _COMMON.format(params="  temperature: > 0; scalar or one per row.\n"),
+)
+ssmax = _functional(
+    "ssmax",
+    "Scalable-Softmax, p = softmax((s log n + bias) z) (Nakanishi 2025)."
+    + _COMMON.format(
+        params="  s: > 0 (paper: 0.43); bias: additive; n: defaults to the row's number of valid entries.\n"
+    ),
+)
+sparsemax = _functional("sparsemax", "p = [z - tau]_+, the Euclidean projection onto the simplex." + _COMMON.format(params=""))
+entmax15 = _functional("entmax15", "p = [z/2 - tau]_+^2, exact 1.5-entmax." + _COMMON.format(params=""))
+entmax = _functional(
+    "entmax",
+    "p = [(alpha-1) z - tau]_+^(1/(alpha-1)); alpha = 1 is softmax, 2 is sparsemax."
+    + _COMMON.format(params="  alpha: >= 1; a float or an array (one per row, e.g. [H, 1, 1]); differentiable.\n"),
+)
