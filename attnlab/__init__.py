@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from attnlab import normalizers  # noqa: E402
+from attnlab import normalizers
 
-__all__ = ["normalizers", "__version__"]
+__all__ = ["__version__", "normalizers"]

@@ -36,9 +36,7 @@ def row_max(z: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
-def prepare_rows(
-    logits: jax.Array, axis: int, where: jax.Array | None
-) -> tuple[jax.Array, jax.Array]:
+def prepare_rows(logits: jax.Array, axis: int, where: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Move `axis` last, cast, and resolve masking and infinities.
 
     Returns (z, valid), both [..., n]:

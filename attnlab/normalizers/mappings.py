@@ -26,8 +26,9 @@ threshold search; reverse mode comes from transposing the (linear) JVP.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

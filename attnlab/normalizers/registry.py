@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -140,7 +141,9 @@ ssmax = _functional(
         params="  s: > 0 (paper: 0.43); bias: additive; n: defaults to the row's number of valid entries.\n"
     ),
 )
-sparsemax = _functional("sparsemax", "p = [z - tau]_+, the Euclidean projection onto the simplex." + _COMMON.format(params=""))
+sparsemax = _functional(
+    "sparsemax", "p = [z - tau]_+, the Euclidean projection onto the simplex." + _COMMON.format(params="")
+)
 entmax15 = _functional("entmax15", "p = [z/2 - tau]_+^2, exact 1.5-entmax." + _COMMON.format(params=""))
 entmax = _functional(
     "entmax",

@@ -93,7 +93,7 @@ def entmax_threshold(
     closed_form = alpha if isinstance(alpha, float) and alpha in CLOSED_FORMS else None
     q = 1.0 / (alpha - 1.0) if isinstance(alpha, float) else 1.0 / (jnp.asarray(alpha, u.dtype) - 1.0)
     dtype = u.dtype
-    batch_shape = u.shape[:-1] + (1,)
+    batch_shape = (*u.shape[:-1], 1)
     n_valid = _sum_rows(valid.astype(dtype))
     lo = jnp.full(batch_shape, -1.0, dtype)
     hi = -jnp.exp(-jnp.log(jnp.maximum(n_valid, 1.0)) / q) + jnp.zeros(batch_shape, dtype)

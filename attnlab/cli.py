@@ -1,0 +1,110 @@
+"""The `attnlab` command: run experiments, rebuild figures, list what is available.
+
+    attnlab run [CONFIG.toml ...] [--out DIR] [--set key=value ...] [--no-figures]
+    attnlab figures [RESULTS_DIR]
+    attnlab list
+
+Exit codes: 0 success, 2 bad command line or config (nothing is written), 1 other failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+QUICKSTART = "quickstart.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnlab", description="A lab for attention normalizers.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run experiment configs (no config: a small embedded default)")
+    run.add_argument("configs", nargs="*", metavar="CONFIG.toml", help="experiment configs (experiments/*.toml)")
+    run.add_argument("--out", default="results", metavar="DIR", help="results folder (default: results)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, value in TOML syntax (repeatable), e.g. --set seeds=2",
+    )
+    run.add_argument("--no-figures", action="store_true", help="write the JSON only")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    figures = commands.add_parser("figures", help="rebuild every figure and the index from results JSON")
+    figures.add_argument("results_dir", nargs="?", default="results", metavar="RESULTS_DIR")
+
+    commands.add_parser("list", help="list experiment kinds and normalizers")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from attnlab import experiments, figures
+
+    try:
+        if args.configs:
+            to_run = experiments.load_all(args.configs, args.overrides)
+        else:
+            with resources.as_file(resources.files("attnlab.experiments") / QUICKSTART) as path:
+                default = experiments.load(path, args.overrides)
+            to_run = [
+                experiments.Experiment(default.kind, default.name, default.config, "embedded default", "attnlab run")
+            ]
+    except experiments.ConfigError as err:
+        print(f"attnlab run: {len(err.problems)} problem(s) in the config, nothing was run:", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    for experiment in to_run:
+        started = time.perf_counter()
+        try:
+            path = experiments.run(experiment, args.out, progress=not args.no_progress)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: finished sweep points are saved in {args.out}; rerun to resume", file=sys.stderr)
+            return 130
+        print(f"{experiment.name}: wrote {path} in {time.perf_counter() - started:.1f} s")
+        if not args.no_figures:
+            for figure in figures.render(path):
+                print(f"  figure {figure}")
+    return 0
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from attnlab import figures
+
+    results_dir = Path(args.results_dir)
+    if not results_dir.is_dir():
+        print(f"attnlab figures: {results_dir} is not a folder of results JSON", file=sys.stderr)
+        return 2
+    rendered = figures.render_all(results_dir)
+    for json_path, paths in rendered.items():
+        print(f"{json_path}: {len(paths)} files")
+    print(f"index: {results_dir / 'README.md'}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from attnlab import experiments, normalizers
+
+    print("experiment kinds:")
+    for kind, module in experiments.KINDS.items():
+        print(f"  {kind:24s} {module.DESCRIPTION}")
+    print("normalizers:")
+    for name in normalizers.NAMES:
+        params = ", ".join(f"{k}={v}" for k, v in normalizers.parameters(name).items())
+        print(f"  {name:24s} {normalizers.summary(name)}" + (f"  [{params}]" if params else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return {"run": _run, "figures": _figures, "list": _list}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

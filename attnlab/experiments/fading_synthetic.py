@@ -1,0 +1,127 @@
+"""Attention fading on synthetic rows: how the largest weight behaves as the row grows.
+
+For each normalizer and each length n, two inputs:
+  (a) "peak": the SSMax paper's Figure 1 row, one logit `peak_logit` and n - 1 at `rest_logit`;
+  (b) "gaussian": rows of i.i.d. N(0, sigma^2) logits for each sigma, `seeds` rows per sigma,
+      the same rows for every normalizer (drawn from fold_in(seed, n)).
+Measured per row and averaged over seeds: the max weight, the entropy (nats), the support size
+(exact non-zeros) and the effective support 1 / sum p^2. Softmax-type normalizers also get
+the closed-form max weight of :mod:`attnlab.experiments.theory` as `max_weight_theory`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnlab.experiments import theory
+from attnlab.experiments.config import Lengths, NormalizerSpec
+from attnlab.normalizers import Normalizer, Softmax, stats
+
+KIND = "fading_synthetic"
+DESCRIPTION = "max weight, entropy and support vs row length n, on the SSMax Figure 1 row and Gaussian logits"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sweep of row length n for each normalizer."""
+
+    normalizers: tuple[NormalizerSpec, ...] = (
+        NormalizerSpec("softmax"),
+        NormalizerSpec("ssmax"),
+        NormalizerSpec("sparsemax"),
+        NormalizerSpec("entmax15"),
+    )
+    lengths: Lengths = Lengths((10, 100, 1_000, 10_000, 100_000, 1_000_000))
+    peak_logit: float = 3.0
+    rest_logit: float = -2.0
+    sigmas: tuple[float, ...] = (0.5, 1.0, 2.0)
+    seeds: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.peak_logit <= self.rest_logit:
+            raise ValueError(f"peak_logit ({self.peak_logit}) must be above rest_logit ({self.rest_logit})")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1; got {self.seeds}")
+        if any(s <= 0 for s in self.sigmas):
+            raise ValueError(f"sigmas must all be > 0; got {list(self.sigmas)}")
+
+
+def config_to_json(config: Config) -> dict[str, Any]:
+    return {
+        "normalizers": [spec.to_json() for spec in config.normalizers],
+        "lengths": list(config.lengths.values),
+        "peak_logit": config.peak_logit,
+        "rest_logit": config.rest_logit,
+        "sigmas": list(config.sigmas),
+        "seeds": config.seeds,
+        "seed": config.seed,
+    }
+
+
+def points(config: Config) -> list[dict[str, Any]]:
+    """One sweep point per (normalizer, n), in the order they run."""
+    return [{"normalizer": spec.label, "n": n} for spec in config.normalizers for n in config.lengths.values]
+
+
+@jax.jit
+def _row_stats(normalizer: Normalizer, logits: jax.Array) -> dict[str, jax.Array]:
+    p = normalizer(logits)
+    return {
+        "max_weight": stats.max_weight(p),
+        "entropy": stats.entropy(p),
+        "support_size": stats.support_size(p).astype(jnp.float32),
+        "effective_support": stats.effective_support(p),
+    }
+
+
+def _scale_factor(normalizer: Normalizer, n: int) -> float:
+    if normalizer.scale is None:
+        return 1.0
+    factor = normalizer.scale.factor(jnp.full((1,), float(n)), lambda value, name: jnp.asarray(value))
+    return float(np.asarray(factor).reshape(-1)[0])
+
+
+def run_point(config: Config, point: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = next(s for s in config.normalizers if s.label == point["normalizer"])
+    normalizer = spec.build()
+    n = int(point["n"])
+    softmax_type = isinstance(normalizer.mapping, Softmax)
+    factor = _scale_factor(normalizer, n) if softmax_type else math.nan
+    records = []
+
+    peak_row = jnp.full((n,), config.rest_logit, jnp.float32).at[0].set(config.peak_logit)
+    peak = {k: float(v) for k, v in _row_stats(normalizer, peak_row).items()}
+    gap = config.peak_logit - config.rest_logit
+    records.append(
+        {
+            "input": "peak",
+            "sigma": None,
+            **peak,
+            "max_weight_std": 0.0,
+            "max_weight_theory": theory.peak_max_weight(n, gap, factor) if softmax_type else None,
+        }
+    )
+
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), n)
+    sigmas = jnp.asarray(config.sigmas, jnp.float32)
+    rows = sigmas[:, None, None] * jax.random.normal(key, (config.seeds, n), jnp.float32)
+    measured = {k: np.asarray(v, np.float64) for k, v in _row_stats(normalizer, rows).items()}
+    for i, sigma in enumerate(config.sigmas):
+        prediction = theory.gaussian_softmax_max_weight(n, sigma * factor) if softmax_type else None
+        records.append(
+            {
+                "input": "gaussian",
+                "sigma": sigma,
+                **{k: float(v[i].mean()) for k, v in measured.items()},
+                "max_weight_std": float(measured["max_weight"][i].std()),
+                "max_weight_theory": prediction,
+            }
+        )
+    return records

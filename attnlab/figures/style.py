@@ -1,0 +1,83 @@
+"""One look for every figure: a fixed colour per normalizer, readable sizes, stable files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+# One colour per registry name, the same in every figure (colour-blind-safe Tableau 10 order).
+COLORS = {
+    "softmax": "#4e79a7",
+    "scaled_softmax": "#76b7b2",
+    "ssmax": "#e15759",
+    "sparsemax": "#59a14f",
+    "entmax15": "#f28e2b",
+    "entmax": "#b07aa1",
+    "logn_sparsemax": "#9c755f",
+    "logn_entmax15": "#edc948",
+    "logn_entmax": "#ff9da7",
+}
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "h", "*"]
+_EXTRA = ["#bab0ac", "#17becf", "#8c564b", "#7f7f7f", "#bcbd22", "#1f77b4", "#d62728"]
+
+LABELS = {
+    "softmax": "softmax",
+    "scaled_softmax": "scaled softmax",
+    "ssmax": "SSMax",
+    "sparsemax": "sparsemax",
+    "entmax15": "1.5-entmax",
+    "entmax": "α-entmax",
+    "logn_sparsemax": "log-n sparsemax",
+    "logn_entmax15": "log-n 1.5-entmax",
+    "logn_entmax": "log-n α-entmax",
+}
+
+
+def colors_for(specs: list[dict]) -> dict[str, str]:
+    """label -> colour: the registry colour when a name appears once, extras in order otherwise."""
+    names = [s["name"] for s in specs]
+    out, extra = {}, iter(_EXTRA * 4)
+    for spec in specs:
+        if names.count(spec["name"]) == 1 and spec["name"] in COLORS:
+            out[spec["label"]] = COLORS[spec["name"]]
+        else:
+            out[spec["label"]] = next(extra)
+    return out
+
+
+def display_label(spec: dict) -> str:
+    """What the legend shows: the registry's pretty name unless the config gave its own label."""
+    return LABELS.get(spec["label"], spec["label"])
+
+
+def setup() -> None:
+    plt.rcParams.update(
+        {
+            "figure.dpi": 110,
+            "savefig.dpi": 150,
+            "font.size": 10,
+            "axes.titlesize": 11,
+            "axes.labelsize": 10,
+            "legend.fontsize": 8.5,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "svg.hashsalt": "attnlab",
+            "svg.fonttype": "none",
+        }
+    )
+
+
+def save(fig: plt.Figure, stem: Path) -> list[Path]:
+    """Write stem.png and stem.svg with no timestamps, so the same JSON gives the same files."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    fig.savefig(paths[0], metadata={"Software": None}, bbox_inches="tight")
+    fig.savefig(paths[1], metadata={"Date": None, "Creator": None}, bbox_inches="tight")
+    plt.close(fig)
+    return paths
