@@ -37,7 +37,7 @@ class Config:
         NormalizerSpec("sparsemax"),
         NormalizerSpec("entmax15"),
     )
-    lengths: Lengths = Lengths((10, 100, 1_000, 10_000, 100_000, 1_000_000))
+    lengths: Lengths = dataclasses.field(default_factory=lambda: Lengths((10, 100, 1_000, 10_000, 100_000, 1_000_000)))
     peak_logit: float = 3.0
     rest_logit: float = -2.0
     sigmas: tuple[float, ...] = (0.5, 1.0, 2.0)
