@@ -55,7 +55,7 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
     paths = []
 
     panels = 1 + len(sigmas)
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8), sharey=True, squeeze=False, layout="constrained")
     axes = axes[0]
     gap = config["peak_logit"] - config["rest_logit"]
     _panel(
@@ -87,11 +87,12 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
         if n_all:
             ax.plot(n_all, [1.0 / n for n in n_all], color="0.5", lw=0.8, ls=":", label="uniform 1/n")
     axes[0].plot([], [], color="0.3", ls="--", lw=1.2, label="closed form")
-    axes[0].legend(loc="lower left", frameon=False)
-    fig.suptitle("Attention fading: largest weight vs row length (dashed: closed form)", y=1.02)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+    fig.suptitle("Attention fading: largest weight vs row length (dashed: closed form)")
     paths += style.save(fig, out_dir / f"{name}_max_weight")
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), squeeze=False, layout="constrained")
     axes = axes[0]
     sigma = 1.0 if 1.0 in sigmas else sigmas[len(sigmas) // 2]
     _panel(
@@ -116,6 +117,7 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
         input="gaussian",
         sigma=sigma,
     )
-    axes[0].legend(loc="upper left", frameon=False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
     paths += style.save(fig, out_dir / f"{name}_support")
     return paths

@@ -38,14 +38,14 @@ LABELS = {
 
 
 def colors_for(specs: list[dict]) -> dict[str, str]:
-    """label -> colour: the registry colour when a name appears once, extras in order otherwise."""
-    names = [s["name"] for s in specs]
-    out, extra = {}, iter(_EXTRA * 4)
+    """label -> colour: a name's first entry gets the registry colour, repeats get extras in order."""
+    out, seen, extra = {}, set(), iter(_EXTRA * 4)
     for spec in specs:
-        if names.count(spec["name"]) == 1 and spec["name"] in COLORS:
+        if spec["name"] in COLORS and spec["name"] not in seen:
             out[spec["label"]] = COLORS[spec["name"]]
         else:
             out[spec["label"]] = next(extra)
+        seen.add(spec["name"])
     return out
 
 
