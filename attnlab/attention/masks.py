@@ -1,0 +1,107 @@
+"""Which keys each query sees, without building a T x S matrix unless the caller gave one.
+
+Attention runs internally on grouped heads: query [B, K, G, T, H] (N = K * G query heads, query
+head n reads key/value head n // G, as in `jax.nn.dot_product_attention`), keys and values
+[B, K, S, H], logits [B, K, G, T, S]. A caller's mask or bias in the [B, N, T, S] layout
+(broadcastable) is brought to [B|1, K|1, G|1, T|1, S|1] by :func:`to_grouped`.
+
+Visibility combines four structured rules, evaluated on the fly for any block of query and
+key positions, with an optional explicit boolean mask:
+  - is_causal: key s visible to query t iff s <= t (top-left aligned, like jax.nn);
+  - local_window_size (left, right): t - left <= s <= t + right;
+  - query_seq_lengths [B]: queries t >= length see nothing (their output is 0);
+  - key_value_seq_lengths [B]: keys s >= length are hidden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+def to_grouped(x: jax.Array | None, num_kv_heads: int, groups: int, name: str) -> jax.Array | None:
+    """[B, N, T, S]-broadcastable -> [B|1, K|1, G|1, T|1, S|1]."""
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if x.ndim > 4:
+        raise ValueError(f"{name} must broadcast against [B, N, T, S]; got shape {x.shape}")
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    heads = x.shape[1]
+    if heads == num_kv_heads * groups:
+        return x.reshape(x.shape[0], num_kv_heads, groups, *x.shape[2:])
+    if heads == 1:
+        return x.reshape(x.shape[0], 1, 1, *x.shape[2:])
+    raise ValueError(f"{name} has {heads} heads on axis 1; expected {num_kv_heads * groups} (query heads) or 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Visibility:
+    """The visible (query, key) pairs of one attention call; see the module docstring."""
+
+    num_queries: int
+    num_keys: int
+    is_causal: bool = False
+    local_window: tuple[int, int] | None = None
+    query_lengths: jax.Array | None = None
+    key_lengths: jax.Array | None = None
+    mask: jax.Array | None = None  # grouped [B|1, K|1, G|1, T|1, S|1] bool
+
+    def structured(self, query_pos: jax.Array, key_pos: jax.Array) -> jax.Array:
+        """bool [B|1, 1, 1, Tq, Sk] for query positions [Tq] and key positions [Sk] (no explicit mask).
+
+        Positions past the true sizes (block padding) are never visible.
+        """
+        t = query_pos[:, None]
+        s = key_pos[None, :]
+        visible = (t < self.num_queries) & (s < self.num_keys)
+        if self.is_causal:
+            visible = visible & (s <= t)
+        if self.local_window is not None:
+            left, right = self.local_window
+            visible = visible & (s >= t - left) & (s <= t + right)
+        visible = visible[None, None, None]
+        if self.query_lengths is not None:
+            visible = visible & (t < self.query_lengths[:, None, None, None, None])
+        if self.key_lengths is not None:
+            visible = visible & (s < self.key_lengths[:, None, None, None, None])
+        return visible
+
+    def dense(self) -> jax.Array:
+        """The full visibility, bool broadcastable to [B, K, G, T, S] (for the dense path)."""
+        visible = self.structured(jnp.arange(self.num_queries), jnp.arange(self.num_keys))
+        if self.mask is not None:
+            visible = visible & self.mask
+        return visible
+
+    @property
+    def only_structured(self) -> bool:
+        return self.mask is None
+
+    def visible_counts(self) -> jax.Array:
+        """n [B|1, 1|K, 1|G, T, 1]: the number of keys each query sees (float32).
+
+        Closed form for the structured rules; with an explicit mask, a sum over it (the caller's
+        mask is already materialised, so this adds no quadratic memory).
+        """
+        if self.mask is not None:
+            return jnp.sum(self.dense(), axis=-1, keepdims=True, dtype=jnp.float32)
+        t = jnp.arange(self.num_queries)
+        hi = jnp.full_like(t, self.num_keys)  # exclusive upper end of the visible range
+        lo = jnp.zeros_like(t)
+        if self.is_causal:
+            hi = jnp.minimum(hi, t + 1)
+        if self.local_window is not None:
+            left, right = self.local_window
+            lo = jnp.maximum(lo, t - left)
+            hi = jnp.minimum(hi, t + right + 1)
+        lo = lo[None, :]
+        hi = hi[None, :]
+        if self.key_lengths is not None:
+            hi = jnp.minimum(hi, self.key_lengths[:, None])
+        count = jnp.maximum(hi - lo, 0)
+        if self.query_lengths is not None:
+            count = jnp.where(t[None, :] < self.query_lengths[:, None], count, 0)
+        return count.astype(jnp.float32)[:, None, None, :, None]

@@ -1,0 +1,79 @@
+"""Attention by query blocks: exact for any normalizer, memory linear in T.
+
+Each block of `query_block` queries builds its [B, N, Tq, S] logits, normalises whole rows with
+the same normalizer as the dense path (so sparse maps get their exact thresholds and their
+closed-form gradients), and multiplies by the values. The block body is rematerialised in the
+backward pass (`jax.checkpoint`), so neither pass ever holds more than one block of logits:
+peak memory is O(Tq * S + (T + S) * H) per batch and head instead of O(T * S).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.attention import statistics
+from attnlab.attention.dense import GROUPED_OUTPUT, grouped_logits, normalize_grouped
+from attnlab.attention.masks import Visibility
+
+
+def _split_queries(x: jax.Array | None, block: int, num_blocks: int, axis: int) -> jax.Array | None:
+    """Pad `axis` (size T, or 1 for broadcast) to num_blocks * block and move the blocks first."""
+    if x is None or x.shape[axis] == 1:
+        return None
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, num_blocks * block - x.shape[axis])
+    x = jnp.pad(x, pad)
+    shape = (*x.shape[:axis], num_blocks, block, *x.shape[axis + 1 :])
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def query_blocked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array | None,
+    visibility: Visibility,
+    normalizer: Callable,
+    *,
+    query_block: int,
+    want_stats: bool,
+    mass_keys: jax.Array | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """q [B, K, G, T, H] (scaled), k/v [B, K, S, H] -> out [B, K, G, T, H] float32, statistics [B, K, G, T]."""
+    T = q.shape[3]
+    block = max(1, min(query_block, T))
+    num_blocks = math.ceil(T / block)
+    q_blocks = _split_queries(q, block, num_blocks, axis=3)
+    bias_blocks = _split_queries(bias, block, num_blocks, axis=3)
+    mask = visibility.mask
+    mask_blocks = _split_queries(mask, block, num_blocks, axis=3)
+    key_pos = jnp.arange(k.shape[2])
+
+    @jax.checkpoint
+    def one_block(q_blk, bias_blk, mask_blk, index):
+        query_pos = index * block + jnp.arange(block)
+        blk_bias = bias if bias_blk is None and bias is not None else bias_blk
+        logits = grouped_logits(q_blk, k, blk_bias)
+        visible = visibility.structured(query_pos, key_pos)
+        if mask is not None:
+            visible = visible & (mask if mask_blk is None else mask_blk)
+        p = normalize_grouped(normalizer, logits, visible)
+        out = jnp.einsum(GROUPED_OUTPUT, p, v.astype(p.dtype), preferred_element_type=jnp.float32)
+        return out, statistics.from_weights(p, mass_keys) if want_stats else {}
+
+    def body(carry, xs):
+        return carry, one_block(*xs)
+
+    xs = (q_blocks, bias_blocks, mask_blocks, jnp.arange(num_blocks))
+    _, (out, stats) = jax.lax.scan(body, None, xs)
+    # [nb, B, K, G, Tq, ...] -> [B, K, G, nb * Tq, ...] -> trim the padding.
+    out = jnp.moveaxis(out, 0, 3).reshape(*q.shape[:3], num_blocks * block, q.shape[4])[:, :, :, :T]
+    stats = {
+        name: jnp.moveaxis(value, 0, 3).reshape(*value.shape[1:4], num_blocks * block)[..., :T]
+        for name, value in stats.items()
+    }
+    return out, stats
