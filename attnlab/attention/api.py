@@ -49,7 +49,7 @@ def _check_shapes(query, key, value) -> tuple[int, int, int, int, int, int]:
         )
     B, T, N, H = query.shape
     Bk, S, K, Hk = key.shape
-    if key.shape != value.shape[:3] + (Hk,) or value.shape[:3] != (Bk, S, K):
+    if key.shape != (*value.shape[:3], Hk) or value.shape[:3] != (Bk, S, K):
         raise ValueError(f"key {key.shape} and value {value.shape} must agree on batch, length and heads")
     if Bk != B:
         raise ValueError(f"query batch {B} != key batch {Bk}")
@@ -197,7 +197,7 @@ def dot_product_attention(
             bias = None if bias is None else bias * row
         q_folded = (q * factor).astype(query.dtype)
         if choice == "cudnn":
-            out = _cudnn(q_folded, k, v, bias, visibility, query.dtype)
+            out = _cudnn(q_folded, k, v, bias, visibility)
             lse = None
         else:
             out, lse = online_softmax_attention(q_folded, k, v, bias, visibility, key_block=key_block)
@@ -216,7 +216,7 @@ def dot_product_attention(
 
 def _group_queries(query: jax.Array, K: int, G: int) -> jax.Array:
     """[B, T, N, H] -> [B, K, G, T, H]."""
-    B, T, N, H = query.shape
+    B, T, _, H = query.shape
     return jnp.moveaxis(query.reshape(B, T, K, G, H), 1, 3)
 
 
@@ -226,8 +226,8 @@ def _ungroup(out: jax.Array) -> jax.Array:
     return jnp.moveaxis(out, 3, 1).reshape(B, T, K * G, H)
 
 
-def _cudnn(q, k, v, bias, visibility: Visibility, dtype) -> jax.Array:
-    B, K, G, T, H = q.shape
+def _cudnn(q, k, v, bias, visibility: Visibility) -> jax.Array:
+    _, K, G, T, _ = q.shape
     query = _ungroup(q)
     mask = (
         None

@@ -84,7 +84,7 @@ def _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths):
     )
 
     def step(carry, x):
-        m, l, acc = carry
+        m, total, acc = carry
         k_j, v_j, bias_j, mask_j, j = x
         s, visible = _block_logits(static, q, k_j, bias, bias_j, mask, mask_j, q_lengths, kv_lengths, j)
         visible = jnp.broadcast_to(visible, s.shape)
@@ -92,17 +92,17 @@ def _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths):
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.where(visible, jnp.exp(jnp.where(visible, s, 0.0) - m_safe[..., None]), 0.0)
         correction = jnp.exp(jnp.where(jnp.isfinite(m), m, -jnp.inf) - m_safe)
-        l = l * correction + jnp.sum(p, axis=-1)
+        total = total * correction + jnp.sum(p, axis=-1)
         acc = acc * correction[..., None] + jnp.einsum(
             "bkgts,bksh->bkgth", p.astype(v_j.dtype), v_j, preferred_element_type=F32
         )
-        return (m_new, l, acc), None
+        return (m_new, total, acc), None
 
     init = (jnp.full((B, K, G, T), -jnp.inf, F32), jnp.zeros((B, K, G, T), F32), jnp.zeros((B, K, G, T, H), F32))
-    (m, l, acc), _ = jax.lax.scan(step, init, xs)
-    has_keys = l > 0
-    out = acc / jnp.where(has_keys, l, 1.0)[..., None]
-    lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
+    (m, total, acc), _ = jax.lax.scan(step, init, xs)
+    has_keys = total > 0
+    out = acc / jnp.where(has_keys, total, 1.0)[..., None]
+    lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, total, 1.0)), -jnp.inf)
     return out, lse
 
 
