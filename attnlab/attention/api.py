@@ -91,8 +91,8 @@ def _row_factor(normalizer: Normalizer, visibility: Visibility, B: int, N: int, 
         return align_param(value, name, (B, N, T, S), 3)
 
     factor = normalizer.scale.factor(counts, align)
-    factor = jnp.broadcast_to(factor, (counts.shape[0], N, T, 1))
-    return factor.reshape(counts.shape[0], K, G, T, 1)
+    factor = jnp.broadcast_to(factor, jnp.broadcast_shapes(factor.shape, counts.shape))
+    return factor.reshape(factor.shape[0], K, G, T, 1)
 
 
 def dot_product_attention(
