@@ -17,6 +17,7 @@ from attnlab.normalizers import Normalizer
 
 Initializer = Callable[..., jax.Array]
 default_kernel_init = nnx.initializers.lecun_normal()
+default_bias_init = nnx.initializers.zeros_init()
 
 
 class LearnedNormalizer(nnx.Module):
@@ -89,7 +90,7 @@ class MultiHeadAttention(nnx.Module):
         precision: Any = None,
         kernel_init: Initializer = default_kernel_init,
         out_kernel_init: Initializer | None = None,
-        bias_init: Initializer = nnx.initializers.zeros_init(),
+        bias_init: Initializer = default_bias_init,
         out_bias_init: Initializer | None = None,
         use_bias: bool = True,
         normalize_qk: bool = False,

@@ -125,7 +125,6 @@ class NormalizerSpec:
             "s": "s is set by s_init (learn_s=False freezes it)",
             "bias": "bias is learned with learn_bias=True; set its start with bias_init",
             "alpha": "alpha is learned with learn_alpha=True; set its start with alpha_init",
-            "temperature": "temperature is learned with learn_temperature=True; it starts at params['temperature']",
         }
         for key, value in items:
             if key not in accepted:

@@ -1,0 +1,28 @@
+"""Flax layers built on `attnlab.attention`: three ways to put any normalizer in a Flax model.
+
+- `MultiHeadAttention`: an `flax.nnx` layer (the constructor of `flax.nnx.MultiHeadAttention`, plus
+  a normalizer with per-head learned parameters, RoPE and attention statistics);
+- `LinenMultiHeadAttention`: the same layer for `flax.linen`;
+- `attention_fn(normalizer)`: for flax's own layers, `nnx.MultiHeadAttention(attention_fn=...)` and
+  `linen.MultiHeadDotProductAttention(attention_fn=...)`.
+
+`NormalizerSpec` says which normalizer a layer uses and which of its parameters it learns;
+`apply_rope` is the rotary embedding the layers apply.
+"""
+
+from attnlab.nn.attention import LearnedNormalizer, MultiHeadAttention
+from attnlab.nn.flax_attention import attention_fn
+from attnlab.nn.linen import MultiHeadAttention as LinenMultiHeadAttention
+from attnlab.nn.rope import apply_rope
+from attnlab.nn.spec import NormalizerSpec, alpha_from_logit, inverse_mean_log_n
+
+__all__ = [
+    "LearnedNormalizer",
+    "LinenMultiHeadAttention",
+    "MultiHeadAttention",
+    "NormalizerSpec",
+    "alpha_from_logit",
+    "apply_rope",
+    "attention_fn",
+    "inverse_mean_log_n",
+]
