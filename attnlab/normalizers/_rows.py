@@ -122,3 +122,28 @@ def check_param(name: str, value: Any, *, minimum: float, inclusive: bool, where
             f"{where}: parameter {name!r} must be {relation} {minimum:g}; got {bad.ravel()[:4].tolist()}"
             + (" (showing the first 4 bad entries)" if np.size(bad) > 4 else "")
         )
+
+
+def register_pytree_dataclass(cls: type, data_fields: list[str], meta_fields: list[str]) -> type:
+    """Register a frozen dataclass as a pytree whose unflattening skips `__init__`.
+
+    Parameter checks belong to construction by a user; pytrees are also rebuilt by jax with
+    cotangents, zeros or placeholders (jax.grad, tree_map, optimizer states), which must not be
+    validated as parameters.
+    """
+
+    def flatten(node):
+        children = [getattr(node, name) for name in data_fields]
+        keys = [jax.tree_util.GetAttrKey(name) for name in data_fields]
+        return list(zip(keys, children, strict=True)), tuple(getattr(node, name) for name in meta_fields)
+
+    def unflatten(meta, children):
+        node = object.__new__(cls)
+        for name, value in zip(data_fields, children, strict=True):
+            object.__setattr__(node, name, value)
+        for name, value in zip(meta_fields, meta, strict=True):
+            object.__setattr__(node, name, value)
+        return node
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten, unflatten)
+    return cls

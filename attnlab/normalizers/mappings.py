@@ -33,15 +33,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.normalizers._rows import align_param, check_param, concrete_values, row_max
+from attnlab.normalizers._rows import align_param, check_param, concrete_values, register_pytree_dataclass, row_max
 from attnlab.normalizers.thresholds import entmax_threshold
 
 Align = Callable[[Any, str], jax.Array]
 
 
 def _safe_total(x: jax.Array) -> jax.Array:
+    """Row sums [..., 1], with 1 in place of 0 (empty rows stay 0; NaN rows stay NaN)."""
     total = jnp.sum(x, axis=-1, keepdims=True)
-    return jnp.where(total > 0, total, 1.0)
+    return jnp.where(total == 0, 1.0, total)
 
 
 def softmax_rows(z: jax.Array, valid: jax.Array) -> jax.Array:
@@ -52,6 +53,11 @@ def softmax_rows(z: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def _entmax_forward(z: jax.Array, valid: jax.Array, alpha: Any) -> jax.Array:
+    # Comparisons with NaN are False, so the threshold search would silently drop a NaN logit:
+    # a row holding one is NaN, as the math dictates.
+    row_has_nan = jnp.any(valid & jnp.isnan(z), axis=-1, keepdims=True)
+    valid = valid & ~jnp.isnan(z)
+    z = jnp.where(valid, z, 0.0)
     m = row_max(z, valid)
     u = jnp.where(valid, (alpha - 1.0) * (z - m), 0.0)
     tau = entmax_threshold(u, valid, alpha)
@@ -63,7 +69,13 @@ def _entmax_forward(z: jax.Array, valid: jax.Array, alpha: Any) -> jax.Array:
     else:
         inside = gap > 0
         p = jnp.where(inside, jnp.exp(jnp.log(jnp.where(inside, gap, 1.0)) / (alpha - 1.0)), 0.0)
-    return p / _safe_total(p)
+    return jnp.where(row_has_nan, jnp.nan, p / _safe_total(p))
+
+
+# Compiled once per shape and alpha kind: the threshold search is a while loop, and eager calls
+# would otherwise trace and compile it afresh every time.
+_entmax_forward_static = jax.jit(_entmax_forward, static_argnums=2)
+_entmax_forward_dynamic = jax.jit(_entmax_forward)
 
 
 def _jacobian_weights(p: jax.Array, alpha: Any) -> jax.Array:
@@ -79,7 +91,7 @@ def _jacobian_weights(p: jax.Array, alpha: Any) -> jax.Array:
 
 @partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _entmax_static(z: jax.Array, valid: jax.Array, alpha: float) -> jax.Array:
-    return _entmax_forward(z, valid, alpha)
+    return _entmax_forward_static(z, valid, alpha)
 
 
 @_entmax_static.defjvp
@@ -94,7 +106,7 @@ def _entmax_static_jvp(alpha, primals, tangents):
 
 @jax.custom_jvp
 def _entmax_dynamic(z: jax.Array, valid: jax.Array, alpha: jax.Array) -> jax.Array:
-    return _entmax_forward(z, valid, alpha)
+    return _entmax_forward_dynamic(z, valid, alpha)
 
 
 @_entmax_dynamic.defjvp
@@ -201,8 +213,8 @@ class Entmax:
 
 
 for _cls in (Softmax, Sparsemax, Entmax15):
-    jax.tree_util.register_dataclass(_cls, data_fields=[], meta_fields=[])
-jax.tree_util.register_dataclass(Entmax, data_fields=["alpha"], meta_fields=[])
+    register_pytree_dataclass(_cls, data_fields=[], meta_fields=[])
+register_pytree_dataclass(Entmax, data_fields=["alpha"], meta_fields=[])
 
 __all__ = [
     "Entmax",

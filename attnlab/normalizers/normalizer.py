@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.normalizers._rows import align_param, prepare_rows, restore_rows
+from attnlab.normalizers._rows import align_param, prepare_rows, register_pytree_dataclass, restore_rows
 from attnlab.normalizers.mappings import Entmax, Entmax15, Softmax, Sparsemax
 from attnlab.normalizers.scaling import LogN, Temperature
 
@@ -68,4 +68,4 @@ def _check_axis(axis: int, ndim: int, name: str) -> int:
     return axis % ndim
 
 
-jax.tree_util.register_dataclass(Normalizer, data_fields=["mapping", "scale"], meta_fields=["name"])
+register_pytree_dataclass(Normalizer, data_fields=["mapping", "scale"], meta_fields=["name"])

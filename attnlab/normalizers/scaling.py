@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.normalizers._rows import check_param
+from attnlab.normalizers._rows import check_param, register_pytree_dataclass
 
 Align = Callable[[Any, str], jax.Array]
 
@@ -64,5 +64,5 @@ class LogN:
         return align(self.s, "s") * log_n + align(self.bias, "bias")
 
 
-jax.tree_util.register_dataclass(Temperature, data_fields=["temperature"], meta_fields=[])
-jax.tree_util.register_dataclass(LogN, data_fields=["s", "bias", "n"], meta_fields=[])
+register_pytree_dataclass(Temperature, data_fields=["temperature"], meta_fields=[])
+register_pytree_dataclass(LogN, data_fields=["s", "bias", "n"], meta_fields=[])

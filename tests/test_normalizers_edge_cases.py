@@ -1,0 +1,406 @@
+"""Edge cases: fully masked rows, extreme and non-finite logits, dtypes, parameter validation."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnlab import normalizers as N
+
+# One configuration per registered name (every name in NAMES is covered, see
+# test_configs_cover_every_name), choosing parameters that take the less common code paths: a
+# temperature != 1, the general (non closed-form) entmax threshold on both sides of alpha = 2,
+# and log-n scaling on top of it. ("entmax" / "logn_entmax" with their default alpha = 1.5 build
+# exactly the entmax15 / logn_entmax15 normalizers.)
+CONFIGS = [
+    ("softmax", ()),
+    ("scaled_softmax", (("temperature", 0.5),)),
+    ("ssmax", ()),
+    ("sparsemax", ()),
+    ("entmax15", ()),
+    ("entmax", (("alpha", 1.3),)),
+    ("entmax", (("alpha", 2.5),)),
+    ("logn_sparsemax", ()),
+    ("logn_entmax15", ()),
+    ("logn_entmax", (("alpha", 1.7),)),
+]
+CONFIG_IDS = [name + "".join(f"-{k}={v}" for k, v in params) for name, params in CONFIGS]
+all_configs = pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+
+
+def test_configs_cover_every_name():
+    assert {name for name, _ in CONFIGS} == set(N.NAMES)
+
+
+names = pytest.mark.parametrize("name", N.NAMES)
+
+
+SHAPE = (4, 6)  # every value_and_grad call uses this shape and passes a mask: one trace per config
+ALL = np.ones(SHAPE, bool)
+
+
+@functools.cache
+def _value_and_grad(config):
+    name, params = config
+    norm = N.get(name, **dict(params))
+    w = jnp.cos(1.0 + jnp.arange(SHAPE[-1], dtype=jnp.float32))  # per column, same for every row
+
+    def f(x, where):
+        p = norm(x, where=where)
+        return p, jax.grad(lambda x: jnp.sum(w * norm(x, where=where)))(x)
+
+    return jax.jit(f)
+
+
+def value_and_grad(config, x, where=ALL):
+    """(p, d sum_rows(w . p) / dx) for logits of shape SHAPE, as numpy."""
+    assert np.shape(x) == SHAPE
+    p, g = _value_and_grad(config)(jnp.asarray(x, jnp.float32), jnp.asarray(where))
+    return np.asarray(p), np.asarray(g)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows with nothing valid
+
+
+X = np.array(
+    [
+        [0.5, -1.0, 2.0, 0.3, 1.1, -0.4],
+        [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        [-2.0, 0.7, 0.2, 1.9, -0.1, 0.8],
+        [0.0, 0.1, -0.3, 1.2, 0.6, -0.9],
+    ],
+    np.float32,
+)
+NONE_VALID = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [1, 1, 0, 1, 1, 1], [1, 1, 1, 0, 1, 1]], bool)
+
+
+@all_configs
+@pytest.mark.parametrize("how", ["where", "neg_inf"])
+def test_all_masked_row_is_zero_with_zero_finite_gradient(config, how):
+    if how == "where":
+        p, g = value_and_grad(config, X, NONE_VALID)
+    else:
+        p, g = value_and_grad(config, np.where(NONE_VALID, X, -np.inf))
+    np.testing.assert_array_equal(p[1], 0.0)
+    assert np.all(np.isfinite(g))
+    np.testing.assert_array_equal(g[1], 0.0)
+    np.testing.assert_allclose(p.sum(-1), [1, 0, 1, 1], atol=1e-6)
+    # the other rows are unaffected: the same as when row 1 is an ordinary row
+    ordinary = NONE_VALID.copy()
+    ordinary[1] = True
+    p_ref, g_ref = value_and_grad(config, X, ordinary)
+    np.testing.assert_array_equal(p[[0, 2, 3]], p_ref[[0, 2, 3]])
+    np.testing.assert_array_equal(g[[0, 2, 3]], g_ref[[0, 2, 3]])
+    assert p_ref[1].sum() > 0.99
+
+
+@pytest.mark.parametrize(
+    ("name", "param", "value"),
+    [("scaled_softmax", "temperature", 0.7), ("ssmax", "s", 0.6), ("ssmax", "bias", 0.3), ("entmax", "alpha", 1.4)],
+)
+def test_all_masked_row_parameter_gradients_are_finite(name, param, value):
+    mask = jnp.asarray(NONE_VALID)
+
+    @jax.jit
+    @jax.grad
+    def grad(v, w):
+        return jnp.sum(w * N.get(name, **{param: v})(X, where=mask))
+
+    w = jnp.cos(jnp.arange(24.0)).reshape(SHAPE)
+    g = grad(jnp.float32(value), w)
+    assert np.isfinite(float(g))
+    assert float(g) != 0.0
+    # the empty row contributes nothing: the same gradient when its weights are zeroed
+    g_rest = grad(jnp.float32(value), w.at[1].set(0.0))
+    np.testing.assert_allclose(float(g), float(g_rest), rtol=1e-6)
+
+
+@names
+def test_single_all_masked_row_and_empty_where(normalize, name):
+    p = normalize(name, jnp.full((5,), -jnp.inf))
+    assert p.shape == (5,) and p.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(p), 0.0)
+    p = normalize(name, jnp.arange(5.0), where=jnp.zeros((5,), bool))
+    np.testing.assert_array_equal(np.asarray(p), 0.0)
+    # and a single row with something valid: shape, dtype and sum
+    p = normalize(name, jnp.arange(5.0), where=jnp.arange(5) != 2)
+    assert p.shape == (5,) and p.dtype == jnp.float32
+    np.testing.assert_allclose(float(p.sum()), 1.0, atol=1e-6)
+    assert float(p[2]) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Extreme values
+
+
+EXTREME = np.array(
+    [
+        [1e30, -1e30, 0.0, 5.0, -1e30, 1e29],
+        [-1e30, -1e30, -1e30, 0.0, -1e30, -1e29],
+        [3e38, -3e38, 1.0, 2.0, -3e38, -3.4e38],  # differences overflow float32
+        [-1e30, -1e30, -1e30, -1e30, -1e30, -1e30],  # all equal: uniform
+    ],
+    np.float32,
+)
+
+
+@all_configs
+def test_huge_logits_give_one_hot_without_overflow(config):
+    p, g = value_and_grad(config, EXTREME)
+    assert np.all(np.isfinite(p))
+    np.testing.assert_allclose(p[0], [1, 0, 0, 0, 0, 0], atol=1e-7)
+    np.testing.assert_allclose(p[1], [0, 0, 0, 1, 0, 0], atol=1e-7)
+    np.testing.assert_allclose(p[2], [1, 0, 0, 0, 0, 0], atol=1e-7)
+    np.testing.assert_allclose(p[3], 1 / 6, atol=1e-6)
+    assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize(("name", "param"), [("ssmax", "s"), ("scaled_softmax", "temperature"), ("entmax", "alpha")])
+def test_huge_logits_parameter_gradients_are_finite(name, param):
+    # factor s log n (> 1 here, n = 16) or 1 / temperature pushes the floored differences past
+    # the float32 range; the parameter gradient must stay finite.
+    x = jnp.tile(jnp.asarray([3e38, -3e38, 0.0, 1.0], jnp.float32), 4)
+    value = {"s": 0.6, "temperature": 0.25, "alpha": 2.5}[param]
+    p, g = jax.jit(jax.value_and_grad(lambda v: N.get(name, **{param: v})(x)[0]))(jnp.float32(value))
+    assert np.isfinite(float(g))
+    np.testing.assert_allclose(float(p), 0.25, atol=1e-6)
+
+
+@all_configs
+def test_positive_infinity_rows_are_uniform_over_the_infinite_entries(config):
+    inf = np.inf
+    x = np.array(
+        [
+            [inf, 1.0, inf, -3.0, 0.0, 2.0],
+            [inf, -inf, 2.0, inf, -inf, 1e30],
+            [inf, inf, inf, inf, inf, inf],
+            [-inf, 7.0, inf, -inf, 1e30, -1e30],
+        ],
+        np.float32,
+    )
+    p, g = value_and_grad(config, x)
+    np.testing.assert_allclose(p[0], [0.5, 0, 0.5, 0, 0, 0], atol=1e-7)
+    np.testing.assert_allclose(p[1], [0.5, 0, 0, 0.5, 0, 0], atol=1e-7)
+    np.testing.assert_allclose(p[2], 1 / 6, atol=1e-7)
+    np.testing.assert_allclose(p[3], [0, 0, 1, 0, 0, 0], atol=1e-7)
+    assert np.all(np.isfinite(g))
+
+
+@all_configs
+def test_masked_positive_infinity_is_ignored(config):
+    x = X.copy()
+    x[0, 0] = x[2, 3] = np.inf
+    mask = ALL.copy()
+    mask[0, 0] = mask[2, 3] = False
+    p, g = value_and_grad(config, x, mask)
+    p_ref, g_ref = value_and_grad(config, X, mask)
+    np.testing.assert_array_equal(p, p_ref)
+    np.testing.assert_array_equal(g, g_ref)
+    assert p[0, 0] == 0.0 and p[2, 3] == 0.0
+
+
+@all_configs
+def test_nan_in_a_masked_entry_does_not_affect_the_output(config):
+    x = X.copy()
+    x[0, 0] = x[2, 1] = x[2, 2] = np.nan
+    mask = ~np.isnan(x)
+    p, g = value_and_grad(config, x, mask)
+    p_ref, g_ref = value_and_grad(config, np.where(mask, x, 123.0), mask)
+    np.testing.assert_array_equal(p, p_ref)
+    np.testing.assert_array_equal(g, g_ref)
+    assert np.all(np.isfinite(p)) and np.all(np.isfinite(g))
+
+
+@all_configs
+def test_nan_row_does_not_leak_into_other_rows(config):
+    x = X.copy()
+    x[1, 2] = np.nan
+    p, g = value_and_grad(config, x)
+    p_ref, g_ref = value_and_grad(config, X)
+    rows = [0, 2, 3]
+    np.testing.assert_array_equal(p[rows], p_ref[rows])
+    np.testing.assert_array_equal(g[rows], g_ref[rows])
+
+
+@all_configs
+def test_nan_in_a_valid_entry_makes_the_row_nan(config):
+    # What the math dictates: every output of a row depends on every valid logit (through the
+    # normaliser / threshold), so a NaN logit makes the whole row NaN, never a plausible
+    # distribution. (Regression: at 6a65e39 softmax([nan, 1, 2]) gave the unnormalised
+    # [nan, 2.718, 7.389], and sparsemax / entmax silently dropped the NaN entry.)
+    x = X.copy()
+    x[1, 2] = np.nan
+    p, _ = value_and_grad(config, x)
+    assert np.all(np.isnan(p[1])), f"row with a NaN logit gave {p[1]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes
+
+
+@pytest.mark.parametrize("name", ["softmax", "ssmax", "sparsemax", "logn_entmax"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_matches_float32_to_dtype_precision(normalize, name, dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 9)) * 3, dtype)
+    mask = jnp.asarray(rng.uniform(size=(4, 9)) > 0.2)
+    p = normalize(name, x, where=mask)
+    assert p.dtype == dtype
+    assert p.shape == x.shape
+    # same rounded inputs in float32: the only difference is the rounding of the output
+    p32 = np.asarray(normalize(name, x.astype(jnp.float32), where=mask))
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(p, np.float32), p32, rtol=eps, atol=1e-7)
+    assert np.all(np.asarray(p, np.float32)[~np.asarray(mask)] == 0)
+    np.testing.assert_allclose(np.asarray(p, np.float32).sum(-1), 1.0, atol=4 * eps)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_large_logits_do_not_overflow(dtype):
+    # float16 overflows at 65504: computing in float32 keeps exp and the scaled logits finite
+    x = jnp.asarray([[60000.0, -60000.0, 100.0], [-jnp.inf, 30.0, 12.0]], dtype)
+    for name in ("softmax", "ssmax", "sparsemax", "entmax15"):
+        p = np.asarray(N.get(name)(x), np.float32)
+        assert np.all(np.isfinite(p))
+        np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-2)
+        assert p[0, 0] == 1.0
+
+
+@names
+def test_integer_and_bool_input_return_float32(name):
+    x_int = jnp.asarray([[3, -1, 0, 2], [1, 1, 1, 1]], jnp.int32)
+    p = N.get(name)(x_int)
+    assert p.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(p), np.asarray(N.get(name)(x_int.astype(jnp.float32))), atol=0)
+    assert N.get(name)(jnp.asarray([True, False, True])).dtype == jnp.float32
+
+
+def test_float64_stays_float64_with_x64():
+    with jax.enable_x64(True):
+        x = jnp.asarray([[0.1, -0.3, 0.25, 1.0]], jnp.float64)
+        for name in ("softmax", "ssmax", "sparsemax", "entmax15"):
+            p = N.get(name)(x)
+            assert p.dtype == jnp.float64
+            np.testing.assert_allclose(float(p.sum()), 1.0, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter validation
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, np.array([1.0, 0.0])])
+def test_nonpositive_temperature_raises(temperature):
+    with pytest.raises(ValueError, match=r"'temperature' must be > 0"):
+        N.get("scaled_softmax", temperature=temperature)
+    with pytest.raises(ValueError, match=r"'temperature' must be > 0"):
+        N.scaled_softmax(jnp.zeros(3), temperature=temperature)
+    with pytest.raises(ValueError, match=r"'temperature' must be > 0"):
+        N.Temperature(temperature)
+
+
+@pytest.mark.parametrize("alpha", [0.99, 0.0, -2.0, np.array([1.5, 0.5])])
+def test_alpha_below_one_raises(alpha):
+    for name in ("entmax", "logn_entmax"):
+        with pytest.raises(ValueError, match=r"'alpha' must be >= 1"):
+            N.get(name, alpha=alpha)
+    with pytest.raises(ValueError, match=r"'alpha' must be >= 1"):
+        N.entmax(jnp.zeros(3), alpha=alpha)
+    with pytest.raises(ValueError, match=r"'alpha' must be >= 1"):
+        N.Entmax(alpha)
+
+
+@pytest.mark.parametrize("s", [0.0, -0.43, jnp.asarray([0.5, -0.1])])
+def test_nonpositive_s_raises(s):
+    for name in ("ssmax", "logn_sparsemax", "logn_entmax15", "logn_entmax"):
+        with pytest.raises(ValueError, match=r"'s' must be > 0"):
+            N.get(name, s=s)
+    with pytest.raises(ValueError, match=r"'s' must be > 0"):
+        N.ssmax(jnp.zeros(3), s=s)
+    with pytest.raises(ValueError, match=r"'s' must be > 0"):
+        N.LogN(s=s)
+
+
+def test_explicit_n_below_one_raises():
+    with pytest.raises(ValueError, match=r"'n' must be >= 1"):
+        N.get("ssmax", n=0)
+
+
+def test_boundary_values_are_accepted():
+    x = jnp.asarray([0.2, -0.1, 0.4])
+    np.testing.assert_allclose(np.asarray(N.entmax(x, alpha=1.0)), np.asarray(N.softmax(x)))
+    assert np.isfinite(np.asarray(N.ssmax(x, s=1e-6))).all()
+    assert np.isfinite(np.asarray(N.scaled_softmax(x, temperature=1e-3))).all()
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown normalizer 'softmax2'") as info:
+        N.get("softmax2")
+    for name in N.NAMES:
+        assert name in str(info.value)
+    with pytest.raises(ValueError, match="valid names"):
+        N.parameters("nope")
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "accepted"),
+    [
+        ("softmax", {"temperature": 2.0}, ["no parameters"]),
+        ("ssmax", {"alpha": 1.5}, ["s", "bias", "n"]),
+        ("entmax", {"temperatur": 1.0}, ["alpha"]),
+        ("logn_entmax", {"beta": 1.0}, ["alpha", "s", "bias", "n"]),
+    ],
+)
+def test_unknown_parameter_lists_accepted_parameters(name, params, accepted):
+    with pytest.raises(ValueError, match=f"does not take {next(iter(params))}") as info:
+        N.get(name, **params)
+    for word in accepted:
+        assert word in str(info.value).split("accepts", 1)[1]
+    if hasattr(N, name):  # the functional form, too
+        with pytest.raises(ValueError, match="does not take"):
+            getattr(N, name)(jnp.zeros(3), **params)
+
+
+@pytest.mark.parametrize(
+    ("name", "param", "shape"),
+    [
+        ("scaled_softmax", "temperature", (3,)),
+        ("ssmax", "s", (2, 1, 1)),
+        ("ssmax", "bias", (5,)),
+        ("entmax", "alpha", (4, 5)),
+        ("logn_entmax", "n", (3, 1)),
+    ],
+)
+def test_non_broadcastable_parameter_shape_raises(name, param, shape):
+    logits = jnp.zeros((4, 5))  # a per-row parameter has shape (4, 1) or broadcasts to it
+    value = jnp.full(shape, 1.5)
+    with pytest.raises(ValueError, match=rf"parameter '{param}' has shape \({shape[0]},.*does not broadcast"):
+        N.get(name, **{param: value})(logits)
+
+
+def test_broadcastable_parameter_shapes_are_accepted():
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 4, 5)), jnp.float32)
+    for shape in [(1,), (3, 1, 1), (2, 3, 4, 1)]:
+        p = N.entmax(logits, alpha=jnp.full(shape, 1.3))
+        np.testing.assert_allclose(np.asarray(p), np.asarray(N.entmax(logits, alpha=1.3)), atol=1e-6)
+
+
+def test_traced_parameters_are_not_checked_inside_jit():
+    x = jnp.asarray([0.2, -1.0, 0.7, 1.3])
+
+    @jax.jit
+    def f(s):
+        return N.ssmax(x, s=s)
+
+    np.testing.assert_allclose(np.asarray(f(0.5)), np.asarray(N.ssmax(x, s=0.5)), atol=1e-7)
+    # a value that would be rejected if concrete goes through untouched (no error, still a
+    # distribution: softmax of negatively scaled logits)
+    p = np.asarray(f(-0.5))
+    np.testing.assert_allclose(p.sum(), 1.0, atol=1e-6)
+    np.testing.assert_allclose(p, np.asarray(N.softmax(-0.5 * np.log(4) * x)), atol=1e-6)
+    g = jax.grad(lambda s: N.ssmax(x, s=s)[3])(0.5)
+    assert np.isfinite(float(g)) and float(g) > 0
