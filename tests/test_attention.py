@@ -243,3 +243,30 @@ def test_clear_errors():
         dot_product_attention(q, k, v, implementation="chunked", return_weights=True)
     with pytest.raises(TypeError, match="registry name"):
         dot_product_attention(q, k, v, normalizer=3)
+
+
+@pytest.mark.parametrize("bias_shape", [(B, N, T, S), (1, 1, 1, S), (B, N, T, 1), (1, N, 1, 1)])
+def test_chunked_bias_gradients_for_broadcast_shapes(bias_shape):
+    q, k, v, _ = _inputs(seed=14)
+    bias = jax.random.normal(jax.random.PRNGKey(15), bias_shape)
+
+    def grads(implementation):
+        def loss(q, k, v, b):
+            out = dot_product_attention(
+                q, k, v, b, is_causal=True, implementation=implementation, key_block=8, query_block=5
+            )
+            return jnp.sum(jnp.sin(out))
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+
+    for got, want in zip(grads("chunked"), grads("dense"), strict=True):
+        assert got.shape == want.shape
+        _close(got, want, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("name", ["softmax", "entmax15"])
+def test_single_query_and_single_key(name):
+    q, k, v, _ = _inputs(seed=16, t=1, s=1)
+    for implementation in ("dense", "chunked"):
+        out = dot_product_attention(q, k, v, normalizer=name, implementation=implementation)
+        _close(out, jnp.repeat(v, N // K, axis=2))

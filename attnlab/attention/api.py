@@ -19,6 +19,8 @@ from attnlab.normalizers._rows import align_param
 Implementation = Literal["dense", "chunked", "cudnn"] | None
 IMPLEMENTATIONS = ("dense", "chunked", "cudnn")
 DEFAULT_KEY_BLOCK = 512
+# Query block of the online softmax path: [B, N, 512, 512] logits per step.
+DEFAULT_SOFTMAX_QUERY_BLOCK = 512
 # Query blocks hold [B, N, query_block, S] logits; this many elements keeps that near 64 MiB.
 QUERY_BLOCK_ELEMENTS = 1 << 24
 # Below this many logits per call, the dense path is faster and its memory is no concern.
@@ -133,9 +135,10 @@ def dot_product_attention(
         or any callable f(logits, *, axis, where) (dense and chunked paths only). Normalizer
         parameters must broadcast against [B, N, 1, 1], e.g. one per head as [N, 1, 1].
       implementation: "dense" builds the [B, N, T, S] logits once (the reference); "chunked" never
-        does: softmax-type normalizers take an online pass over `key_block` keys at a time with
-        a recomputing backward, other normalizers take `query_block` queries at a time with whole
-        rows (exact thresholds, rematerialised backward); "cudnn" routes softmax-type normalizers
+        does: softmax-type normalizers take `query_block` queries (default 512) at a time through an
+        online pass over `key_block` keys with a recomputing backward; other normalizers take
+        `query_block` queries (default: about 2^24 logits per block) at a time with whole rows
+        (exact thresholds, rematerialised backward); "cudnn" routes softmax-type normalizers
         to `jax.nn.dot_product_attention(implementation="cudnn")` with the row factor folded into
         the queries (GPU only). None picks dense for small inputs, cuDNN on GPU for softmax-type
         normalizers, chunked otherwise.
@@ -190,6 +193,7 @@ def dot_product_attention(
             query_block=block, want_stats=want_stats, mass_keys=mass_keys,
         )  # fmt: skip
     else:
+        softmax_query_block = query_block or DEFAULT_SOFTMAX_QUERY_BLOCK
         factor = scale
         if normalizer.scale is not None:
             row = _row_factor(normalizer, visibility, B, N, T, S, K)
@@ -200,11 +204,15 @@ def dot_product_attention(
             out = _cudnn(q_folded, k, v, bias, visibility)
             lse = None
         else:
-            out, lse = online_softmax_attention(q_folded, k, v, bias, visibility, key_block=key_block)
+            out, lse = online_softmax_attention(
+                q_folded, k, v, bias, visibility, key_block=key_block, query_block=softmax_query_block
+            )
         if want_stats:
             if lse is None:
                 raise ValueError("statistics are not available from the cuDNN kernel; use implementation='chunked'")
-            aux = softmax_statistics(q_folded, k, bias, visibility, lse, mass_keys, key_block=key_block)
+            aux = softmax_statistics(
+                q_folded, k, bias, visibility, lse, mass_keys, key_block=key_block, query_block=softmax_query_block
+            )
         if return_weights:
             raise ValueError("return_weights needs implementation='dense' (or None)")
     out = _ungroup(out).astype(query.dtype)

@@ -16,19 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.attention import statistics
+from attnlab.attention.blocks import join, split
 from attnlab.attention.dense import GROUPED_OUTPUT, grouped_logits, normalize_grouped
 from attnlab.attention.masks import Visibility
-
-
-def _split_queries(x: jax.Array | None, block: int, num_blocks: int, axis: int) -> jax.Array | None:
-    """Pad `axis` (size T, or 1 for broadcast) to num_blocks * block and move the blocks first."""
-    if x is None or x.shape[axis] == 1:
-        return None
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, num_blocks * block - x.shape[axis])
-    x = jnp.pad(x, pad)
-    shape = (*x.shape[:axis], num_blocks, block, *x.shape[axis + 1 :])
-    return jnp.moveaxis(x.reshape(shape), axis, 0)
 
 
 def query_blocked_attention(
@@ -47,10 +37,10 @@ def query_blocked_attention(
     T = q.shape[3]
     block = max(1, min(query_block, T))
     num_blocks = math.ceil(T / block)
-    q_blocks = _split_queries(q, block, num_blocks, axis=3)
-    bias_blocks = _split_queries(bias, block, num_blocks, axis=3)
+    q_blocks = split(q, block, num_blocks, 3, broadcast=False)
+    bias_blocks = split(bias, block, num_blocks, 3)
     mask = visibility.mask
-    mask_blocks = _split_queries(mask, block, num_blocks, axis=3)
+    mask_blocks = split(mask, block, num_blocks, 3, fill=False)
     key_pos = jnp.arange(k.shape[2])
 
     @jax.checkpoint
@@ -70,10 +60,4 @@ def query_blocked_attention(
 
     xs = (q_blocks, bias_blocks, mask_blocks, jnp.arange(num_blocks))
     _, (out, stats) = jax.lax.scan(body, None, xs)
-    # [nb, B, K, G, Tq, ...] -> [B, K, G, nb * Tq, ...] -> trim the padding.
-    out = jnp.moveaxis(out, 0, 3).reshape(*q.shape[:3], num_blocks * block, q.shape[4])[:, :, :, :T]
-    stats = {
-        name: jnp.moveaxis(value, 0, 3).reshape(*value.shape[1:4], num_blocks * block)[..., :T]
-        for name, value in stats.items()
-    }
-    return out, stats
+    return join(out, 3, T), {name: join(value, 3, T) for name, value in stats.items()}
