@@ -7,7 +7,7 @@ threshold tau solves
 
 f is decreasing, and the root lies in [-1, -n ** (1 - alpha)] (n valid entries). We take
 Newton steps from the left end, falling back to bisection whenever a step would leave the
-bracket (needed for alpha > 2, where f is no longer convex). For alpha <= 2, f is convex, so
+bracket; for alpha > 2, where f is no longer convex, we bisect only. For alpha <= 2, f is convex, so
 Newton from the left never overshoots and every iterate's support {u > tau} contains the true
 support.
 
@@ -100,6 +100,10 @@ def entmax_threshold(
     eps = jnp.finfo(dtype).eps
     done = n_valid == 0
     max_iter = 64 if max_iter is None else max_iter
+    # Newton is safe only where f is convex (alpha <= 2, q >= 1). For alpha > 2 the terms
+    # [u - tau]^q have unbounded slope at the support's edge, so Newton creeps in tiny steps that
+    # look converged; those rows bisect instead.
+    newton_safe = q >= 1.0 if isinstance(q, float) else jnp.broadcast_to(q >= 1.0, batch_shape)
 
     def cond(state):
         it, _, _, _, done = state
@@ -117,7 +121,7 @@ def entmax_threshold(
         lo = jnp.where(residual >= 0, tau, lo)
         hi = jnp.where(residual <= 0, tau, hi)
         newton = tau - residual / jnp.where(slope < 0, slope, -1.0)
-        in_bracket = (newton >= lo) & (newton <= hi) & (slope < 0)
+        in_bracket = (newton >= lo) & (newton <= hi) & (slope < 0) & newton_safe
         stepped = jnp.where(in_bracket, newton, 0.5 * (lo + hi))
         small_step = jnp.abs(stepped - tau) <= 2 * eps * jnp.maximum(1.0, jnp.abs(tau))
         converged = (residual == 0) | small_step | (hi - lo <= 2 * eps)
