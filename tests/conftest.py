@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from attnlab import normalizers as N
@@ -45,3 +47,34 @@ def _normalize(name, logits, *, axis=-1, where=None, **params):
 @pytest.fixture(scope="session")
 def normalize():
     return _normalize
+
+
+@functools.cache
+def _value_and_grad_jit(name, params):
+    norm = N.get(name, **dict(params))
+
+    def run(x, where):
+        p, vjp = jax.vjp(lambda x: norm(x, where=where), x)
+        # weights depend on the column only, so rows can be compared across calls
+        w = jnp.cos(1.0 + jnp.arange(x.shape[-1], dtype=p.dtype))
+        (g,) = vjp(jnp.broadcast_to(w, p.shape))
+        return p, g
+
+    return jax.jit(run)
+
+
+def _value_and_grad(config, x, where=None):
+    """(p, d sum(w * p) / dx) as numpy for config = (name, ((param, value), ...)), jit-cached.
+
+    `where` defaults to all True (one trace per shape); w_j = cos(1 + j) weights column j.
+    """
+    name, params = config
+    x = jnp.asarray(x, jnp.float32)
+    where = jnp.ones(x.shape, bool) if where is None else jnp.asarray(where)
+    p, g = _value_and_grad_jit(name, params)(x, where)
+    return np.asarray(p), np.asarray(g)
+
+
+@pytest.fixture(scope="session")
+def value_and_grad():
+    return _value_and_grad

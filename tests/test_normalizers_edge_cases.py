@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,28 +37,9 @@ def test_configs_cover_every_name():
 names = pytest.mark.parametrize("name", N.NAMES)
 
 
-SHAPE = (4, 6)  # every value_and_grad call uses this shape and passes a mask: one trace per config
+SHAPE = (4, 6)  # the shape of the hypothesis inputs in test_normalizers_properties.py, which
+# shares the jit-cached `value_and_grad` fixture (tests/conftest.py): one compilation per config
 ALL = np.ones(SHAPE, bool)
-
-
-@functools.cache
-def _value_and_grad(config):
-    name, params = config
-    norm = N.get(name, **dict(params))
-    w = jnp.cos(1.0 + jnp.arange(SHAPE[-1], dtype=jnp.float32))  # per column, same for every row
-
-    def f(x, where):
-        p = norm(x, where=where)
-        return p, jax.grad(lambda x: jnp.sum(w * norm(x, where=where)))(x)
-
-    return jax.jit(f)
-
-
-def value_and_grad(config, x, where=ALL):
-    """(p, d sum_rows(w . p) / dx) for logits of shape SHAPE, as numpy."""
-    assert np.shape(x) == SHAPE
-    p, g = _value_and_grad(config)(jnp.asarray(x, jnp.float32), jnp.asarray(where))
-    return np.asarray(p), np.asarray(g)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +60,7 @@ NONE_VALID = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [1, 1, 0, 1, 1, 1
 
 @all_configs
 @pytest.mark.parametrize("how", ["where", "neg_inf"])
-def test_all_masked_row_is_zero_with_zero_finite_gradient(config, how):
+def test_all_masked_row_is_zero_with_zero_finite_gradient(value_and_grad, config, how):
     if how == "where":
         p, g = value_and_grad(config, X, NONE_VALID)
     else:
@@ -150,7 +129,7 @@ EXTREME = np.array(
 
 
 @all_configs
-def test_huge_logits_give_one_hot_without_overflow(config):
+def test_huge_logits_give_one_hot_without_overflow(value_and_grad, config):
     p, g = value_and_grad(config, EXTREME)
     assert np.all(np.isfinite(p))
     np.testing.assert_allclose(p[0], [1, 0, 0, 0, 0, 0], atol=1e-7)
@@ -172,7 +151,7 @@ def test_huge_logits_parameter_gradients_are_finite(name, param):
 
 
 @all_configs
-def test_positive_infinity_rows_are_uniform_over_the_infinite_entries(config):
+def test_positive_infinity_rows_are_uniform_over_the_infinite_entries(value_and_grad, config):
     inf = np.inf
     x = np.array(
         [
@@ -192,7 +171,7 @@ def test_positive_infinity_rows_are_uniform_over_the_infinite_entries(config):
 
 
 @all_configs
-def test_masked_positive_infinity_is_ignored(config):
+def test_masked_positive_infinity_is_ignored(value_and_grad, config):
     x = X.copy()
     x[0, 0] = x[2, 3] = np.inf
     mask = ALL.copy()
@@ -205,7 +184,7 @@ def test_masked_positive_infinity_is_ignored(config):
 
 
 @all_configs
-def test_nan_in_a_masked_entry_does_not_affect_the_output(config):
+def test_nan_in_a_masked_entry_does_not_affect_the_output(value_and_grad, config):
     x = X.copy()
     x[0, 0] = x[2, 1] = x[2, 2] = np.nan
     mask = ~np.isnan(x)
@@ -217,7 +196,7 @@ def test_nan_in_a_masked_entry_does_not_affect_the_output(config):
 
 
 @all_configs
-def test_nan_row_does_not_leak_into_other_rows(config):
+def test_nan_row_does_not_leak_into_other_rows(value_and_grad, config):
     x = X.copy()
     x[1, 2] = np.nan
     p, g = value_and_grad(config, x)
@@ -228,7 +207,7 @@ def test_nan_row_does_not_leak_into_other_rows(config):
 
 
 @all_configs
-def test_nan_in_a_valid_entry_makes_the_row_nan(config):
+def test_nan_in_a_valid_entry_makes_the_row_nan(value_and_grad, config):
     # What the math dictates: every output of a row depends on every valid logit (through the
     # normaliser / threshold), so a NaN logit makes the whole row NaN, never a plausible
     # distribution. (Regression: at 6a65e39 softmax([nan, 1, 2]) gave the unnormalised

@@ -118,9 +118,9 @@ def test_alpha_derivative_per_head_equals_each_head_alone():
     x = jnp.asarray(rng.normal(size=(2, 3, 4, 6)) * 2, jnp.float32)
     w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
     alphas = jnp.asarray([1.25, 1.6, 2.2]).reshape(3, 1, 1)
-    grad = jax.grad(lambda a: jnp.sum(w * N.entmax(x, alpha=a)))(alphas)
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(w * N.entmax(x, alpha=a))))(alphas)
     assert grad.shape == (3, 1, 1)
-    grad_one_head = jax.grad(lambda a, xh, wh: jnp.sum(wh * N.entmax(xh, alpha=a)))
+    grad_one_head = jax.jit(jax.grad(lambda a, xh, wh: jnp.sum(wh * N.entmax(xh, alpha=a))))
     for h in range(3):
         g_h = grad_one_head(alphas[h, 0, 0], x[:, h], w[:, h])
         np.testing.assert_allclose(float(grad[h, 0, 0]), float(g_h), rtol=1e-4, atol=1e-6)
@@ -158,7 +158,7 @@ def test_sparsemax_jacobian_is_diag_s_minus_outer_over_support_size():
     s = (p > 0).astype(np.float64)
     assert 1 < s.sum() < s.size  # a proper sparse case
     expected = np.diag(s) - np.outer(s, s) / s.sum()
-    np.testing.assert_allclose(np.asarray(jax.jacrev(N.sparsemax)(Z)), expected, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jacobian(N.sparsemax)(Z)), expected, atol=1e-6)
     np.testing.assert_allclose(np.asarray(jax.jacfwd(N.sparsemax)(Z)), expected, atol=1e-6)
 
 
@@ -204,9 +204,21 @@ def test_jacrev_equals_jacfwd(config):
     np.testing.assert_allclose(rev.sum(1), 0.0, atol=1e-6)
 
 
-def test_second_order_entmax():
-    # the custom JVP rules are themselves differentiable (e.g. for Hessian-vector products)
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: float32 d p / d alpha loses all accuracy as alpha -> 1 (error 0.09 on a scale of 0.78 at "
+    "alpha = 1.001, 8.4 at 1.0001; forward values stay accurate to 1e-5): the custom JVP's "
+    "(p - p~)/(alpha-1)^2 + (h - p~ sum h)/(alpha-1) cancels catastrophically",
+)
+def test_alpha_derivative_near_one_is_accurate_in_float32():
+    z = np.random.default_rng(2).normal(size=(4, 8)) * 2
+    alpha = 1.001
+    got = jax.jacfwd(lambda a: N.entmax(jnp.asarray(z, jnp.float32), alpha=a))(jnp.float32(alpha))
     with jax.enable_x64(True):
-        x = jnp.asarray(X[0], jnp.float64)
-        f = functools.partial(N.entmax, alpha=1.3)
-        check_grads(f, (x,), order=2, modes=("fwd",), eps=1e-5, atol=1e-5, rtol=1e-5)
+        expected = np.asarray(jax.jacfwd(lambda a: N.entmax(jnp.asarray(z), alpha=a))(jnp.float64(alpha)))
+    # the float64 derivative is itself right: it matches central differences of the values
+    h = 1e-7
+    fd = (_numpy_entmax(z[0], alpha + h) - _numpy_entmax(z[0], alpha - h)) / (2 * h)
+    np.testing.assert_allclose(expected[0], fd, atol=1e-5)
+    # float32 forward values are accurate here (about 1e-5), so the derivative should be too
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-2 * np.abs(expected).max())
