@@ -6,28 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from normalizer_configs import CONFIGS, all_configs
 
 from attnlab import normalizers as N
-
-# One configuration per registered name (every name in NAMES is covered, see
-# test_configs_cover_every_name), choosing parameters that take the less common code paths: a
-# temperature != 1, the general (non closed-form) entmax threshold on both sides of alpha = 2,
-# and log-n scaling on top of it. ("entmax" / "logn_entmax" with their default alpha = 1.5 build
-# exactly the entmax15 / logn_entmax15 normalizers.)
-CONFIGS = [
-    ("softmax", ()),
-    ("scaled_softmax", (("temperature", 0.5),)),
-    ("ssmax", ()),
-    ("sparsemax", ()),
-    ("entmax15", ()),
-    ("entmax", (("alpha", 1.3),)),
-    ("entmax", (("alpha", 2.5),)),
-    ("logn_sparsemax", ()),
-    ("logn_entmax15", ()),
-    ("logn_entmax", (("alpha", 1.7),)),
-]
-CONFIG_IDS = [name + "".join(f"-{k}={v}" for k, v in params) for name, params in CONFIGS]
-all_configs = pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 
 
 def test_configs_cover_every_name():
