@@ -204,29 +204,21 @@ class MultiHeadAttention(nnx.Module):
             query, key = core.rope_query_key(query, key, theta, positions, key_positions)
 
         deterministic, dropout_rng = self._dropout_state(deterministic, rngs)
-        out, aux = core.attend(
+        out = core.layer_attention(
+            self,
             query,
             key,
             value,
             self.normalizer(),
+            sow=lambda name, value: self.sow(nnx.Intermediate, name, value),
             bias=bias,
             mask=mask,
             is_causal=is_causal,
             key_value_seq_lengths=key_value_seq_lengths,
-            implementation=self.implementation,
-            key_block=self.key_block,
-            query_block=self.query_block,
-            statistics=self.sow_statistics,
-            return_weights=sow_weights,
-            dropout_rate=self.dropout_rate,
+            sow_weights=sow_weights,
             dropout_rng=dropout_rng,
-            broadcast_dropout=self.broadcast_dropout,
             deterministic=deterministic,
         )
-        if self.sow_statistics:
-            self.sow(nnx.Intermediate, "attention_statistics", {name: aux[name] for name in core.STATISTICS})
-        if sow_weights:
-            self.sow(nnx.Intermediate, "attention_weights", aux["weights"])
         return self.out(out)
 
     def _dropout_state(self, deterministic: bool | None, rngs: Any) -> tuple[bool, jax.Array | None]:

@@ -224,3 +224,49 @@ def _weighted_values(weights: jax.Array, value: jax.Array) -> jax.Array:
     grouped = weights.reshape(B, K, N // K, T, S)
     out = jnp.einsum("bkgts,bskh->btkgh", grouped, value.astype(jnp.float32), preferred_element_type=jnp.float32)
     return out.reshape(B, T, N, H)
+
+
+def layer_attention(
+    layer: Any,
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    normalizer: Callable,
+    *,
+    sow: Callable[[str, Any], None],
+    bias: jax.Array | None,
+    mask: jax.Array | None,
+    is_causal: bool,
+    key_value_seq_lengths: jax.Array | None,
+    sow_weights: bool,
+    dropout_rng: jax.Array | None,
+    deterministic: bool,
+) -> jax.Array:
+    """:func:`attend` with a layer's settings (implementation, blocks, dropout), sowing what it asks for.
+
+    Shared by the NNX and Linen layers, which differ only in how they sow (`sow(name, value)`).
+    """
+    out, aux = attend(
+        query,
+        key,
+        value,
+        normalizer,
+        bias=bias,
+        mask=mask,
+        is_causal=is_causal,
+        key_value_seq_lengths=key_value_seq_lengths,
+        implementation=layer.implementation,
+        key_block=layer.key_block,
+        query_block=layer.query_block,
+        statistics=layer.sow_statistics,
+        return_weights=sow_weights,
+        dropout_rate=layer.dropout_rate,
+        dropout_rng=dropout_rng,
+        broadcast_dropout=layer.broadcast_dropout,
+        deterministic=deterministic,
+    )
+    if layer.sow_statistics:
+        sow("attention_statistics", {name: aux[name] for name in STATISTICS})
+    if sow_weights:
+        sow("attention_weights", aux["weights"])
+    return out

@@ -128,29 +128,21 @@ class MultiHeadAttention(nn.Module):
 
         normalizer = LearnedNormalizer(spec, self.num_heads, self.param_dtype, name="normalizer")()
         deterministic, dropout_rng = self._dropout_state(deterministic, dropout_rng)
-        out, aux = core.attend(
+        out = core.layer_attention(
+            self,
             query,
             key,
             value,
             normalizer,
+            sow=lambda name, value: self.sow("intermediates", name, value),
             bias=bias,
             mask=mask,
             is_causal=is_causal,
             key_value_seq_lengths=key_value_seq_lengths,
-            implementation=self.implementation,
-            key_block=self.key_block,
-            query_block=self.query_block,
-            statistics=self.sow_statistics,
-            return_weights=sow_weights,
-            dropout_rate=self.dropout_rate,
+            sow_weights=sow_weights,
             dropout_rng=dropout_rng,
-            broadcast_dropout=self.broadcast_dropout,
             deterministic=deterministic,
         )
-        if self.sow_statistics:
-            self.sow("intermediates", "attention_statistics", {name: aux[name] for name in core.STATISTICS})
-        if sow_weights:
-            self.sow("intermediates", "attention_weights", aux["weights"])
         return nn.DenseGeneral(
             features=self.out_features or inputs_q.shape[-1],
             axis=(-2, -1),
