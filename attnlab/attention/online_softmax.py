@@ -7,8 +7,10 @@ The flash-attention recurrence (Milakov & Gimelshein 2018; Dao et al. 2022) over
     out = acc / l,   lse = m + log l
 
 Queries go a block at a time (an outer loop), so only O(query_block * key_block) logits live at
-once and memory is linear in T and S. The backward recomputes p_j = exp(s_j - lse) block by
-block: with D = rowsum(dout * out),
+once and memory is linear in T and S. Each query block visits only the key blocks that its
+causal / local-window rules can make visible (a loop with a data-dependent trip count), so a
+causal call does about half the work of a full one. The backward recomputes
+p_j = exp(s_j - lse) block by block over the same key blocks: with D = rowsum(dout * out),
 
     dv_j = p_j^T dout,   ds_j = p_j * (dout v_j^T - D),   dq += ds_j k_j,   dk_j = ds_j^T q,
     db_j = ds_j.
@@ -19,13 +21,13 @@ Scale policies (temperature, SSMax's s log n) arrive folded into q and the bias 
 
 from __future__ import annotations
 
-import functools
 import math
 from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnlab.attention.blocks import join as _join
 from attnlab.attention.blocks import split as _split
@@ -41,14 +43,84 @@ class _Static(NamedTuple):
     local_window: tuple[int, int] | None
     key_block: int
     query_block: int
+    only_structured: bool  # no lengths and no explicit mask: visibility is known block by block
 
 
-def _pick(whole: jax.Array | None, block: jax.Array | None) -> jax.Array | None:
-    return whole if block is None else block
+class KeyBlockRanges(NamedTuple):
+    """Per query block i [num_query_blocks]: key blocks [first, stop) hold every key any of its
+    queries may see; the blocks [full_first, full_stop) inside that range are visible to all of
+    its queries, so they need no mask."""
+
+    first: np.ndarray
+    full_first: np.ndarray
+    full_stop: np.ndarray
+    stop: np.ndarray
 
 
-def _block_logits(static, q_i, q_offset, k_j, bias_ij, mask_ij, q_lengths, kv_lengths, j):
-    """Logits [B, K, G, Tq, Sk] of one (query block, key block) pair and their visibility."""
+def key_block_ranges(
+    num_queries: int,
+    num_keys: int,
+    is_causal: bool,
+    local_window: tuple[int, int] | None,
+    query_block: int,
+    key_block: int,
+    *,
+    only_structured: bool = True,
+) -> KeyBlockRanges:
+    """The key blocks each query block visits, from the data-independent rules (causal, window).
+
+    With `only_structured` False (lengths or an explicit mask also apply) no block is taken as
+    fully visible.
+    """
+    num_query_blocks = math.ceil(num_queries / query_block)
+    ranges = KeyBlockRanges(*(np.zeros(num_query_blocks, np.int32) for _ in range(4)))
+    for i in range(num_query_blocks):
+        q_first, q_last = i * query_block, min((i + 1) * query_block, num_queries) - 1
+        lo, hi = 0, num_keys  # keys some query of the block sees lie in [lo, hi)
+        all_lo, all_hi = 0, (num_keys // key_block) * key_block  # keys every query sees (whole blocks)
+        if is_causal:
+            hi, all_hi = min(hi, q_last + 1), min(all_hi, q_first + 1)
+        if local_window is not None:
+            left, right = local_window
+            lo, hi = max(lo, q_first - left), min(hi, q_last + right + 1)
+            all_lo, all_hi = max(all_lo, q_last - left), min(all_hi, q_first + right + 1)
+        if hi <= lo:
+            continue
+        first, stop = lo // key_block, math.ceil(hi / key_block)
+        full_first, full_stop = math.ceil(all_lo / key_block), all_hi // key_block
+        if not only_structured or full_stop <= full_first:
+            full_first = full_stop = stop
+        ranges.first[i], ranges.full_first[i], ranges.full_stop[i], ranges.stop[i] = first, full_first, full_stop, stop
+    return ranges
+
+
+def visit_key_blocks(step, ranges, init):
+    """Run step(j, carry, masked) over the key blocks [first, stop) of one query block: the
+    fully visible middle [full_first, full_stop) unmasked, the edges masked."""
+    first, full_first, full_stop, stop = ranges
+    carry = jax.lax.fori_loop(first, full_first, partial(step, masked=True), init)
+    carry = jax.lax.fori_loop(full_first, full_stop, partial(step, masked=False), carry)
+    return jax.lax.fori_loop(full_stop, stop, partial(step, masked=True), carry)
+
+
+def _keep(visible: jax.Array | None, x: jax.Array) -> jax.Array:
+    """x where visible, 0 elsewhere (x itself when the whole block is visible)."""
+    return x if visible is None else jnp.where(visible, x, 0.0)
+
+
+def _pick(whole: jax.Array | None, blocks: jax.Array | None, j) -> jax.Array | None:
+    """Block j of `blocks`, or `whole` when the operand is broadcast along the blocked axis."""
+    return whole if blocks is None else blocks[j]
+
+
+def _block_logits(static, q_i, q_offset, k_j, bias_ij, mask_ij, q_lengths, kv_lengths, j, masked=True):
+    """Logits [B, K, G, Tq, Sk] of one (query block, key block) pair and their visibility
+    (None when `masked` is False: the caller knows the whole block is visible)."""
+    s = jnp.einsum("bkgth,bksh->bkgts", q_i, k_j, preferred_element_type=F32)
+    if bias_ij is not None:
+        s = s + bias_ij.astype(F32)
+    if not masked:
+        return s, None
     key_pos = j * static.key_block + jnp.arange(static.key_block)
     query_pos = q_offset + jnp.arange(q_i.shape[3])
     visibility = Visibility(
@@ -57,57 +129,90 @@ def _block_logits(static, q_i, q_offset, k_j, bias_ij, mask_ij, q_lengths, kv_le
     visible = visibility.structured(query_pos, key_pos)
     if mask_ij is not None:
         visible = visible & mask_ij
-    s = jnp.einsum("bkgth,bksh->bkgts", q_i, k_j, preferred_element_type=F32)
-    if bias_ij is not None:
-        s = s + bias_ij.astype(F32)
     return s, jnp.broadcast_to(visible, s.shape)
 
 
-def _key_blocks(static, k, v, bias_i, mask_i):
-    num_blocks = math.ceil(k.shape[2] / static.key_block)
-    block = static.key_block
-    return (
-        _split(k, block, num_blocks, 2, broadcast=False),
-        _split(v, block, num_blocks, 2, broadcast=False),
-        _split(bias_i, block, num_blocks, -1),
-        _split(mask_i, block, num_blocks, -1, fill=False),
-        jnp.arange(num_blocks),
-    )
+class _QueryBlocks(NamedTuple):
+    """Per-query-block operands, stacked on axis 0 (None: broadcast over queries, use whole)."""
+
+    q: jax.Array
+    bias: jax.Array | None
+    mask: jax.Array | None
+    offset: jax.Array
+    ranges: KeyBlockRanges  # of jax arrays [num_query_blocks]
 
 
-def _query_blocks(static, q, bias, mask):
+def _query_blocks(static, q, bias, mask) -> _QueryBlocks:
     num_blocks = math.ceil(q.shape[3] / static.query_block)
     block = static.query_block
-    return (
+    ranges = key_block_ranges(
+        static.num_queries, static.num_keys, static.is_causal, static.local_window, block, static.key_block,
+        only_structured=static.only_structured,
+    )  # fmt: skip
+    return _QueryBlocks(
         _split(q, block, num_blocks, 3, broadcast=False),
         _split(bias, block, num_blocks, 3),
         _split(mask, block, num_blocks, 3, fill=False),
         jnp.arange(num_blocks) * block,
+        KeyBlockRanges(*(jnp.asarray(r) for r in ranges)),
     )
 
 
-def _forward_block(static, q_i, q_offset, k, v, bias_i, mask_i, q_lengths, kv_lengths):
-    """out [B, K, G, Tq, H] and lse [B, K, G, Tq] of one query block, by the online recurrence."""
-    B, K, G, Tq, H = q_i.shape
+def _num_key_blocks(static) -> int:
+    return math.ceil(static.num_keys / static.key_block)
 
-    def step(carry, x):
+
+def _split_keys(static, x: jax.Array | None, axis: int, **kwargs) -> jax.Array | None:
+    return _split(x, static.key_block, _num_key_blocks(static), axis, **kwargs)
+
+
+class _Row(NamedTuple):
+    """One query block's view of the operands: its queries, bias and mask, whole and per key block."""
+
+    q: jax.Array
+    offset: jax.Array
+    ranges: KeyBlockRanges  # of scalars
+    bias: jax.Array | None
+    bias_blocks: jax.Array | None
+    mask: jax.Array | None
+    mask_blocks: jax.Array | None
+
+    def logits(self, static, k_blocks, q_lengths, kv_lengths, j, masked):
+        return _block_logits(
+            static, self.q, self.offset, k_blocks[j], _pick(self.bias, self.bias_blocks, j),
+            _pick(self.mask, self.mask_blocks, j), q_lengths, kv_lengths, j, masked,
+        )  # fmt: skip
+
+
+def _row(static, blocks: _QueryBlocks, bias, mask, i) -> _Row:
+    bias_i = _pick(bias, blocks.bias, i)
+    mask_i = _pick(mask, blocks.mask, i)
+    return _Row(
+        blocks.q[i], blocks.offset[i], KeyBlockRanges(*(r[i] for r in blocks.ranges)),
+        bias_i, _split_keys(static, bias_i, -1), mask_i, _split_keys(static, mask_i, -1, fill=False),
+    )  # fmt: skip
+
+
+def _forward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths):
+    """out [B, K, G, Tq, H] and lse [B, K, G, Tq] of one query block, by the online recurrence."""
+    B, K, G, Tq, H = row.q.shape
+
+    def step(j, carry, masked):
         m, total, acc = carry
-        k_j, v_j, bias_j, mask_j, j = x
-        s, visible = _block_logits(
-            static, q_i, q_offset, k_j, _pick(bias_i, bias_j), _pick(mask_i, mask_j), q_lengths, kv_lengths, j
-        )
-        m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1))
+        s, visible = row.logits(static, k_blocks, q_lengths, kv_lengths, j, masked)
+        m_new = jnp.maximum(m, jnp.max(s if visible is None else jnp.where(visible, s, -jnp.inf), axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.where(visible, jnp.exp(jnp.where(visible, s, 0.0) - m_safe[..., None]), 0.0)
+        p = _keep(visible, jnp.exp(s - m_safe[..., None]))
         correction = jnp.exp(m - m_safe)
         total = total * correction + jnp.sum(p, axis=-1)
+        v_j = v_blocks[j]
         acc = acc * correction[..., None] + jnp.einsum(
             "bkgts,bksh->bkgth", p.astype(v_j.dtype), v_j, preferred_element_type=F32
         )
-        return (m_new, total, acc), None
+        return m_new, total, acc
 
     init = (jnp.full((B, K, G, Tq), -jnp.inf, F32), jnp.zeros((B, K, G, Tq), F32), jnp.zeros((B, K, G, Tq, H), F32))
-    (m, total, acc), _ = jax.lax.scan(step, init, _key_blocks(static, k, v, bias_i, mask_i))
+    m, total, acc = visit_key_blocks(step, row.ranges, init)
     has_keys = total > 0
     out = acc / jnp.where(has_keys, total, 1.0)[..., None]
     lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, total, 1.0)), -jnp.inf)
@@ -115,13 +220,15 @@ def _forward_block(static, q_i, q_offset, k, v, bias_i, mask_i, q_lengths, kv_le
 
 
 def _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths):
-    def one_block(x):
-        q_i, bias_i, mask_i, offset = x
-        return _forward_block(
-            static, q_i, offset, k, v, _pick(bias, bias_i), _pick(mask, mask_i), q_lengths, kv_lengths
-        )
+    blocks = _query_blocks(static, q, bias, mask)
+    k_blocks = _split_keys(static, k, 2, broadcast=False)
+    v_blocks = _split_keys(static, v, 2, broadcast=False)
 
-    out, lse = jax.lax.map(one_block, _query_blocks(static, q, bias, mask))
+    def one_block(i):
+        row = _row(static, blocks, bias, mask, i)
+        return _forward_block(static, row, k_blocks, v_blocks, q_lengths, kv_lengths)
+
+    out, lse = jax.lax.map(one_block, jnp.arange(blocks.q.shape[0]))
     T = q.shape[3]
     return _join(out, 3, T), _join(lse, 3, T)
 
@@ -142,69 +249,71 @@ def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
-def _backward_block(static, q_i, q_offset, k, v, bias_i, mask_i, q_lengths, kv_lengths, out_i, lse_i, d_out_i):
-    """dq_i, this block's dk and dv contributions, and d bias_i (shaped like bias_i)."""
-    S = k.shape[2]
+def _backward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths, out_i, lse_i, d_out_i, dk, dv):
+    """dq_i and d bias_i (shaped like bias_i) of one query block; adds its dk, dv into the key blocks."""
     lse_safe = jnp.where(jnp.isfinite(lse_i), lse_i, 0.0)[..., None]
     delta = jnp.sum(d_out_i * out_i, axis=-1)[..., None]
-    xs = _key_blocks(static, k, v, bias_i, mask_i)
-    keys_broadcast = bias_i is not None and xs[2] is None
-    q32 = q_i.astype(F32)
+    keys_broadcast = row.bias is not None and row.bias_blocks is None
+    q32 = row.q.astype(F32)
 
-    def step(carry, x):
-        dq, dbias_acc = carry
-        k_j, v_j, bias_j, mask_j, j = x
-        s, visible = _block_logits(
-            static, q_i, q_offset, k_j, _pick(bias_i, bias_j), _pick(mask_i, mask_j), q_lengths, kv_lengths, j
-        )
-        p = jnp.where(visible, jnp.exp(jnp.where(visible, s, 0.0) - lse_safe), 0.0)
-        dv_j = jnp.einsum("bkgts,bkgth->bksh", p, d_out_i)
-        dp = jnp.einsum("bkgth,bksh->bkgts", d_out_i, v_j.astype(F32))
+    def step(j, carry, masked):
+        dq, dk, dv, dbias = carry
+        s, visible = row.logits(static, k_blocks, q_lengths, kv_lengths, j, masked)
+        p = _keep(visible, jnp.exp(s - lse_safe))
+        dv = dv.at[j].add(jnp.einsum("bkgts,bkgth->bksh", p, d_out_i))
+        dp = jnp.einsum("bkgth,bksh->bkgts", d_out_i, v_blocks[j].astype(F32))
         ds = p * (dp - delta)
-        dq = dq + jnp.einsum("bkgts,bksh->bkgth", ds, k_j.astype(F32))
-        dk_j = jnp.einsum("bkgts,bkgth->bksh", ds, q32)
-        dbias_j = None
+        dq = dq + jnp.einsum("bkgts,bksh->bkgth", ds, k_blocks[j].astype(F32))
+        dk = dk.at[j].add(jnp.einsum("bkgts,bkgth->bksh", ds, q32))
         if keys_broadcast:
-            dbias_acc = dbias_acc + _reduce_to(ds, bias_i.shape)
-        elif bias_i is not None:
-            dbias_j = _reduce_to(ds, bias_j.shape)
-        return (dq, dbias_acc), (dk_j, dv_j, dbias_j)
+            dbias = dbias + _reduce_to(ds, row.bias.shape)
+        elif row.bias is not None:
+            dbias = dbias.at[j].set(_reduce_to(ds, row.bias_blocks.shape[1:]))
+        return dq, dk, dv, dbias
 
-    dbias_init = jnp.zeros(bias_i.shape, F32) if keys_broadcast else None
-    (dq, dbias_acc), (dk, dv, dbias) = jax.lax.scan(step, (jnp.zeros(q_i.shape, F32), dbias_init), xs)
-    if bias_i is None:
-        d_bias = None
+    if row.bias is None:
+        dbias = None
     elif keys_broadcast:
-        d_bias = dbias_acc
+        dbias = jnp.zeros(row.bias.shape, F32)
     else:
-        d_bias = _join(dbias, -1, S)
-    return dq, _join(dk, 2, S), _join(dv, 2, S), d_bias
+        dbias = jnp.zeros(row.bias_blocks.shape, F32)
+    dq, dk, dv, dbias = visit_key_blocks(step, row.ranges, (jnp.zeros(row.q.shape, F32), dk, dv, dbias))
+    if dbias is not None and not keys_broadcast:
+        dbias = _join(dbias, -1, static.num_keys)
+    return dq, dbias, dk, dv
 
 
 def _attention_bwd(static, residuals, cotangents):
     q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = residuals
     d_out, _ = cotangents  # lse is not differentiated (statistics are stop-gradient)
-    T = q.shape[3]
-    q_blocks, bias_blocks, mask_blocks, offsets = _query_blocks(static, q, bias, mask)
-    split = functools.partial(_split, block=static.query_block, num_blocks=q_blocks.shape[0], broadcast=False)
-    xs = (q_blocks, bias_blocks, mask_blocks, offsets, split(out, axis=3), split(lse, axis=3))
-    xs = (*xs, split(d_out.astype(F32), axis=3))
-    queries_broadcast = bias is not None and bias_blocks is None
+    T, S = q.shape[3], k.shape[2]
+    blocks = _query_blocks(static, q, bias, mask)
+    num_blocks = blocks.q.shape[0]
+    by_query = partial(_split, block=static.query_block, num_blocks=num_blocks, axis=3, broadcast=False)
+    out_blocks, lse_blocks, d_out_blocks = by_query(out), by_query(lse), by_query(d_out.astype(F32))
+    k_blocks = _split_keys(static, k, 2, broadcast=False)
+    v_blocks = _split_keys(static, v, 2, broadcast=False)
+    queries_broadcast = bias is not None and blocks.bias is None
 
-    def step(carry, x):
+    def step(carry, i):
         dk, dv, dbias_acc = carry
-        q_i, bias_i, mask_i, offset, out_i, lse_i, d_out_i = x
-        dq_i, dk_i, dv_i, dbias_i = _backward_block(
-            static, q_i, offset, k, v, _pick(bias, bias_i), _pick(mask, mask_i), q_lengths, kv_lengths,
-            out_i, lse_i, d_out_i,
+        row = _row(static, blocks, bias, mask, i)
+        dq_i, dbias_i, dk, dv = _backward_block(
+            static, row, k_blocks, v_blocks, q_lengths, kv_lengths,
+            out_blocks[i], lse_blocks[i], d_out_blocks[i], dk, dv,
         )  # fmt: skip
         if queries_broadcast:
             dbias_acc = dbias_acc + _reduce_to(dbias_i, bias.shape)
             dbias_i = None
-        return (dk + dk_i, dv + dv_i, dbias_acc), (dq_i, dbias_i)
+        return (dk, dv, dbias_acc), (dq_i, dbias_i)
 
-    init = (jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32), jnp.zeros(bias.shape, F32) if queries_broadcast else None)
-    (dk, dv, dbias_acc), (dq, dbias) = jax.lax.scan(step, init, xs)
+    zeros_like_blocks = lambda x: jnp.zeros(x.shape, F32)  # noqa: E731
+    init = (
+        zeros_like_blocks(k_blocks),
+        zeros_like_blocks(v_blocks),
+        jnp.zeros(bias.shape, F32) if queries_broadcast else None,
+    )
+    (dk, dv, dbias_acc), (dq, dbias) = jax.lax.scan(step, init, jnp.arange(num_blocks))
     if bias is None:
         d_bias = None
     elif queries_broadcast:
@@ -212,6 +321,7 @@ def _attention_bwd(static, residuals, cotangents):
     else:
         d_bias = _reduce_to(_join(dbias, 3, T), bias.shape).astype(bias.dtype)
     dq = _join(dq, 3, T)
+    dk, dv = _join(dk, 2, S), _join(dv, 2, S)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None, None, None)
 
 
@@ -226,6 +336,7 @@ def _static(visibility: Visibility, q: jax.Array, k: jax.Array, key_block: int, 
         visibility.local_window,
         max(1, min(key_block, k.shape[2])),
         max(1, min(query_block, q.shape[3])),
+        visibility.mask is None and visibility.query_lengths is None and visibility.key_lengths is None,
     )
 
 
@@ -241,10 +352,10 @@ def online_softmax_attention(
 ) -> tuple[jax.Array, jax.Array]:
     """q [B, K, G, T, H] (scale and any scale-policy factor folded in), k/v [B, K, S, H].
 
-    Queries go `query_block` at a time, each through an online pass over `key_block` keys, so at
-    most [B, N, query_block, key_block] logits exist at once, in both passes.
-    Returns out [B, K, G, T, H] float32 and lse [B, K, G, T] (log-sum-exp of the visible logits,
-    -inf for a row with no visible key).
+    Queries go `query_block` at a time, each through an online pass over the `key_block`-sized
+    key blocks it can see, so at most [B, N, query_block, key_block] logits exist at once, in
+    both passes. Returns out [B, K, G, T, H] float32 and lse [B, K, G, T] (log-sum-exp of the
+    visible logits, -inf for a row with no visible key).
     """
     static = _static(visibility, q, k, key_block, query_block)
     return _attention(static, q, k, v, bias, visibility.mask, visibility.query_lengths, visibility.key_lengths)
@@ -267,39 +378,34 @@ def softmax_statistics(
     static = _static(visibility, q, k, key_block, query_block)
     mask = visibility.mask
     T = q.shape[3]
-    q_blocks, bias_blocks, mask_blocks, offsets = _query_blocks(static, q, bias, mask)
-    lse_blocks = _split(lse, static.query_block, q_blocks.shape[0], 3, broadcast=False)
+    blocks = _query_blocks(static, q, bias, mask)
+    lse_blocks = _split(lse, static.query_block, blocks.q.shape[0], 3, broadcast=False)
+    k_blocks = _split_keys(static, k, 2, broadcast=False)
+    mass_blocks = _split_keys(static, mass_keys, -1, fill=False)
 
-    def one_query_block(x):
-        q_i, bias_i, mask_i, offset, lse_i = x
-        bias_i, mask_i = _pick(bias, bias_i), _pick(mask, mask_i)
-        k_blocks, _, bias_ij, mask_ij, j = _key_blocks(static, k, k, bias_i, mask_i)
-        mass_blocks = _split(mass_keys, static.key_block, k_blocks.shape[0], -1, fill=False)
-        lse_safe = jnp.where(jnp.isfinite(lse_i), lse_i, 0.0)[..., None]
+    def one_query_block(i):
+        row = _row(static, blocks, bias, mask, i)
+        lse_safe = jnp.where(jnp.isfinite(lse_blocks[i]), lse_blocks[i], 0.0)[..., None]
 
-        def step(carry, x):
-            k_j, bias_j, mask_j, mass_j, j = x
-            s, visible = _block_logits(
-                static, q_i, offset, k_j, _pick(bias_i, bias_j), _pick(mask_i, mask_j),
-                visibility.query_lengths, visibility.key_lengths, j,
-            )  # fmt: skip
-            log_p = jnp.where(visible, s, 0.0) - lse_safe
-            p = jnp.where(visible, jnp.exp(log_p), 0.0)
+        def step(j, totals, masked):
+            s, visible = row.logits(static, k_blocks, visibility.query_lengths, visibility.key_lengths, j, masked)
+            log_p = _keep(visible, s) - lse_safe
+            p = _keep(visible, jnp.exp(log_p))
             update = {
-                "max_weight": jnp.maximum(carry["max_weight"], jnp.max(p, axis=-1)),
-                "entropy": carry["entropy"] - jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1),
-                "support_size": carry["support_size"] + jnp.sum(p > 0, axis=-1, dtype=F32),
+                "max_weight": jnp.maximum(totals["max_weight"], jnp.max(p, axis=-1)),
+                "entropy": totals["entropy"] - jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1),
+                "support_size": totals["support_size"] + jnp.sum(p > 0, axis=-1, dtype=F32),
             }
             if mass_keys is not None:
-                update["key_mass"] = carry["key_mass"] + jnp.sum(jnp.where(_pick(mass_keys, mass_j), p, 0.0), axis=-1)
-            return update, None
+                on_keys = _pick(mass_keys, mass_blocks, j)
+                update["key_mass"] = totals["key_mass"] + jnp.sum(jnp.where(on_keys, p, 0.0), axis=-1)
+            return update
 
-        zeros = jnp.zeros(lse_i.shape, F32)
+        zeros = jnp.zeros(lse_blocks.shape[1:], F32)
         init = {"max_weight": zeros, "entropy": zeros, "support_size": zeros}
         if mass_keys is not None:
             init["key_mass"] = zeros
-        totals, _ = jax.lax.scan(step, init, (k_blocks, bias_ij, mask_ij, mass_blocks, j))
-        return totals
+        return visit_key_blocks(step, row.ranges, init)
 
-    totals = jax.lax.map(one_query_block, (q_blocks, bias_blocks, mask_blocks, offsets, lse_blocks))
+    totals = jax.lax.map(one_query_block, jnp.arange(blocks.q.shape[0]))
     return {name: _join(value, 3, T) for name, value in totals.items()}

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from attnlab.experiments.results import read_json
-from attnlab.figures import fading_synthetic
+from attnlab.figures import fading_synthetic, throughput
 
-RENDERERS = {"fading_synthetic": fading_synthetic.render}
+RENDERERS = {"fading_synthetic": fading_synthetic.render, "throughput_benchmark": throughput.render}
 
 
 def render(json_path: str | Path) -> list[Path]:

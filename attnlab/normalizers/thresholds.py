@@ -1,26 +1,33 @@
-"""Exact thresholds of the entmax family, without sorting.
+"""Exact thresholds of the entmax family, without sorting, one pass over a row per iteration.
 
 For u = (alpha - 1) z (a row, shifted so that its valid maximum is 0) the alpha-entmax
 threshold tau solves
 
     f(tau) = sum_i [u_i - tau]_+ ** q - 1 = 0,      q = 1 / (alpha - 1),
 
-f is decreasing, and the root lies in [-1, -n ** (1 - alpha)] (n valid entries). We take
-Newton steps from the left end, falling back to bisection whenever a step would leave the
-bracket; for alpha > 2, where f is no longer convex, we bisect only. For alpha <= 2, f is convex, so
-Newton from the left never overshoots and every iterate's support {u > tau} contains the true
-support.
+f is decreasing and the root lies in [-1, -n ** (1 - alpha)] (n valid entries).
 
-For alpha = 2 (sparsemax) and alpha = 1.5 the threshold has a closed form once the support S
-is known:
+alpha <= 2 (q >= 1): f is convex, so Newton steps from the left end tau = -1 increase
+monotonically to the root without overshooting, and every iterate's support S = {u > tau}
+contains the true one. Each iteration is a single pass over the row that reduces, over S,
 
-    alpha = 2:    tau = (sum_S u - 1) / |S|                 (Newton here is Michelot's algorithm)
-    alpha = 1.5:  tau = mean_S u - sqrt((1 - sum_S (u - mean_S u)^2) / |S|)
+    |S|,  sum g,  sum g^2 (or sum g^q and sum g^(q-1) for other alpha),  min_S u,     g = u - tau,
 
-so in those cases every iteration solves the closed form on the current support and stops as
-soon as it satisfies the KKT conditions (everything in S above tau, everything outside at or
-below it). The result is then exact, not merely converged. Rows are independent; the loop
-runs until every row is done, and converged rows are frozen.
+(sibling reductions that XLA fuses into one loop), and everything else is arithmetic on [..., 1].
+For alpha = 2 (sparsemax) and alpha = 1.5 the threshold has a closed form on a known support,
+
+    alpha = 2:    tau = tau + (sum_S g - 1) / |S|                  (this is also the Newton step)
+    alpha = 1.5:  tau = tau + mean_S g - sqrt((1 - sum_S (g - mean_S g)^2) / |S|),
+
+and it is exact as soon as it satisfies the KKT conditions: every u in S lies above it (min_S u
+> tau_closed), and it is not below the current iterate (everything outside S lies at or below
+the iterate). Such a row stops with the exact value; otherwise it takes the Newton step. Other
+alpha <= 2 stop when a step no longer moves tau (a few ulps) or f reaches 0.
+
+alpha > 2: f is not convex ([u - tau]^q has unbounded slope at the support's edge, so Newton
+creeps in tiny steps that look converged); these rows bisect on the bracket.
+
+Rows are independent; the loop runs until every row is done, and finished rows are frozen.
 """
 
 from __future__ import annotations
@@ -31,44 +38,162 @@ import jax.numpy as jnp
 CLOSED_FORMS = (1.5, 2.0)
 
 
+# Row reductions of long rows go in two steps, over [..., n / LANES, LANES] first: XLA:CPU
+# vectorises a reduction over a major axis (plain vector adds) far better than one along the row,
+# and it fuses the elementwise producers into it. About 2x faster per pass on rows of 4096.
+LANES = 128
+
+
+def _reduce_rows(x: jax.Array, reduce) -> jax.Array:
+    n = x.shape[-1]
+    if n % LANES == 0 and n >= 2 * LANES:
+        x = reduce(x.reshape(*x.shape[:-1], n // LANES, LANES), axis=-2)
+    return reduce(x, axis=-1, keepdims=True)
+
+
 def _sum_rows(x: jax.Array) -> jax.Array:
-    return jnp.sum(x, axis=-1, keepdims=True)
+    return _reduce_rows(x, jnp.sum)
 
 
-def _residual_and_slope(
-    u: jax.Array, valid: jax.Array, tau: jax.Array, q: jax.Array | float
-) -> tuple[jax.Array, jax.Array]:
-    """f(tau) and f'(tau) for f(tau) = sum [u - tau]_+^q - 1."""
-    gap = jnp.where(valid, u - tau, 0.0)
-    inside = gap > 0
-    safe_gap = jnp.where(inside, gap, 1.0)
+def _min_rows(x: jax.Array) -> jax.Array:
+    return _reduce_rows(x, jnp.min)
+
+
+def _static_q(alpha) -> float | None:
+    return 1.0 / (alpha - 1.0) if isinstance(alpha, float) else None
+
+
+def _row_pass(u: jax.Array, valid: jax.Array, tau: jax.Array, q) -> dict[str, jax.Array]:
+    """The reductions of one iteration over S = {valid, u > tau}, each [..., 1]."""
+    gap = u - tau
+    inside = valid & (gap > 0)
+    g = jnp.where(inside, gap, 0.0)
+    sums = {
+        "count": _sum_rows(inside.astype(u.dtype)),
+        "lowest": _min_rows(jnp.where(inside, u, jnp.inf)),
+    }
     if isinstance(q, float) and q == 1.0:
-        value, slope = jnp.where(inside, gap, 0.0), inside.astype(u.dtype)
+        sums["g"] = _sum_rows(g)
     elif isinstance(q, float) and q == 2.0:
-        value, slope = jnp.where(inside, gap * gap, 0.0), 2.0 * jnp.where(inside, gap, 0.0)
+        sums["g"], sums["g2"] = _sum_rows(g), _sum_rows(g * g)
     else:
-        log_gap = jnp.log(safe_gap)
-        value = jnp.where(inside, jnp.exp(q * log_gap), 0.0)
-        slope = jnp.where(inside, q * jnp.exp((q - 1.0) * log_gap), 0.0)
-    return _sum_rows(value) - 1.0, -_sum_rows(slope)
+        safe = jnp.where(inside, gap, 1.0)
+        power = jnp.where(inside, jnp.exp(q * jnp.log(safe)), 0.0)  # g^q
+        sums["gq"], sums["gq1"] = _sum_rows(power), _sum_rows(power / safe)  # sum g^q, sum g^(q-1)
+    return sums
 
 
-def _closed_form(u: jax.Array, support: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array]:
-    """The threshold solving f = 0 on a fixed support, and whether that support is consistent."""
-    count = _sum_rows(support.astype(u.dtype))
-    safe_count = jnp.maximum(count, 1.0)
-    total = _sum_rows(jnp.where(support, u, 0.0))
+def _newton_closed_form(sums, tau, alpha: float):
+    """(candidate, exact) for alpha in {1.5, 2}: the closed form on S, else the Newton step."""
+    count = jnp.maximum(sums["count"], 1.0)
     if alpha == 2.0:
-        tau = (total - 1.0) / safe_count
-        solvable = count > 0
-    else:
-        mean = total / safe_count
-        spread = _sum_rows(jnp.where(support, (u - mean) ** 2, 0.0))
-        discriminant = (1.0 - spread) / safe_count
-        tau = mean - jnp.sqrt(jnp.maximum(discriminant, 0.0))
-        solvable = (count > 0) & (discriminant >= 0)
-    lowest_in = jnp.min(jnp.where(support, u, jnp.inf), axis=-1, keepdims=True)
-    return tau, solvable & (lowest_in >= tau)
+        candidate = tau + (sums["g"] - 1.0) / count
+        return candidate, sums["lowest"] > candidate
+    mean = sums["g"] / count
+    spread = jnp.maximum(sums["g2"] - sums["g"] * mean, 0.0)
+    discriminant = (1.0 - spread) / count
+    closed = tau + mean - jnp.sqrt(jnp.maximum(discriminant, 0.0))
+    exact = (discriminant >= 0) & (sums["lowest"] > closed) & (closed >= tau)
+    newton = tau + (sums["g2"] - 1.0) / (2.0 * jnp.maximum(sums["g"], jnp.finfo(tau.dtype).tiny))
+    return jnp.where(exact, closed, newton), exact
+
+
+def _newton_threshold(u, valid, alpha, q, max_iter):
+    """Monotone Newton from tau = -1 for alpha <= 2 (see the module docstring)."""
+    dtype = u.dtype
+    batch_shape = (*u.shape[:-1], 1)
+    eps = jnp.finfo(dtype).eps
+    closed_form = alpha if isinstance(alpha, float) and alpha in CLOSED_FORMS else None
+    done = ~jnp.any(valid, axis=-1, keepdims=True)
+
+    def cond(state):
+        it, _, done = state
+        return (it < max_iter) & ~jnp.all(done)
+
+    def body(state):
+        it, tau, done = state
+        sums = _row_pass(u, valid, tau, q)
+        if closed_form is not None:
+            candidate, finished = _newton_closed_form(sums, tau, closed_form)
+        else:
+            residual = sums["gq"] - 1.0
+            slope = q * sums["gq1"]
+            candidate = tau + residual / jnp.maximum(slope, jnp.finfo(dtype).tiny)
+            small_step = jnp.abs(candidate - tau) <= 2 * eps * jnp.maximum(1.0, jnp.abs(tau))
+            finished = (residual <= 0) | small_step
+            candidate = jnp.where(residual <= 0, tau, candidate)
+        candidate = jnp.minimum(candidate, 0.0)
+        tau = jnp.where(done, tau, candidate)
+        return it + 1, tau, done | finished
+
+    state = (jnp.asarray(0), jnp.full(batch_shape, -1.0, dtype), done)
+    _, tau, _ = jax.lax.while_loop(cond, body, state)
+    return tau
+
+
+def _bisection_threshold(u, valid, q, max_iter):
+    """Bisection on [-1, -n^(-1/q)] for rows where Newton is unsafe (alpha > 2)."""
+    dtype = u.dtype
+    batch_shape = (*u.shape[:-1], 1)
+    n_valid = _sum_rows(valid.astype(dtype))
+    lo = jnp.full(batch_shape, -1.0, dtype)
+    hi = -jnp.exp(-jnp.log(jnp.maximum(n_valid, 1.0)) / q) + jnp.zeros(batch_shape, dtype)
+    eps = jnp.finfo(dtype).eps
+
+    def residual(tau):
+        gap = jnp.where(valid, u - tau, 0.0)
+        inside = gap > 0
+        return _sum_rows(jnp.where(inside, jnp.exp(q * jnp.log(jnp.where(inside, gap, 1.0))), 0.0)) - 1.0
+
+    def cond(state):
+        it, lo, hi = state
+        return (it < max_iter) & jnp.any(hi - lo > 2 * eps * jnp.maximum(1.0, jnp.abs(lo)))
+
+    def body(state):
+        it, lo, hi = state
+        mid = 0.5 * (lo + hi)
+        above = residual(mid) >= 0
+        return it + 1, jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    _, lo, hi = jax.lax.while_loop(cond, body, (jnp.asarray(0), lo, hi))
+    return jnp.where(n_valid > 0, 0.5 * (lo + hi), -1.0)
+
+
+def _mixed_threshold(u, valid, q, max_iter):
+    """Array alpha: Newton (as in _newton_threshold) on rows with alpha <= 2, bisection on the rest.
+
+    Every iteration is one pass evaluating f and f' at each row's current point: tau for Newton
+    rows, the bracket's midpoint for bisecting rows.
+    """
+    dtype = u.dtype
+    batch_shape = (*u.shape[:-1], 1)
+    eps = jnp.finfo(dtype).eps
+    newton_rows = q >= 1.0
+    n_valid = _sum_rows(valid.astype(dtype))
+    lo = jnp.full(batch_shape, -1.0, dtype)
+    hi = -jnp.exp(-jnp.log(jnp.maximum(n_valid, 1.0)) / q)
+    done = n_valid == 0
+
+    def cond(state):
+        it, *_, done = state
+        return (it < max_iter) & ~jnp.all(done)
+
+    def body(state):
+        it, x, lo, hi, done = state
+        sums = _row_pass(u, valid, x, q)
+        residual = sums["gq"] - 1.0
+        newton = x + residual / jnp.maximum(q * sums["gq1"], jnp.finfo(dtype).tiny)
+        newton_done = (residual <= 0) | (jnp.abs(newton - x) <= 2 * eps * jnp.maximum(1.0, jnp.abs(x)))
+        lo = jnp.where(residual >= 0, x, lo)
+        hi = jnp.where(residual <= 0, x, hi)
+        bisect_done = hi - lo <= 2 * eps * jnp.maximum(1.0, jnp.abs(lo))
+        candidate = jnp.where(newton_rows, jnp.where(residual <= 0, x, jnp.minimum(newton, 0.0)), 0.5 * (lo + hi))
+        finished = jnp.where(newton_rows, newton_done, bisect_done)
+        return it + 1, jnp.where(done, x, candidate), lo, hi, done | finished
+
+    state = (jnp.asarray(0), jnp.where(newton_rows, lo, 0.5 * (lo + hi)), lo, hi, done)
+    _, tau, _, _, _ = jax.lax.while_loop(cond, body, state)
+    return tau
 
 
 def entmax_threshold(
@@ -90,46 +215,11 @@ def entmax_threshold(
     Returns:
       tau, [..., 1]. A row with no valid entry gets -1 (its output is masked anyway).
     """
-    closed_form = alpha if isinstance(alpha, float) and alpha in CLOSED_FORMS else None
-    q = 1.0 / (alpha - 1.0) if isinstance(alpha, float) else 1.0 / (jnp.asarray(alpha, u.dtype) - 1.0)
-    dtype = u.dtype
-    batch_shape = (*u.shape[:-1], 1)
-    n_valid = _sum_rows(valid.astype(dtype))
-    lo = jnp.full(batch_shape, -1.0, dtype)
-    hi = -jnp.exp(-jnp.log(jnp.maximum(n_valid, 1.0)) / q) + jnp.zeros(batch_shape, dtype)
-    eps = jnp.finfo(dtype).eps
-    done = n_valid == 0
     max_iter = 64 if max_iter is None else max_iter
-    # Newton is safe only where f is convex (alpha <= 2, q >= 1). For alpha > 2 the terms
-    # [u - tau]^q have unbounded slope at the support's edge, so Newton creeps in tiny steps that
-    # look converged; those rows bisect instead.
-    newton_safe = q >= 1.0 if isinstance(q, float) else jnp.broadcast_to(q >= 1.0, batch_shape)
-
-    def cond(state):
-        it, _, _, _, done = state
-        return (it < max_iter) & ~jnp.all(done)
-
-    def body(state):
-        it, tau, lo, hi, done = state
-        if closed_form is not None:
-            tau_exact, consistent = _closed_form(u, valid & (u > tau), closed_form)
-            highest_out = jnp.max(jnp.where(valid & (u <= tau), u, -jnp.inf), axis=-1, keepdims=True)
-            exact_here = consistent & (highest_out <= tau_exact)
-        else:
-            tau_exact, exact_here = tau, jnp.zeros_like(done)
-        residual, slope = _residual_and_slope(u, valid, tau, q)
-        lo = jnp.where(residual >= 0, tau, lo)
-        hi = jnp.where(residual <= 0, tau, hi)
-        newton = tau - residual / jnp.where(slope < 0, slope, -1.0)
-        in_bracket = (newton >= lo) & (newton <= hi) & (slope < 0) & newton_safe
-        stepped = jnp.where(in_bracket, newton, 0.5 * (lo + hi))
-        small_step = jnp.abs(stepped - tau) <= 2 * eps * jnp.maximum(1.0, jnp.abs(tau))
-        converged = (residual == 0) | small_step | (hi - lo <= 2 * eps)
-        new_tau = jnp.where(exact_here, tau_exact, jnp.where(converged, tau, stepped))
-        tau = jnp.where(done, tau, new_tau)
-        done = done | exact_here | converged
-        return it + 1, tau, lo, hi, done
-
-    state = (jnp.asarray(0), lo, lo, hi, done)
-    _, tau, _, _, _ = jax.lax.while_loop(cond, body, state)
-    return tau
+    q_static = _static_q(alpha)
+    if q_static is not None:
+        if q_static >= 1.0:
+            return _newton_threshold(u, valid, alpha, q_static, max_iter)
+        return _bisection_threshold(u, valid, q_static, max_iter)
+    q = jnp.broadcast_to(1.0 / (jnp.asarray(alpha, u.dtype) - 1.0), (*u.shape[:-1], 1))
+    return _mixed_threshold(u, valid, q, max_iter)
