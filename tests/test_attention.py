@@ -245,15 +245,16 @@ def test_clear_errors():
         dot_product_attention(q, k, v, normalizer=3)
 
 
+@pytest.mark.parametrize("name", ["softmax", "entmax15"])
 @pytest.mark.parametrize("bias_shape", [(B, N, T, S), (1, 1, 1, S), (B, N, T, 1), (1, N, 1, 1)])
-def test_chunked_bias_gradients_for_broadcast_shapes(bias_shape):
+def test_chunked_bias_gradients_for_broadcast_shapes(bias_shape, name):
     q, k, v, _ = _inputs(seed=14)
     bias = jax.random.normal(jax.random.PRNGKey(15), bias_shape)
 
     def grads(implementation):
         def loss(q, k, v, b):
             out = dot_product_attention(
-                q, k, v, b, is_causal=True, implementation=implementation, key_block=8, query_block=5
+                q, k, v, b, is_causal=True, implementation=implementation, key_block=8, query_block=5, normalizer=name
             )
             return jnp.sum(jnp.sin(out))
 

@@ -13,16 +13,22 @@ from attnlab.attention.dense import dense_attention
 from attnlab.attention.masks import Visibility, to_grouped
 from attnlab.attention.online_softmax import online_softmax_attention, softmax_statistics
 from attnlab.attention.query_blocked import query_blocked_attention
-from attnlab.normalizers import Normalizer, Softmax, get
-from attnlab.normalizers._rows import align_param
+from attnlab.attention.sparse_blocked import sparse_blocked_attention
+from attnlab.normalizers import Entmax, Entmax15, Normalizer, Softmax, Sparsemax, get
+from attnlab.normalizers._rows import align_param, concrete_values
 
-Implementation = Literal["dense", "chunked", "cudnn"] | None
-IMPLEMENTATIONS = ("dense", "chunked", "cudnn")
+Implementation = Literal["dense", "chunked", "cudnn", "pallas"] | None
+IMPLEMENTATIONS = ("dense", "chunked", "cudnn", "pallas")
 DEFAULT_KEY_BLOCK = 512
 # Query block of the online softmax path: [B, N, 512, 512] logits per step.
 DEFAULT_SOFTMAX_QUERY_BLOCK = 512
 # Query blocks hold [B, N, query_block, S] logits; this many elements keeps that near 64 MiB.
 QUERY_BLOCK_ELEMENTS = 1 << 24
+# Query blocks of the entmax-family fast path hold about this many logits ([B, N, query_block, S]):
+# small enough that the threshold passes over a block stay in cache.
+SPARSE_QUERY_BLOCK_ELEMENTS = 1 << 20
+# ... but never fewer queries than this (thinner blocks make the matmuls inefficient).
+SPARSE_MIN_QUERY_BLOCK = 16
 # Below this many logits per call, the dense path is faster and its memory is no concern.
 DENSE_MAX_ELEMENTS = 1 << 22
 
@@ -41,6 +47,28 @@ def resolve_normalizer(normalizer: str | Callable) -> Callable:
 
 def _softmax_type(normalizer: Callable) -> bool:
     return isinstance(normalizer, Normalizer) and isinstance(normalizer.mapping, Softmax)
+
+
+def static_entmax_alpha(normalizer: Callable) -> float | None:
+    """alpha in (1, 2] when `normalizer` is an entmax-family Normalizer with one concrete alpha.
+
+    Those take the fast blocked path (sparse_blocked); anything else (a traced or per-head alpha,
+    alpha > 2, a custom callable) takes the generic query-blocked path.
+    """
+    if not isinstance(normalizer, Normalizer):
+        return None
+    mapping = normalizer.mapping
+    if isinstance(mapping, Sparsemax):
+        return 2.0
+    if isinstance(mapping, Entmax15):
+        return 1.5
+    if isinstance(mapping, Entmax):
+        values = concrete_values(mapping.alpha)
+        if values is None or values.size == 0 or not (values == values.flat[0]).all():
+            return None
+        alpha = float(values.flat[0])
+        return alpha if 1.0 < alpha <= 2.0 else None
+    return None
 
 
 def _check_shapes(query, key, value) -> tuple[int, int, int, int, int, int]:
@@ -73,6 +101,11 @@ def _pick_implementation(
         if implementation == "cudnn" and not _softmax_type(normalizer):
             raise ValueError(
                 "implementation='cudnn' supports softmax-type normalizers only (softmax, scaled_softmax, ssmax)"
+            )
+        if implementation == "pallas" and static_entmax_alpha(normalizer) is None:
+            raise ValueError(
+                "implementation='pallas' supports the entmax family with one alpha in (1, 2] only "
+                "(sparsemax, entmax15, entmax(alpha), and their logn_ versions)"
             )
         return implementation
     if want_weights or elements <= DENSE_MAX_ELEMENTS:
@@ -135,13 +168,19 @@ def dot_product_attention(
         or any callable f(logits, *, axis, where) (dense and chunked paths only). Normalizer
         parameters must broadcast against [B, N, 1, 1], e.g. one per head as [N, 1, 1].
       implementation: "dense" builds the [B, N, T, S] logits once (the reference); "chunked" never
-        does: softmax-type normalizers take `query_block` queries (default 512) at a time through an
-        online pass over `key_block` keys with a recomputing backward; other normalizers take
-        `query_block` queries (default: about 2^24 logits per block) at a time with whole rows
-        (exact thresholds, rematerialised backward); "cudnn" routes softmax-type normalizers
-        to `jax.nn.dot_product_attention(implementation="cudnn")` with the row factor folded into
-        the queries (GPU only). None picks dense for small inputs, cuDNN on GPU for softmax-type
-        normalizers, chunked otherwise.
+        does. There, softmax-type normalizers take `query_block` queries (default 512) at a time
+        through an online pass over the `key_block`-sized key blocks they can see (causal and
+        window rules skip the rest), with a recomputing backward; the entmax family with one alpha
+        in (1, 2] takes query blocks (default: about 2^20 logits each) with whole rows cut to the
+        keys they can see, exact thresholds seeded from 128-key chunk maxima, and a closed-form
+        backward (attention.sparse_blocked); any other normalizer takes query blocks (about 2^24
+        logits) through the normalizer itself, rematerialised in the backward. "cudnn" routes
+        softmax-type normalizers to `jax.nn.dot_product_attention(implementation="cudnn")` with
+        the row factor folded into the queries (GPU only). "pallas" runs the entmax family (one
+        alpha in (1, 2]) as a Pallas kernel that skips key blocks with no weight (meant for GPU,
+        interpreted elsewhere, slowly; causal and key lengths only; see attention.pallas_sparse).
+        None picks dense for small inputs, cuDNN on GPU for softmax-type normalizers, chunked
+        otherwise.
       statistics: also return per-query statistics [B, N, T] reduced inside the computation:
         max_weight, entropy, support_size (exact non-zeros) and, with `mass_keys` (bool,
         broadcasting against [B, S]), key_mass = the weight on those keys. Not differentiated.
@@ -186,35 +225,44 @@ def dot_product_attention(
             q * scale, k, v, bias, visibility, normalizer,
             want_stats=want_stats, mass_keys=mass_keys, want_weights=return_weights,
         )  # fmt: skip
-    elif choice == "chunked" and not _softmax_type(normalizer):
+    elif choice == "chunked" and not _softmax_type(normalizer) and static_entmax_alpha(normalizer) is None:
         block = query_block or max(1, QUERY_BLOCK_ELEMENTS // max(1, B * N * S))
         out, aux = query_blocked_attention(
             q * scale, k, v, bias, visibility, normalizer,
             query_block=block, want_stats=want_stats, mass_keys=mass_keys,
         )  # fmt: skip
     else:
-        softmax_query_block = query_block or DEFAULT_SOFTMAX_QUERY_BLOCK
+        # Scale policies (a temperature, SSMax's s log n) multiply each query's logits by one
+        # factor: fold it into the query and the bias, and the mapping sees plain logits.
         factor = scale
         if normalizer.scale is not None:
             row = _row_factor(normalizer, visibility, B, N, T, S, K)
             factor = scale * row
             bias = None if bias is None else bias * row
         q_folded = (q * factor).astype(query.dtype)
-        if choice == "cudnn":
+        if return_weights:
+            raise ValueError("return_weights needs implementation='dense' (or None)")
+        if choice == "chunked" and not _softmax_type(normalizer):
+            block = query_block or max(SPARSE_MIN_QUERY_BLOCK, SPARSE_QUERY_BLOCK_ELEMENTS // max(1, B * N * S))
+            out, aux = sparse_blocked_attention(
+                q_folded, k, v, bias, visibility, static_entmax_alpha(normalizer),
+                query_block=block, want_stats=want_stats, mass_keys=mass_keys,
+            )  # fmt: skip
+        elif choice == "pallas":
+            out = _pallas(q_folded, key, value, bias, visibility, static_entmax_alpha(normalizer), want_stats)
+        elif choice == "cudnn":
+            if want_stats:
+                raise ValueError("statistics are not available from the cuDNN kernel; use implementation='chunked'")
             out = _cudnn(q_folded, k, v, bias, visibility)
-            lse = None
         else:
+            softmax_query_block = query_block or DEFAULT_SOFTMAX_QUERY_BLOCK
             out, lse = online_softmax_attention(
                 q_folded, k, v, bias, visibility, key_block=key_block, query_block=softmax_query_block
             )
-        if want_stats:
-            if lse is None:
-                raise ValueError("statistics are not available from the cuDNN kernel; use implementation='chunked'")
-            aux = softmax_statistics(
-                q_folded, k, bias, visibility, lse, mass_keys, key_block=key_block, query_block=softmax_query_block
-            )
-        if return_weights:
-            raise ValueError("return_weights needs implementation='dense' (or None)")
+            if want_stats:
+                aux = softmax_statistics(
+                    q_folded, k, bias, visibility, lse, mass_keys, key_block=key_block, query_block=softmax_query_block
+                )
     out = _ungroup(out).astype(query.dtype)
     if not (want_stats or return_weights):
         return out
@@ -232,6 +280,30 @@ def _ungroup(out: jax.Array) -> jax.Array:
     """[B, K, G, T, H] -> [B, T, N, H]."""
     B, K, G, T, H = out.shape
     return jnp.moveaxis(out, 3, 1).reshape(B, T, K * G, H)
+
+
+def _pallas(q, key, value, bias, visibility: Visibility, alpha: float, want_stats: bool) -> jax.Array:
+    """The Pallas entmax-family kernel (attention.pallas_sparse): causal and key lengths only."""
+    unsupported = {
+        "bias": bias is not None,
+        "mask": visibility.mask is not None,
+        "local_window_size": visibility.local_window is not None,
+        "query_seq_lengths": visibility.query_lengths is not None,
+        "statistics": want_stats,
+    }
+    if any(unsupported.values()):
+        names = ", ".join(name for name, given in unsupported.items() if given)
+        raise ValueError(
+            f"implementation='pallas' does not support {names} yet; it takes is_causal and "
+            "key_value_seq_lengths only (use implementation='chunked')"
+        )
+    from attnlab.attention.pallas_sparse import pallas_sparse_attention  # imports Pallas only when used
+
+    _, K, G, _, _ = q.shape
+    out = pallas_sparse_attention(
+        _ungroup(q), key, value, alpha=alpha, is_causal=visibility.is_causal, key_lengths=visibility.key_lengths
+    )
+    return _group_queries(out, K, G)
 
 
 def _cudnn(q, k, v, bias, visibility: Visibility) -> jax.Array:

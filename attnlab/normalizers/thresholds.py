@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 
 CLOSED_FORMS = (1.5, 2.0)
+# Newton for other alpha stops once sum p - 1 is below this many ulps of 1.
+RESIDUAL_ULPS = 8
 
 
 # Row reductions of long rows go in two steps, over [..., n / LANES, LANES] first: XLA:CPU
@@ -66,7 +68,7 @@ def _static_q(alpha) -> float | None:
 def _row_pass(u: jax.Array, valid: jax.Array, tau: jax.Array, q) -> dict[str, jax.Array]:
     """The reductions of one iteration over S = {valid, u > tau}, each [..., 1]."""
     gap = u - tau
-    inside = valid & (gap > 0)
+    inside = gap > 0 if valid is None else valid & (gap > 0)
     g = jnp.where(inside, gap, 0.0)
     sums = {
         "count": _sum_rows(inside.astype(u.dtype)),
@@ -98,13 +100,18 @@ def _newton_closed_form(sums, tau, alpha: float):
     return jnp.where(exact, closed, newton), exact
 
 
-def _newton_threshold(u, valid, alpha, q, max_iter):
-    """Monotone Newton from tau = -1 for alpha <= 2 (see the module docstring)."""
+def _newton_threshold(u, valid, alpha, q, max_iter, origin=None, start=None):
+    """Monotone Newton from tau = start (default origin - 1) for alpha <= 2 (see the module docstring)."""
     dtype = u.dtype
     batch_shape = (*u.shape[:-1], 1)
     eps = jnp.finfo(dtype).eps
     closed_form = alpha if isinstance(alpha, float) and alpha in CLOSED_FORMS else None
-    done = ~jnp.any(valid, axis=-1, keepdims=True)
+    origin = jnp.zeros(batch_shape, dtype) if origin is None else jnp.broadcast_to(origin, batch_shape).astype(dtype)
+    if valid is None:
+        done = ~jnp.isfinite(origin)
+        origin = jnp.where(done, 0.0, origin)
+    else:
+        done = ~jnp.any(valid, axis=-1, keepdims=True)
 
     def cond(state):
         it, _, done = state
@@ -114,19 +121,26 @@ def _newton_threshold(u, valid, alpha, q, max_iter):
         it, tau, done = state
         sums = _row_pass(u, valid, tau, q)
         if closed_form is not None:
-            candidate, finished = _newton_closed_form(sums, tau, closed_form)
+            candidate, exact = _newton_closed_form(sums, tau, closed_form)
+            # Rounding can leave the KKT check an ulp short while Newton no longer moves: stop there too.
+            finished = exact | (jnp.abs(candidate - tau) <= 2 * eps * jnp.maximum(1.0, jnp.abs(tau)))
         else:
             residual = sums["gq"] - 1.0
             slope = q * sums["gq1"]
             candidate = tau + residual / jnp.maximum(slope, jnp.finfo(dtype).tiny)
             small_step = jnp.abs(candidate - tau) <= 2 * eps * jnp.maximum(1.0, jnp.abs(tau))
-            finished = (residual <= 0) | small_step
+            # sum p = 1 + residual before the final normalisation: within a few ulps of 1 is exact
+            # to the dtype's precision, and saves the last (confirming) pass.
+            finished = (residual <= RESIDUAL_ULPS * eps) | small_step
             candidate = jnp.where(residual <= 0, tau, candidate)
-        candidate = jnp.minimum(candidate, 0.0)
+        candidate = jnp.minimum(candidate, origin)
         tau = jnp.where(done, tau, candidate)
         return it + 1, tau, done | finished
 
-    state = (jnp.asarray(0), jnp.full(batch_shape, -1.0, dtype), done)
+    tau = (
+        origin - 1.0 if start is None else jnp.maximum(jnp.broadcast_to(start, batch_shape).astype(dtype), origin - 1.0)
+    )
+    state = (jnp.asarray(0), tau, done)
     _, tau, _ = jax.lax.while_loop(cond, body, state)
     return tau
 
@@ -202,6 +216,8 @@ def entmax_threshold(
     alpha: jax.Array | float,
     *,
     max_iter: int | None = None,
+    origin: jax.Array | None = None,
+    start: jax.Array | None = None,
 ) -> jax.Array:
     """tau [..., 1] with sum over valid i of [u_i - tau]_+^(1/(alpha-1)) = 1.
 
@@ -212,11 +228,24 @@ def entmax_threshold(
       alpha: a Python float (1.5 and 2.0 use the exact closed form) or an array broadcasting
         against [..., 1], all > 1.
       max_iter: iteration cap (default 64: enough for bisection alone to reach float64 ulp).
+      origin: for unshifted rows, their valid maximum [..., 1] (u then need not have maximum 0;
+        tau comes back in the same units). With an origin, `valid` may be None: entries equal
+        to -inf are the invalid ones, and a row whose origin is -inf has none valid.
+      start: with `origin` and alpha in (1, 2], a known lower bound of tau [..., 1] to start the
+        search from (for instance the threshold of a subset of the row's entries: dropping
+        entries can only lower the threshold). Must not exceed the true tau.
     Returns:
-      tau, [..., 1]. A row with no valid entry gets -1 (its output is masked anyway).
+      tau, [..., 1]. A row with no valid entry gets origin - 1 (its output is masked anyway).
     """
     max_iter = 64 if max_iter is None else max_iter
     q_static = _static_q(alpha)
+    if origin is not None and (q_static is None or q_static < 1.0):  # the general paths take shifted rows
+        if valid is None:
+            valid = u > -jnp.inf
+        safe_origin = jnp.where(jnp.isfinite(origin), origin, 0.0)
+        return safe_origin + entmax_threshold(jnp.where(valid, u - safe_origin, 0.0), valid, alpha, max_iter=max_iter)
+    if origin is not None:
+        return _newton_threshold(u, valid, alpha, q_static, max_iter, origin, start)
     if q_static is not None:
         if q_static >= 1.0:
             return _newton_threshold(u, valid, alpha, q_static, max_iter)

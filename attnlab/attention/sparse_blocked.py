@@ -1,0 +1,332 @@
+"""Attention with the entmax family (sparsemax, 1.5-entmax, alpha-entmax) by query blocks, fast.
+
+For a static alpha in (1, 2] the weights of query t are
+
+    p_t = [u_t - tau_t]_+^(1/(alpha-1)) / Z_t,     u_t = (alpha - 1) s_t,     s_t = q_t K^T + b_t,
+
+with tau_t the exact threshold (attnlab.normalizers.thresholds, in the units of u, no shift by
+the row maximum) and Z_t = sum p (1 up to rounding). The factor alpha - 1 rides on the queries
+and the bias, so the logits come out of the matmul as u. Queries go `query_block` at a time;
+each block builds only the logits of the keys its queries can see: under a causal mask the query
+blocks are gathered into a few groups, each with one static key extent (the largest end among
+its blocks), so a causal call does about (groups + 1) / (2 groups) of the full work.
+
+Per block: one pass takes the maxima of 128-key chunks (their maximum is the row's), whose own
+threshold is a lower bound that starts the row's Newton search close to its root; then a few
+passes (one per Newton step) find tau; one more forms the weights, and out = (w V) / Z.
+
+The forward keeps tau and Z per query (O(T) memory), so the backward rebuilds p in one
+elementwise pass, with no threshold search, and applies the entmax Jacobian in closed form:
+
+    dp = dout V^T,   w = p^(2 - alpha) on the support,   dz = w * dp - w * sum(w dp) / sum(w),
+    du = dz / (alpha - 1),   dv = p^T dout,   dq = du K,   dk = du^T q,   db = du.
+
+Memory is O(query_block * S) per batch and head in both passes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.attention import statistics
+from attnlab.attention.masks import Visibility
+from attnlab.normalizers.thresholds import entmax_threshold
+
+F32 = jnp.float32
+# Key extents are rounded up to whole multiples of this, so that they split into whole chunks.
+EXTENT_MULTIPLE = 128
+# Keys per chunk whose maxima seed the threshold search (see _origin_and_start).
+CHUNK = 128
+
+
+class Group(NamedTuple):
+    """Query blocks [first, first + count) that share one static key extent."""
+
+    first: int
+    count: int
+    extent: int
+
+
+class _Static(NamedTuple):
+    alpha: float
+    num_queries: int
+    num_keys: int
+    is_causal: bool
+    local_window: tuple[int, int] | None
+    query_block: int
+    groups: tuple[Group, ...]
+
+
+def plan_groups(num_queries: int, num_keys: int, is_causal: bool, query_block: int, max_groups: int) -> tuple:
+    """Contiguous groups of query blocks, each with the key extent its last block needs."""
+    num_blocks = math.ceil(num_queries / query_block)
+    if not is_causal:
+        return (Group(0, num_blocks, num_keys),)
+    num_groups = max(1, min(max_groups, num_blocks))
+    bounds = [round(g * num_blocks / num_groups) for g in range(num_groups + 1)]
+    groups = []
+    for start, stop in itertools.pairwise(bounds):
+        if stop > start:
+            needed = min(num_keys, stop * query_block)
+            extent = min(num_keys, EXTENT_MULTIPLE * math.ceil(needed / EXTENT_MULTIPLE))
+            groups.append(Group(start, stop - start, max(1, extent)))
+    return tuple(groups)
+
+
+def _power(gap: jax.Array, exponent: float) -> jax.Array:
+    """gap^exponent for gap >= 0 (0 where gap is 0; NaN stays NaN)."""
+    if exponent == 1.0:
+        return gap
+    if exponent == 2.0:
+        return gap * gap
+    inside = gap > 0
+    return jnp.where(inside, jnp.exp(exponent * jnp.log(jnp.where(inside, gap, 1.0))), gap)
+
+
+class _Block(NamedTuple):
+    """One query block's operands, keys cut to its group's extent."""
+
+    q: jax.Array  # [B, K, G, Tq, H]
+    k: jax.Array  # [B, K, E, H]
+    v: jax.Array
+    bias: jax.Array | None  # [.., Tq|1, E|1]
+    visible: jax.Array  # [.., Tq, E] bool (broadcastable)
+
+
+def _slice_block(static, q, k, v, bias, mask, q_lengths, kv_lengths, index, extent) -> _Block:
+    block = static.query_block
+    start = index * block
+
+    def rows(x):
+        if x is None or x.shape[3] == 1:
+            return x
+        return jax.lax.dynamic_slice_in_dim(x, start, block, axis=3)
+
+    def keys(x):
+        return x if x is None or x.shape[-1] == 1 else x[..., :extent]
+
+    visibility = Visibility(
+        static.num_queries, static.num_keys, static.is_causal, static.local_window, q_lengths, kv_lengths
+    )
+    visible = visibility.structured(start + jnp.arange(block), jnp.arange(extent))
+    if mask is not None:
+        visible = visible & keys(rows(mask))
+    return _Block(rows(q), k[:, :, :extent], v[:, :, :extent], keys(rows(bias)), visible)
+
+
+def _logits(blk: _Block) -> jax.Array:
+    """u [B, K, G, Tq, E]: the (already (alpha - 1)-scaled) logits, -inf where invisible."""
+    s = jnp.einsum("bkgth,bksh->bkgts", blk.q, blk.k, preferred_element_type=F32)
+    if blk.bias is not None:
+        s = s + blk.bias.astype(F32)
+    return jnp.where(blk.visible, s, -jnp.inf)
+
+
+def _unnormalised(alpha: float, u: jax.Array, tau: jax.Array) -> jax.Array:
+    """[u - tau]_+^(1/(alpha-1)); a NaN logit stays NaN (so its row's output is NaN, as in the dense path)."""
+    return _power(jnp.maximum(u - tau[..., None], 0.0), 1.0 / (alpha - 1.0))
+
+
+def _origin_and_start(alpha: float, u: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Each row's maximum and a lower bound of its threshold [..., 1], from one pass.
+
+    The pass takes the maximum of every chunk of CHUNK keys. The threshold of those chunk maxima
+    alone (a small problem) is a lower bound of the row's threshold, since dropping entries only
+    lowers it, and it is usually close: Newton on the whole row then starts near the root and
+    needs about half the passes it needs from max - 1.
+    """
+    n = u.shape[-1]
+    if n % CHUNK or n < 2 * CHUNK:
+        return jnp.max(u, axis=-1, keepdims=True), None
+    chunk_max = jnp.max(u.reshape(*u.shape[:-1], n // CHUNK, CHUNK), axis=-1)
+    m = jnp.max(chunk_max, axis=-1, keepdims=True)
+    return m, entmax_threshold(chunk_max, None, alpha, origin=m)
+
+
+def _forward_block(static, blk: _Block, mass_keys, want_stats: bool):
+    """out [B, K, G, Tq, H], the row constants (tau, Z) [B, K, G, Tq] and statistics."""
+    alpha = static.alpha
+    u = _logits(blk)
+    m, start = _origin_and_start(alpha, u)
+    tau = entmax_threshold(u, None, alpha, origin=m, start=start)[..., 0]
+    weights = _unnormalised(alpha, u, tau)
+    total = jnp.sum(weights, axis=-1)
+    total = jnp.where(total > 0, total, 1.0)  # a row with no visible key: weights and output 0
+    out = jnp.einsum("bkgts,bksh->bkgth", weights.astype(blk.v.dtype), blk.v, preferred_element_type=F32)
+    out = out / total[..., None]
+    stats = {}
+    if want_stats:
+        p = weights / total[..., None]
+        stats = statistics.from_weights(p, None if mass_keys is None else mass_keys[..., : u.shape[-1]])
+    return out, (tau, total), stats
+
+
+def _blocks_of(static, group: Group):
+    return group.first + jnp.arange(group.count)
+
+
+def _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, want_stats):
+    pad = partial(_pad_queries, static)
+    q, bias, mask = pad(q), pad(bias), pad(mask)
+    outs, rows, stats = [], [], []
+    for group in static.groups:
+
+        def one(index, extent=group.extent):
+            blk = _slice_block(static, q, k, v, bias, mask, q_lengths, kv_lengths, index, extent)
+            return _forward_block(static, blk, mass_keys, want_stats)
+
+        out, row, stat = jax.lax.map(one, _blocks_of(static, group))
+        outs.append(out)
+        rows.append(row)
+        stats.append(stat)
+    join = partial(_join_blocks, static.num_queries)
+    row = tuple(join([r[i] for r in rows]) for i in range(2))
+    return join(outs), row, {name: join([s[name] for s in stats]) for name in stats[0]}
+
+
+def _join_blocks(num_queries: int, parts: list[jax.Array]) -> jax.Array:
+    """Per-group [blocks, B, K, G, Tq, ...] -> [B, K, G, T, ...]."""
+    x = jnp.moveaxis(jnp.concatenate(parts, axis=0), 0, 3)
+    x = x.reshape(*x.shape[:3], x.shape[3] * x.shape[4], *x.shape[5:])
+    return x[:, :, :, :num_queries]
+
+
+def _pad_queries(static, x):
+    """Pad axis 3 (queries) to whole blocks; size-1 (broadcast) axes stay."""
+    if x is None or x.shape[3] == 1:
+        return x
+    total = sum(g.count for g in static.groups) * static.query_block
+    pad = [(0, 0)] * x.ndim
+    pad[3] = (0, total - x.shape[3])
+    return jnp.pad(x, pad)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 9))
+def _attention(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, want_stats):
+    out, _, stats = _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, want_stats)
+    return out, stats
+
+
+def _attention_fwd(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, want_stats):
+    out, row, stats = _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, want_stats)
+    return (out, stats), (q, k, v, bias, mask, q_lengths, kv_lengths, row)
+
+
+def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum x over the axes where `shape` has 1 (the transpose of broadcasting to x.shape)."""
+    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _jacobian_weights(alpha: float, p: jax.Array) -> jax.Array:
+    """w = p^(2 - alpha) on the support of p, 0 off it."""
+    if alpha == 2.0:
+        return (p > 0).astype(p.dtype)
+    if alpha == 1.5:
+        return jnp.sqrt(p)
+    return _power(p, 2.0 - alpha)
+
+
+def _bias_grad_block(ds: jax.Array, bias_shape: tuple[int, ...], num_keys: int) -> jax.Array:
+    """ds [B, K, G, Tq, E] -> this block's share of d bias: [B|1, K|1, G|1, Tq|1, S|1]."""
+    extent = ds.shape[-1]
+    if bias_shape[-1] != 1 and extent < num_keys:
+        ds = jnp.pad(ds, [(0, 0)] * (ds.ndim - 1) + [(0, num_keys - extent)])
+    target = (*bias_shape[:3], ds.shape[3] if bias_shape[3] != 1 else 1, bias_shape[-1])
+    return _reduce_to(ds, target)
+
+
+def _attention_bwd(static, want_stats, residuals, cotangents):
+    q, k, v, bias, mask, q_lengths, kv_lengths, (tau, total) = residuals
+    alpha = static.alpha
+    block = static.query_block
+    pad = partial(_pad_queries, static)
+    q_p, bias_p, mask_p = pad(q), pad(bias), pad(mask)
+    d_out_p, tau_p, total_p = (pad(x) for x in (cotangents[0].astype(F32), tau[..., None], total[..., None]))
+    bias_over_queries = bias is not None and bias.shape[3] != 1
+    dk, dv = jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32)
+    dbias_acc = None if bias is None or bias_over_queries else jnp.zeros(bias.shape, F32)
+    dq_parts, dbias_parts = [], []
+    for group in static.groups:
+
+        def step(carry, index, extent=group.extent):
+            dk, dv, dbias_acc = carry
+            blk = _slice_block(static, q_p, k, v, bias_p, mask_p, q_lengths, kv_lengths, index, extent)
+            rows = lambda x: jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=3)[..., 0]  # noqa: E731
+            total_i = rows(total_p)[..., None]  # 0 on padding rows, whose weights are all 0
+            p = _unnormalised(alpha, _logits(blk), rows(tau_p)) / jnp.where(total_i > 0, total_i, 1.0)
+            d_out_i = jax.lax.dynamic_slice_in_dim(d_out_p, index * block, block, axis=3)
+            dv = dv.at[:, :, :extent].add(jnp.einsum("bkgts,bkgth->bksh", p, d_out_i))
+            dp = jnp.einsum("bkgth,bksh->bkgts", d_out_i, blk.v.astype(F32))
+            w = _jacobian_weights(alpha, p)
+            w_total = jnp.sum(w, axis=-1, keepdims=True)
+            # The entmax Jacobian w.r.t. z, divided by (alpha - 1): the logits here are (alpha - 1) z.
+            ds = w * (dp - jnp.sum(w * dp, axis=-1, keepdims=True) / jnp.where(w_total > 0, w_total, 1.0))
+            ds = ds / (alpha - 1.0)
+            dq_i = jnp.einsum("bkgts,bksh->bkgth", ds, blk.k.astype(F32))
+            dk = dk.at[:, :, :extent].add(jnp.einsum("bkgts,bkgth->bksh", ds, blk.q.astype(F32)))
+            dbias_i = None
+            if bias is not None:
+                share = _bias_grad_block(ds, bias.shape, k.shape[2])
+                if bias_over_queries:
+                    dbias_i = share
+                else:
+                    dbias_acc = dbias_acc + share
+            return (dk, dv, dbias_acc), (dq_i, dbias_i)
+
+        (dk, dv, dbias_acc), (dq_g, dbias_g) = jax.lax.scan(step, (dk, dv, dbias_acc), _blocks_of(static, group))
+        dq_parts.append(dq_g)
+        dbias_parts.append(dbias_g)
+
+    join = partial(_join_blocks, static.num_queries)
+    if bias is None:
+        d_bias = None
+    elif bias_over_queries:
+        d_bias = _reduce_to(join(dbias_parts), bias.shape).astype(bias.dtype)
+    else:
+        d_bias = dbias_acc.astype(bias.dtype)
+    return (join(dq_parts).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None, None, None, None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def sparse_blocked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array | None,
+    visibility: Visibility,
+    alpha: float,
+    *,
+    query_block: int,
+    max_groups: int = 8,
+    want_stats: bool = False,
+    mass_keys: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """alpha-entmax attention, alpha a Python float in (1, 2].
+
+    q [B, K, G, T, H] (scale and any scale-policy factor folded in), k/v [B, K, S, H], bias
+    broadcasting against the grouped logits [B, K, G, T, S]. Returns out [B, K, G, T, H] float32
+    and, with `want_stats`, statistics [B, K, G, T] (not differentiated).
+    """
+    if not 1.0 < alpha <= 2.0:
+        raise ValueError(f"sparse_blocked_attention needs 1 < alpha <= 2; got alpha={alpha}")
+    T, S = q.shape[3], k.shape[2]
+    query_block = max(1, min(query_block, T))
+    groups = plan_groups(T, S, visibility.is_causal, query_block, max_groups)
+    static = _Static(float(alpha), T, S, visibility.is_causal, visibility.local_window, query_block, groups)
+    # Work on u = (alpha - 1) s directly: the factor rides on the queries and the bias.
+    q, bias = q * (alpha - 1.0), None if bias is None else bias * (alpha - 1.0)
+    out, stats = _attention(
+        static, q, k, v, bias, visibility.mask, visibility.query_lengths, visibility.key_lengths,
+        mass_keys, want_stats,
+    )  # fmt: skip
+    stats = {name: jax.lax.stop_gradient(value) for name, value in stats.items()}
+    return out, stats

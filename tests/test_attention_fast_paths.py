@@ -1,0 +1,224 @@
+"""The fast chunked paths against the dense reference: block skipping and the entmax-family path."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnlab import normalizers
+from attnlab.attention import dot_product_attention
+from attnlab.attention.api import static_entmax_alpha
+from attnlab.attention.masks import Visibility
+from attnlab.attention.online_softmax import key_block_ranges
+from attnlab.attention.sparse_blocked import plan_groups
+
+B, T, S, N, K, H = 2, 70, 70, 4, 2, 8
+
+
+def _inputs(seed=0, t=T, s=S):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = 2.0 * jax.random.normal(keys[0], (B, t, N, H))
+    k = jax.random.normal(keys[1], (B, s, K, H))
+    v = jax.random.normal(keys[2], (B, s, K, H))
+    bias = 0.5 * jax.random.normal(keys[3], (B, N, t, s))
+    return q, k, v, bias
+
+
+def _close(a, b, atol=2e-5, rtol=2e-5):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    ("num_queries", "num_keys", "is_causal", "window", "query_block", "key_block"),
+    [
+        (70, 70, True, None, 8, 8),
+        (70, 70, True, None, 16, 5),
+        (33, 70, True, None, 7, 16),
+        (70, 33, False, (5, 3), 8, 4),
+        (70, 70, True, (20, 0), 16, 8),
+        (10, 10, False, None, 4, 4),
+    ],
+)
+def test_key_block_ranges_cover_every_visible_pair_and_only_fully_visible_blocks_skip_the_mask(
+    num_queries, num_keys, is_causal, window, query_block, key_block
+):
+    ranges = key_block_ranges(num_queries, num_keys, is_causal, window, query_block, key_block)
+    visible = np.asarray(Visibility(num_queries, num_keys, is_causal, window).dense())[0, 0, 0]
+    for i in range(len(ranges.first)):
+        rows = visible[i * query_block : (i + 1) * query_block]
+        keys_seen = np.flatnonzero(rows.any(axis=0))
+        first, full_first, full_stop, stop = (int(r[i]) for r in ranges)
+        if keys_seen.size:
+            assert first * key_block <= keys_seen[0] and keys_seen[-1] < stop * key_block
+        assert first <= full_first <= full_stop <= stop or full_first == full_stop == stop
+        for j in range(full_first, full_stop):
+            assert rows[:, j * key_block : (j + 1) * key_block].all(), (i, j)
+
+
+def test_key_block_ranges_with_lengths_or_masks_mask_every_block():
+    ranges = key_block_ranges(64, 64, True, None, 16, 16, only_structured=False)
+    np.testing.assert_array_equal(ranges.full_first, ranges.stop)
+    np.testing.assert_array_equal(ranges.full_stop, ranges.stop)
+
+
+@pytest.mark.parametrize(("num_queries", "block", "groups"), [(70, 8, 4), (4096, 32, 8), (5, 8, 8), (100, 100, 3)])
+def test_causal_groups_cover_every_query_block_and_its_keys(num_queries, block, groups):
+    plan = plan_groups(num_queries, num_queries, True, block, groups)
+    blocks = [i for g in plan for i in range(g.first, g.first + g.count)]
+    assert blocks == list(range(-(-num_queries // block)))
+    for g in plan:
+        last_query = min(num_queries, (g.first + g.count) * block) - 1
+        assert last_query < g.extent <= num_queries
+    if num_queries == 4096:  # 8 groups of 16 blocks: (8 + 1) / 16 of the full work
+        work = sum(g.count * block * g.extent for g in plan)
+        assert work / num_queries**2 == pytest.approx(9 / 16)
+
+
+def test_static_alpha_selects_the_fast_path():
+    assert static_entmax_alpha(normalizers.get("sparsemax")) == 2.0
+    assert static_entmax_alpha(normalizers.get("logn_entmax15")) == 1.5
+    assert static_entmax_alpha(normalizers.get("entmax", alpha=1.3)) == pytest.approx(1.3)
+    assert static_entmax_alpha(normalizers.get("entmax", alpha=jnp.array([1.2, 1.4])[:, None, None])) is None
+    assert static_entmax_alpha(normalizers.get("entmax", alpha=2.5)) is None
+    assert static_entmax_alpha(normalizers.get("softmax")) is None
+
+
+SETTINGS = {
+    "plain": {},
+    "causal": {"is_causal": True},
+    "window": {"local_window_size": (9, 3)},
+    "causal+mask+lengths": {
+        "is_causal": True,
+        "mask": "random",
+        "key_value_seq_lengths": jnp.array([S, 40]),
+        "query_seq_lengths": jnp.array([T, 61]),
+    },
+}
+NORMALIZERS = {
+    "sparsemax": normalizers.get("sparsemax"),
+    "entmax15": normalizers.get("entmax15"),
+    "entmax13": normalizers.get("entmax", alpha=1.3),
+    "logn_entmax15": normalizers.get("logn_entmax15"),
+}
+
+
+def _loss(fn, q, k, v, bias):
+    out = fn(q, k, v) if bias is None else fn(q, k, v, bias)
+    return jnp.sum(jnp.sin(out) * jnp.cos(jnp.arange(q.shape[-1])))
+
+
+# Every setting and every normalizer at least once by default; the full product is marked slow.
+QUICK_CASES = [
+    ("plain", "sparsemax"),
+    ("causal", "entmax15"),
+    ("window", "entmax13"),
+    ("causal+mask+lengths", "logn_entmax15"),
+    ("causal+mask+lengths", "sparsemax"),
+]
+CASES = [
+    pytest.param(*case, marks=() if case in QUICK_CASES else pytest.mark.slow)
+    for case in itertools.product(SETTINGS, NORMALIZERS)
+]
+
+
+@pytest.mark.parametrize(("setting", "name"), CASES)
+def test_entmax_fast_path_equals_dense_values_and_gradients(setting, name):
+    q, k, v, bias = _inputs(seed=len(setting) + len(name))
+    options = dict(SETTINGS[setting])
+    if options.get("mask") == "random":
+        mask = jax.random.bernoulli(jax.random.PRNGKey(5), 0.7, (B, 1, T, S))
+        options["mask"] = mask.at[..., 0].set(True)
+
+    def run(implementation, q, k, v, b):
+        return dot_product_attention(
+            q, k, v, b, normalizer=NORMALIZERS[name], implementation=implementation, query_block=8, **options
+        )
+
+    dense, chunked = functools.partial(run, "dense"), functools.partial(run, "chunked")
+    _close(chunked(q, k, v, bias), dense(q, k, v, bias))
+    got = jax.grad(functools.partial(_loss, chunked), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    want = jax.grad(functools.partial(_loss, dense), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    for g, w in zip(got, want, strict=True):
+        _close(g, w, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("name", ["sparsemax", "entmax13"])
+def test_entmax_fast_path_statistics_match_dense(name):
+    q, k, v, _ = _inputs(seed=7)
+    mass_keys = jnp.arange(S) % 3 == 0
+    outs = [
+        dot_product_attention(
+            q, k, v, normalizer=NORMALIZERS[name], is_causal=True, implementation=impl, query_block=16,
+            statistics=True, mass_keys=mass_keys,
+        )[1]
+        for impl in ("chunked", "dense")
+    ]  # fmt: skip
+    assert set(outs[0]) == set(outs[1]) == {"max_weight", "entropy", "support_size", "key_mass"}
+    for key in outs[0]:
+        _close(outs[0][key], outs[1][key], atol=2e-5)
+    assert float(jnp.mean(outs[0]["support_size"])) < 0.5 * S  # sparse, and counted exactly
+
+
+def test_entmax_fast_path_propagates_nan_from_its_row():
+    q, k, v, _ = _inputs(seed=8)
+    q = q.at[0, 5, 1, 0].set(jnp.nan)
+    out = dot_product_attention(q, k, v, normalizer="sparsemax", implementation="chunked", query_block=8)
+    assert bool(jnp.all(jnp.isnan(out[0, 5, 1])))
+    assert int(jnp.sum(jnp.isnan(out))) == H
+
+
+def test_entmax_fast_path_gqa_matches_repeated_heads():
+    q, k, v, _ = _inputs(seed=9)
+    run = functools.partial(
+        dot_product_attention, normalizer="entmax15", is_causal=True, implementation="chunked", query_block=8
+    )
+    repeat = functools.partial(jnp.repeat, repeats=N // K, axis=2)
+    _close(run(q, k, v), run(q, repeat(k), repeat(v)))
+
+
+@pytest.mark.parametrize(
+    ("name", "is_causal"),
+    [("sparsemax", True), ("entmax15", False), ("entmax13", True)]
+    + [
+        pytest.param(*case, marks=pytest.mark.slow)
+        for case in [("sparsemax", False), ("entmax15", True), ("entmax13", False)]
+    ],
+)
+def test_entmax_fast_path_on_rows_long_enough_for_the_chunked_threshold_start(name, is_causal):
+    # Rows of 256+ keys seed the threshold search with the threshold of their 128-key chunk maxima.
+    t, s = 384, 384
+    q, k, v, bias = _inputs(seed=11, t=t, s=s)
+
+    def run(implementation, q, k, v):
+        return dot_product_attention(
+            q, k, v, bias[:, :, :, :], normalizer=NORMALIZERS[name], implementation=implementation,
+            query_block=64, is_causal=is_causal, key_value_seq_lengths=jnp.array([s, 300]),
+        )  # fmt: skip
+
+    dense, chunked = functools.partial(run, "dense"), functools.partial(run, "chunked")
+    _close(chunked(q, k, v), dense(q, k, v))
+    loss = lambda fn, q, k, v: _loss(fn, q, k, v, None)  # noqa: E731
+    got = jax.grad(functools.partial(loss, chunked), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(functools.partial(loss, dense), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        _close(g, w, atol=5e-5, rtol=5e-5)
+
+
+def test_pallas_implementation_is_wired_for_the_entmax_family():
+    q, k, v, bias = _inputs(seed=12, t=40, s=40)
+    lengths = jnp.array([40, 25])
+    for name in ("entmax15", "logn_entmax15"):
+        run = functools.partial(
+            dot_product_attention, q, k, v, normalizer=NORMALIZERS[name], is_causal=True,
+            key_value_seq_lengths=lengths,
+        )  # fmt: skip
+        _close(run(implementation="pallas"), run(implementation="dense"))
+    with pytest.raises(ValueError, match="does not support bias"):
+        dot_product_attention(q, k, v, bias, normalizer="sparsemax", implementation="pallas")
+    with pytest.raises(ValueError, match="entmax family"):
+        dot_product_attention(q, k, v, normalizer="softmax", implementation="pallas")
