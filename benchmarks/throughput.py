@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import gc
 import json
 import math
 import os
@@ -132,6 +133,8 @@ CASES = [
     Case("entmax_lib_bisect13", "entmax", "entmax", "entmax lib bisect (α=1.3)", alpha=1.3),
 ]
 DENSE_CASES = [_attnlab_case(name, label, alpha=alpha, dense=True) for name, label, alpha, _ in ATTNLAB]
+# Seconds of quiet before each case (see time_call).
+SETTLE_S = 1.0
 BY_NAME = {case.name: case for case in CASES + DENSE_CASES}
 
 # (name, numerator case, denominator case, target): the ratio table, each a time ÷ a time.
@@ -300,6 +303,10 @@ def time_call(
     Repetitions stop early once their sum exceeds `budget_s`. An eager (torch) call slower than
     `slow_s` is not repeated: that first call is the measurement.
     """
+    # Let the previous case's garbage (the entmax library's n x n tensors) go and torch's OpenMP
+    # workers fall asleep: spinning workers and page faults otherwise slow the next case down.
+    gc.collect()
+    time.sleep(SETTLE_S)
     started = time.perf_counter()
     result = call()
     first = time.perf_counter() - started

@@ -28,7 +28,7 @@ QUERY_BLOCK_ELEMENTS = 1 << 24
 # small enough that the threshold passes over a block stay in cache.
 SPARSE_QUERY_BLOCK_ELEMENTS = 1 << 20
 # ... but never fewer queries than this (thinner blocks make the matmuls inefficient).
-SPARSE_MIN_QUERY_BLOCK = 16
+SPARSE_MIN_QUERY_BLOCK = 32
 # Below this many logits per call, the dense path is faster and its memory is no concern.
 DENSE_MAX_ELEMENTS = 1 << 22
 

@@ -28,3 +28,9 @@ def join(blocks: jax.Array, axis: int, length: int) -> jax.Array:
     x = jnp.moveaxis(blocks, 0, axis)
     x = x.reshape(*x.shape[:axis], x.shape[axis] * x.shape[axis + 1], *x.shape[axis + 2 :])
     return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+
+
+def reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum x over the axes where `shape` has 1 (the transpose of broadcasting to x.shape)."""
+    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnlab.attention.blocks import join as _join
+from attnlab.attention.blocks import reduce_to
 from attnlab.attention.blocks import split as _split
 from attnlab.attention.masks import Visibility
 
@@ -243,12 +244,6 @@ def _attention_fwd(static, q, k, v, bias, mask, q_lengths, kv_lengths):
     return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
 
 
-def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Sum x over the axes where `shape` has 1 (the transpose of broadcasting to x.shape)."""
-    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1)
-    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
-
-
 def _backward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths, out_i, lse_i, d_out_i, dk, dv):
     """dq_i and d bias_i (shaped like bias_i) of one query block; adds its dk, dv into the key blocks."""
     lse_safe = jnp.where(jnp.isfinite(lse_i), lse_i, 0.0)[..., None]
@@ -266,9 +261,9 @@ def _backward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths
         dq = dq + jnp.einsum("bkgts,bksh->bkgth", ds, k_blocks[j].astype(F32))
         dk = dk.at[j].add(jnp.einsum("bkgts,bkgth->bksh", ds, q32))
         if keys_broadcast:
-            dbias = dbias + _reduce_to(ds, row.bias.shape)
+            dbias = dbias + reduce_to(ds, row.bias.shape)
         elif row.bias is not None:
-            dbias = dbias.at[j].set(_reduce_to(ds, row.bias_blocks.shape[1:]))
+            dbias = dbias.at[j].set(reduce_to(ds, row.bias_blocks.shape[1:]))
         return dq, dk, dv, dbias
 
     if row.bias is None:
@@ -303,7 +298,7 @@ def _attention_bwd(static, residuals, cotangents):
             out_blocks[i], lse_blocks[i], d_out_blocks[i], dk, dv,
         )  # fmt: skip
         if queries_broadcast:
-            dbias_acc = dbias_acc + _reduce_to(dbias_i, bias.shape)
+            dbias_acc = dbias_acc + reduce_to(dbias_i, bias.shape)
             dbias_i = None
         return (dk, dv, dbias_acc), (dq_i, dbias_i)
 
@@ -319,7 +314,7 @@ def _attention_bwd(static, residuals, cotangents):
     elif queries_broadcast:
         d_bias = dbias_acc.astype(bias.dtype)
     else:
-        d_bias = _reduce_to(_join(dbias, 3, T), bias.shape).astype(bias.dtype)
+        d_bias = reduce_to(_join(dbias, 3, T), bias.shape).astype(bias.dtype)
     dq = _join(dq, 3, T)
     dk, dv = _join(dk, 2, S), _join(dv, 2, S)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None, None, None)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.attention import statistics
+from attnlab.attention.blocks import reduce_to
 from attnlab.attention.masks import Visibility
 from attnlab.normalizers.thresholds import entmax_threshold
 
@@ -218,12 +219,6 @@ def _attention_fwd(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys
     return (out, stats), (q, k, v, bias, mask, q_lengths, kv_lengths, row)
 
 
-def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Sum x over the axes where `shape` has 1 (the transpose of broadcasting to x.shape)."""
-    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1)
-    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
-
-
 def _jacobian_weights(alpha: float, p: jax.Array) -> jax.Array:
     """w = p^(2 - alpha) on the support of p, 0 off it."""
     if alpha == 2.0:
@@ -239,7 +234,7 @@ def _bias_grad_block(ds: jax.Array, bias_shape: tuple[int, ...], num_keys: int) 
     if bias_shape[-1] != 1 and extent < num_keys:
         ds = jnp.pad(ds, [(0, 0)] * (ds.ndim - 1) + [(0, num_keys - extent)])
     target = (*bias_shape[:3], ds.shape[3] if bias_shape[3] != 1 else 1, bias_shape[-1])
-    return _reduce_to(ds, target)
+    return reduce_to(ds, target)
 
 
 def _attention_bwd(static, want_stats, residuals, cotangents):
@@ -288,7 +283,7 @@ def _attention_bwd(static, want_stats, residuals, cotangents):
     if bias is None:
         d_bias = None
     elif bias_over_queries:
-        d_bias = _reduce_to(join(dbias_parts), bias.shape).astype(bias.dtype)
+        d_bias = reduce_to(join(dbias_parts), bias.shape).astype(bias.dtype)
     else:
         d_bias = dbias_acc.astype(bias.dtype)
     return (join(dq_parts).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None, None, None, None)
