@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from attnlab.attention import statistics
 from attnlab.attention.blocks import reduce_to
 from attnlab.attention.masks import Visibility
+from attnlab.normalizers.mappings import jacobian_weights
 from attnlab.normalizers.thresholds import entmax_threshold
 
 F32 = jnp.float32
@@ -219,15 +220,6 @@ def _attention_fwd(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys
     return (out, stats), (q, k, v, bias, mask, q_lengths, kv_lengths, row)
 
 
-def _jacobian_weights(alpha: float, p: jax.Array) -> jax.Array:
-    """w = p^(2 - alpha) on the support of p, 0 off it."""
-    if alpha == 2.0:
-        return (p > 0).astype(p.dtype)
-    if alpha == 1.5:
-        return jnp.sqrt(p)
-    return _power(p, 2.0 - alpha)
-
-
 def _bias_grad_block(ds: jax.Array, bias_shape: tuple[int, ...], num_keys: int) -> jax.Array:
     """ds [B, K, G, Tq, E] -> this block's share of d bias: [B|1, K|1, G|1, Tq|1, S|1]."""
     extent = ds.shape[-1]
@@ -259,7 +251,7 @@ def _attention_bwd(static, want_stats, residuals, cotangents):
             d_out_i = jax.lax.dynamic_slice_in_dim(d_out_p, index * block, block, axis=3)
             dv = dv.at[:, :, :extent].add(jnp.einsum("bkgts,bkgth->bksh", p, d_out_i))
             dp = jnp.einsum("bkgth,bksh->bkgts", d_out_i, blk.v.astype(F32))
-            w = _jacobian_weights(alpha, p)
+            w = jacobian_weights(p, alpha)
             w_total = jnp.sum(w, axis=-1, keepdims=True)
             # The entmax Jacobian w.r.t. z, divided by (alpha - 1): the logits here are (alpha - 1) z.
             ds = w * (dp - jnp.sum(w * dp, axis=-1, keepdims=True) / jnp.where(w_total > 0, w_total, 1.0))

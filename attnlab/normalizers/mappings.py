@@ -78,7 +78,7 @@ _entmax_forward_static = jax.jit(_entmax_forward, static_argnums=2)
 _entmax_forward_dynamic = jax.jit(_entmax_forward)
 
 
-def _jacobian_weights(p: jax.Array, alpha: Any) -> jax.Array:
+def jacobian_weights(p: jax.Array, alpha: Any) -> jax.Array:
     """s = p^(2 - alpha) on the support of p, 0 off it."""
     support = p > 0
     if isinstance(alpha, float) and alpha == 2.0:
@@ -99,7 +99,7 @@ def _entmax_static_jvp(alpha, primals, tangents):
     z, valid = primals
     dz, _ = tangents
     p = _entmax_static(z, valid, alpha)
-    s = _jacobian_weights(p, alpha)
+    s = jacobian_weights(p, alpha)
     dp = s * dz - s * jnp.sum(s * dz, axis=-1, keepdims=True) / _safe_total(s)
     return p, dp
 
@@ -114,7 +114,7 @@ def _entmax_dynamic_jvp(primals, tangents):
     z, valid, alpha = primals
     dz, _, dalpha = tangents
     p = _entmax_dynamic(z, valid, alpha)
-    s = _jacobian_weights(p, alpha)
+    s = jacobian_weights(p, alpha)
     s_total = _safe_total(s)
     dp = s * dz - s * jnp.sum(s * dz, axis=-1, keepdims=True) / s_total
     p_tilde = s / s_total
