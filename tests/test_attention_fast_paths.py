@@ -139,10 +139,10 @@ def test_entmax_fast_path_equals_dense_values_and_gradients(setting, name):
             q, k, v, b, normalizer=NORMALIZERS[name], implementation=implementation, query_block=8, **options
         )
 
-    dense, chunked = functools.partial(run, "dense"), functools.partial(run, "chunked")
+    dense, chunked = jax.jit(functools.partial(run, "dense")), jax.jit(functools.partial(run, "chunked"))
     _close(chunked(q, k, v, bias), dense(q, k, v, bias))
-    got = jax.grad(functools.partial(_loss, chunked), argnums=(0, 1, 2, 3))(q, k, v, bias)
-    want = jax.grad(functools.partial(_loss, dense), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    got = jax.jit(jax.grad(functools.partial(_loss, chunked), argnums=(0, 1, 2, 3)))(q, k, v, bias)
+    want = jax.jit(jax.grad(functools.partial(_loss, dense), argnums=(0, 1, 2, 3)))(q, k, v, bias)
     for g, w in zip(got, want, strict=True):
         _close(g, w, atol=5e-5, rtol=5e-5)
 
@@ -200,11 +200,11 @@ def test_entmax_fast_path_on_rows_long_enough_for_the_chunked_threshold_start(na
             query_block=64, is_causal=is_causal, key_value_seq_lengths=jnp.array([s, 300]),
         )  # fmt: skip
 
-    dense, chunked = functools.partial(run, "dense"), functools.partial(run, "chunked")
+    dense, chunked = jax.jit(functools.partial(run, "dense")), jax.jit(functools.partial(run, "chunked"))
     _close(chunked(q, k, v), dense(q, k, v))
     loss = lambda fn, q, k, v: _loss(fn, q, k, v, None)  # noqa: E731
-    got = jax.grad(functools.partial(loss, chunked), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(functools.partial(loss, dense), argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(functools.partial(loss, chunked), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(functools.partial(loss, dense), argnums=(0, 1, 2)))(q, k, v)
     for g, w in zip(got, want, strict=True):
         _close(g, w, atol=5e-5, rtol=5e-5)
 

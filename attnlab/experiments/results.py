@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import jax
 
 import attnlab
+from attnlab.atomic import write_atomic
 
 
 def now() -> str:
@@ -78,19 +78,12 @@ def environment() -> dict[str, Any]:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write `payload` as JSON to `path` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1, allow_nan=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(handle: Any) -> None:
+        json.dump(payload, handle, indent=1, allow_nan=True)
+        handle.write("\n")
+
+    write_atomic(path, write)
 
 
 def read_json(path: Path) -> dict[str, Any]:

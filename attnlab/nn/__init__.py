@@ -8,6 +8,9 @@
 
 `NormalizerSpec` says which normalizer a layer uses and which of its parameters it learns;
 `apply_rope` is the rotary embedding the layers apply.
+
+`TransformerLM` (configured by a frozen `ModelConfig`) is a decoder-only language model built on
+`MultiHeadAttention`, with a normalizer per layer and per-layer attention statistics on request.
 """
 
 from attnlab.nn.attention import LearnedNormalizer, MultiHeadAttention
@@ -15,12 +18,15 @@ from attnlab.nn.flax_attention import attention_fn
 from attnlab.nn.linen import MultiHeadAttention as LinenMultiHeadAttention
 from attnlab.nn.rope import apply_rope
 from attnlab.nn.spec import NormalizerSpec, alpha_from_logit, inverse_mean_log_n
+from attnlab.nn.transformer import ModelConfig, TransformerLM
 
 __all__ = [
     "LearnedNormalizer",
     "LinenMultiHeadAttention",
+    "ModelConfig",
     "MultiHeadAttention",
     "NormalizerSpec",
+    "TransformerLM",
     "alpha_from_logit",
     "apply_rope",
     "attention_fn",

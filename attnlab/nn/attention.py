@@ -176,7 +176,9 @@ class MultiHeadAttention(nnx.Module):
         deterministic: bool | None = None,
         rngs: nnx.Rngs | nnx.RngStream | None = None,
         sow_weights: bool = False,
-    ) -> jax.Array:
+        return_statistics: bool = False,
+        mass_keys: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Attention of inputs_q [B, T, F] over inputs_k [B, S, F_kv] (default inputs_q) and inputs_v
         (default inputs_k); returns [B, T, out_features].
 
@@ -192,6 +194,10 @@ class MultiHeadAttention(nnx.Module):
           deterministic, rngs: dropout control, as in `flax.nnx.MultiHeadAttention`.
           sow_weights: sow the weights [B, N, T, S] into nnx.Intermediate as "attention_weights"
             (dense path).
+          return_statistics: return (out, statistics) with statistics {"max_weight", "entropy",
+            "support_size"}, each [B, N, T] (not differentiated), reduced inside the attention pass.
+          mass_keys: bool [B, S] or [S]: also return "key_mass", the weight each query puts on
+            these keys (e.g. the needle's positions); implies return_statistics.
         """
         inputs_k = inputs_q if inputs_k is None else inputs_k
         inputs_v = inputs_k if inputs_v is None else inputs_v
@@ -218,7 +224,12 @@ class MultiHeadAttention(nnx.Module):
             sow_weights=sow_weights,
             dropout_rng=dropout_rng,
             deterministic=deterministic,
+            return_statistics=return_statistics,
+            mass_keys=mass_keys,
         )
+        if isinstance(out, tuple):
+            out, statistics = out
+            return self.out(out), statistics
         return self.out(out)
 
     def _dropout_state(self, deterministic: bool | None, rngs: Any) -> tuple[bool, jax.Array | None]:

@@ -167,6 +167,7 @@ def attend(
     key_block: int = 512,
     query_block: int | None = None,
     statistics: bool = False,
+    mass_keys: jax.Array | None = None,
     return_weights: bool = False,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
@@ -202,6 +203,7 @@ def attend(
         key_block=key_block,
         query_block=query_block,
         statistics=statistics,
+        mass_keys=mass_keys,
         return_weights=return_weights or dropout,
     )
     out, aux = result if isinstance(result, tuple) else (result, {})
@@ -241,11 +243,16 @@ def layer_attention(
     sow_weights: bool,
     dropout_rng: jax.Array | None,
     deterministic: bool,
-) -> jax.Array:
+    return_statistics: bool = False,
+    mass_keys: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """:func:`attend` with a layer's settings (implementation, blocks, dropout), sowing what it asks for.
 
     Shared by the NNX and Linen layers, which differ only in how they sow (`sow(name, value)`).
+    With `return_statistics` (or `mass_keys`, bool [B, S] or [S]) returns (out, statistics), the
+    statistics {max_weight, entropy, support_size[, key_mass]} each [B, N, T]; else out.
     """
+    returned = return_statistics or mass_keys is not None
     out, aux = attend(
         query,
         key,
@@ -258,7 +265,8 @@ def layer_attention(
         implementation=layer.implementation,
         key_block=layer.key_block,
         query_block=layer.query_block,
-        statistics=layer.sow_statistics,
+        statistics=layer.sow_statistics or returned,
+        mass_keys=mass_keys,
         return_weights=sow_weights,
         dropout_rate=layer.dropout_rate,
         dropout_rng=dropout_rng,
@@ -269,4 +277,7 @@ def layer_attention(
         sow("attention_statistics", {name: aux[name] for name in STATISTICS})
     if sow_weights:
         sow("attention_weights", aux["weights"])
+    if returned:
+        names = (*STATISTICS, "key_mass") if mass_keys is not None else STATISTICS
+        return out, {name: aux[name] for name in names}
     return out

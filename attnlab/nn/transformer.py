@@ -1,0 +1,265 @@
+"""A decoder-only Transformer language model in Flax NNX, with any attnlab normalizer per layer.
+
+For tokens x [B, T] (ints in [0, vocab_size)), width D, L layers:
+
+    h_0 = embed(x)                                             [B, T, D]
+    h_l = h_{l-1} + attention_l(rmsnorm(h_{l-1}))             causal, RoPE on queries and keys
+    h_l = h_l + mlp_l(rmsnorm(h_l))                            mlp(u) = W_2 gelu(W_1 u), hidden 4D
+    logits = rmsnorm(h_L) @ embed^T   (tied; an untied head when tie_embeddings=False)   [B, T, V]
+
+Attention is `attnlab.nn.MultiHeadAttention` with the layer's normalizer spec (per-head learned
+parameters live in the layer), so SSMax, sparsemax, entmax, ... are one field of the config.
+`model(x, statistics=True)` also returns the attention statistics of every layer, reduced inside
+the attention pass (no weights stored), stacked as [L, B, N, T].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnlab.nn import core
+from attnlab.nn.attention import MultiHeadAttention
+from attnlab.nn.spec import NormalizerSpec, as_spec
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _positive_int(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"ModelConfig.{field} must be an int >= 1; got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a `TransformerLM`.
+
+    Fields:
+      vocab_size: number of token ids (256 for bytes).
+      num_layers, width, num_heads: L, D, N; head_dim = width / num_heads (must divide, and be even
+        for RoPE).
+      num_kv_heads: K for grouped-query attention (None: K = N); must divide num_heads.
+      mlp_width: hidden width of the MLP (None: 4 * width).
+      normalizer: one normalizer for every layer (a name from `attnlab.normalizers.NAMES` or a
+        `NormalizerSpec`), or a tuple with one per layer. Stored as a tuple of L specs.
+      rope_theta: RoPE base used in training (evaluation can raise it per call).
+      tie_embeddings: the output projection is the transposed token embedding.
+      implementation, key_block, query_block: passed to `attnlab.attention.dot_product_attention`
+        (None picks dense for short inputs and the memory-efficient path for long ones).
+      dtype: computation dtype ("float32", "bfloat16", "float16"); parameters stay float32 and the
+        logits are returned in float32.
+      init_std: std of the embedding and of the input kernels; output kernels of each residual
+        branch use init_std / sqrt(2 L) (GPT-2's scaling).
+      norm_eps: RMSNorm epsilon.
+    """
+
+    vocab_size: int = 256
+    num_layers: int = 4
+    width: int = 128
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    mlp_width: int | None = None
+    normalizer: Any = "softmax"
+    rope_theta: float = 10_000.0
+    tie_embeddings: bool = True
+    implementation: str | None = None
+    key_block: int = 512
+    query_block: int | None = None
+    dtype: str = "float32"
+    init_std: float = 0.02
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        for field in ("vocab_size", "num_layers", "width", "num_heads"):
+            _positive_int(getattr(self, field), field)
+        if self.num_kv_heads is not None:
+            _positive_int(self.num_kv_heads, "num_kv_heads")
+        if self.mlp_width is not None:
+            _positive_int(self.mlp_width, "mlp_width")
+        core.check_heads(self.num_heads, self.num_kv_heads or self.num_heads, self.width, "ModelConfig")
+        core.check_rope_theta(self.rope_theta, self.head_dim, "ModelConfig")
+        core.check_implementation(self.implementation, self.key_block, self.query_block, "ModelConfig")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ModelConfig.dtype={self.dtype!r}; accepted: {', '.join(DTYPES)}")
+        for field in ("init_std", "norm_eps"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ModelConfig.{field} must be a number > 0; got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"ModelConfig.tie_embeddings must be True or False; got {self.tie_embeddings!r}")
+        object.__setattr__(self, "normalizer", self._layer_specs(self.normalizer))
+
+    def _layer_specs(self, normalizer: Any) -> tuple[NormalizerSpec, ...]:
+        if isinstance(normalizer, (list, tuple)):
+            if len(normalizer) != self.num_layers:
+                raise ValueError(
+                    f"ModelConfig.normalizer: a per-layer list needs num_layers={self.num_layers} entries; "
+                    f"got {len(normalizer)}"
+                )
+            return tuple(as_spec(spec, f"ModelConfig.normalizer[{i}]") for i, spec in enumerate(normalizer))
+        return (as_spec(normalizer, "ModelConfig.normalizer"),) * self.num_layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as plain JSON values (specs as dicts of their non-default fields)."""
+        out = dataclasses.asdict(self)
+        out["normalizer"] = [_spec_json(spec) for spec in self.normalizer]
+        return out
+
+
+def _spec_json(spec: NormalizerSpec) -> dict[str, Any]:
+    defaults = NormalizerSpec(name=spec.name)
+    out = {"name": spec.name}
+    for field in dataclasses.fields(NormalizerSpec):
+        value = getattr(spec, field.name)
+        if field.name != "name" and value != getattr(defaults, field.name):
+            out[field.name] = dict(value) if field.name == "params" else value
+    return out
+
+
+class MLP(nnx.Module):
+    """mlp(u) = W_2 gelu(W_1 u + b_1) + b_2, [..., D] -> [..., D]."""
+
+    def __init__(self, width: int, hidden: int, *, std: float, out_std: float, dtype: Any, rngs: nnx.Rngs):
+        normal = nnx.initializers.normal
+        self.up = nnx.Linear(width, hidden, kernel_init=normal(std), dtype=dtype, rngs=rngs)
+        self.down = nnx.Linear(hidden, width, kernel_init=normal(out_std), dtype=dtype, rngs=rngs)
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        return self.down(jax.nn.gelu(self.up(u)))
+
+
+class Block(nnx.Module):
+    """One pre-norm layer: h + attention(rmsnorm(h)), then + mlp(rmsnorm(.))."""
+
+    def __init__(self, config: ModelConfig, spec: NormalizerSpec, *, rngs: nnx.Rngs):
+        dtype = DTYPES[config.dtype]
+        std, out_std = config.init_std, config.init_std / math.sqrt(2 * config.num_layers)
+        self.attention_norm = nnx.RMSNorm(config.width, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
+        self.attention = MultiHeadAttention(
+            config.num_heads,
+            config.width,
+            num_kv_heads=config.num_kv_heads,
+            normalizer=spec,
+            rope_theta=config.rope_theta,
+            implementation=config.implementation,
+            key_block=config.key_block,
+            query_block=config.query_block,
+            use_bias=False,
+            kernel_init=nnx.initializers.normal(std),
+            out_kernel_init=nnx.initializers.normal(out_std),
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.mlp_norm = nnx.RMSNorm(config.width, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(
+            config.width, config.mlp_width or 4 * config.width, std=std, out_std=out_std, dtype=dtype, rngs=rngs
+        )
+
+    def __call__(
+        self, h: jax.Array, *, positions: Any, rope_theta: Any, statistics: bool, mass_keys: Any
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        attended = self.attention(
+            self.attention_norm(h),
+            is_causal=True,
+            positions=positions,
+            rope_theta=rope_theta,
+            return_statistics=statistics,
+            mass_keys=mass_keys,
+        )
+        attended, stats = attended if isinstance(attended, tuple) else (attended, None)
+        h = h + attended
+        return h + self.mlp(self.mlp_norm(h)), stats
+
+
+class TransformerLM(nnx.Module):
+    """Decoder-only language model; see the module docstring for the computation.
+
+    Example:
+        model = TransformerLM(ModelConfig(normalizer="ssmax"), rngs=nnx.Rngs(0))
+        logits = model(tokens)                                  # [B, T, V] float32
+        logits, stats = model(tokens, statistics=True)          # stats[name]: [L, B, N, T]
+        logits = model(tokens, rope_theta=50 * 10_000.0)        # evaluation with a raised RoPE base
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"TransformerLM: config must be a ModelConfig; got {type(config).__name__}")
+        self.config = config
+        dtype = DTYPES[config.dtype]
+        self.embed = nnx.Embed(
+            config.vocab_size,
+            config.width,
+            embedding_init=nnx.initializers.normal(config.init_std),
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.blocks = nnx.List([Block(config, spec, rngs=rngs) for spec in config.normalizer])
+        self.final_norm = nnx.RMSNorm(config.width, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
+        if config.tie_embeddings:
+            self.head = nnx.data(None)
+        else:
+            self.head = nnx.Linear(
+                config.width,
+                config.vocab_size,
+                use_bias=False,
+                kernel_init=nnx.initializers.normal(config.init_std),
+                dtype=dtype,
+                rngs=rngs,
+            )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        rope_theta: float | jax.Array | None = None,
+        statistics: bool = False,
+        mass_keys: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """Next-token logits for tokens [B, T].
+
+        Args:
+          tokens: int [B, T], each in [0, vocab_size).
+          positions: RoPE positions [T] or [B, T] (default arange(T)).
+          rope_theta: RoPE base for this call (default the config's; the SSMax paper evaluates
+            long contexts at 50x the training base).
+          statistics: also return the attention statistics of every layer.
+          mass_keys: bool [B, T] (or [T]): also return "key_mass", the attention weight each query
+            puts on these positions (e.g. a needle), per layer and head; implies statistics.
+
+        Returns:
+          logits float32 [B, T, V]; with statistics, (logits, stats) where stats maps
+          max_weight, entropy, support_size (and key_mass) to float32 [L, B, N, T].
+        """
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(
+                f"TransformerLM: tokens must be an int array [batch, seq]; got {tokens.dtype}{tokens.shape}"
+            )
+        statistics = statistics or mass_keys is not None
+        h = self.embed(tokens)
+        layer_stats = []
+        for block in self.blocks:
+            h, stats = block(h, positions=positions, rope_theta=rope_theta, statistics=statistics, mass_keys=mass_keys)
+            layer_stats.append(stats)
+        h = self.final_norm(h)
+        logits = self.embed.attend(h) if self.head is None else self.head(h)
+        logits = logits.astype(jnp.float32)
+        if not statistics:
+            return logits
+        stacked = {name: jnp.stack([s[name] for s in layer_stats]) for name in layer_stats[0]}
+        return logits, stacked
+
+    def num_params(self) -> int:
+        """The number of trainable scalars (embedding counted once when tied)."""
+        return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))

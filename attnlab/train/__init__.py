@@ -1,0 +1,40 @@
+"""Training: AdamW with a schedule, a jit-compiled step over a device mesh, evaluation, checkpoints.
+
+- `OptimizerConfig`, `make_optimizer`: AdamW, warmup + constant/cosine, decay on matrices only,
+  clipping; `OptimizerConfig.ssmax_paper(steps)` is the SSMax paper's recipe at small scale.
+- `make_mesh`, `shard_batch`: data parallelism over a "data" mesh axis (one device is the same code).
+- `TrainConfig`, `train`: the loop, with a progress bar, metric history, checkpoints and resumption.
+- `evaluate`: mean and per-position loss, token and sequence accuracy, optionally with a raised
+  RoPE base.
+- `checkpoint.save` / `checkpoint.restore`: the training state in one atomic .npz file.
+"""
+
+from attnlab.train import checkpoint
+from attnlab.train.checkpoint import CheckpointError
+from attnlab.train.evaluate import EvalResult, evaluate
+from attnlab.train.loop import TrainConfig, TrainResult, train
+from attnlab.train.mesh import DATA_AXIS, make_mesh, shard_batch
+from attnlab.train.optimizer import PRESETS, OptimizerConfig, decay_mask, learning_rate_schedule, make_optimizer
+from attnlab.train.step import TrainState, make_eval_step, make_train_step, split_model
+
+__all__ = [
+    "DATA_AXIS",
+    "PRESETS",
+    "CheckpointError",
+    "EvalResult",
+    "OptimizerConfig",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "checkpoint",
+    "decay_mask",
+    "evaluate",
+    "learning_rate_schedule",
+    "make_eval_step",
+    "make_mesh",
+    "make_optimizer",
+    "make_train_step",
+    "shard_batch",
+    "split_model",
+    "train",
+]

@@ -1,0 +1,121 @@
+"""The training and evaluation steps: pure functions of (state, batch), jit-compiled against a mesh.
+
+The model is split once into its graph (static) and its parameters (a pytree); each step merges
+them back inside jit, so the step is one compiled function of plain arrays:
+
+    loss(w) = sum_{b,t} m[b,t] CE(logits_w(x)[b,t], y[b,t]) / max(1, sum m)      m = loss_mask
+    state' = (step + 1, w + optimizer_update(grad loss(w)), optimizer state')
+
+Parameters and optimizer state are replicated over the mesh; the batch is split over its "data"
+axis. XLA inserts the gradient all-reduce, so one device and many run the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from attnlab.train.mesh import batch_sharded, replicated
+
+
+class TrainState(NamedTuple):
+    """step: int32 scalar (completed steps); params: the model's nnx.Param state; opt_state: optax's."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+class Model(NamedTuple):
+    """A model split for pure functions: graphdef + non-parameter state (both fixed during training)."""
+
+    graphdef: Any
+    rest: Any
+
+    def merge(self, params: Any) -> nnx.Module:
+        return nnx.merge(self.graphdef, params, self.rest)
+
+
+def split_model(module: nnx.Module) -> tuple[Model, Any]:
+    """(Model, params): the module's graph and fixed state, and its nnx.Param state."""
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    return Model(graphdef, rest), params
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Cross-entropy -log softmax(logits)[target] per position, logits [B, T, V], targets [B, T] -> [B, T]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """sum(values * mask) / max(1, sum(mask))."""
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def make_train_step(
+    model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, schedule: optax.Schedule | None = None
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """step(state, batch) -> (state', metrics) compiled for `mesh`; state is donated.
+
+    metrics: loss (masked mean cross-entropy), accuracy (of the argmax on scored positions),
+    grad_norm (before clipping) and learning_rate (used for this step), each a float32 scalar.
+    """
+
+    def loss_fn(params: Any, batch: Any) -> tuple[jax.Array, jax.Array]:
+        logits = model.merge(params)(batch.inputs)
+        loss = masked_mean(token_losses(logits, batch.targets), batch.loss_mask)
+        correct = (jnp.argmax(logits, axis=-1) == batch.targets).astype(jnp.float32)
+        return loss, masked_mean(correct, batch.loss_mask)
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree_utils.tree_norm(grads)}
+        if schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(
+        step,
+        in_shardings=(replicated(mesh), batch_sharded(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(model: Model, mesh: Mesh) -> Callable[[Any, Any, jax.Array], dict[str, jax.Array]]:
+    """eval_step(params, batch, rope_theta) -> sums over the batch, for `evaluate` to accumulate:
+
+      loss_sum [T], count [T]: sum over b of m[b,t] CE[b,t], and of m[b,t]   (per position)
+      correct [T]: scored positions whose argmax is the target
+      sequences, sequences_correct: examples with a scored position, and those right at every one.
+    rope_theta is a traced scalar, so raising it for evaluation does not recompile.
+    """
+
+    def eval_step(params: Any, batch: Any, rope_theta: jax.Array) -> dict[str, jax.Array]:
+        logits = model.merge(params)(batch.inputs, rope_theta=rope_theta)
+        mask = batch.loss_mask.astype(jnp.float32)
+        right = (jnp.argmax(logits, axis=-1) == batch.targets).astype(jnp.float32)
+        scored = jnp.sum(mask, axis=1) > 0
+        all_right = jnp.all((right > 0) | (mask == 0), axis=1) & scored
+        return {
+            "loss_sum": jnp.sum(token_losses(logits, batch.targets) * mask, axis=0),
+            "count": jnp.sum(mask, axis=0),
+            "correct": jnp.sum(right * mask, axis=0),
+            "sequences": jnp.sum(scored.astype(jnp.float32)),
+            "sequences_correct": jnp.sum(all_right.astype(jnp.float32)),
+        }
+
+    return jax.jit(
+        eval_step,
+        in_shardings=(replicated(mesh), batch_sharded(mesh), replicated(mesh)),
+        out_shardings=replicated(mesh),
+    )

@@ -1,0 +1,298 @@
+"""Training: optimizer, overfitting every normalizer, determinism, checkpoints and resumption,
+evaluation, and data parallelism on 4 forced CPU devices (in a subprocess)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from attnlab import normalizers
+from attnlab.data.batch import Batch
+from attnlab.nn import ModelConfig, NormalizerSpec, TransformerLM
+from attnlab.train import (
+    CheckpointError,
+    OptimizerConfig,
+    TrainConfig,
+    checkpoint,
+    decay_mask,
+    evaluate,
+    learning_rate_schedule,
+    make_optimizer,
+    split_model,
+    train,
+)
+
+TINY = {"num_layers": 1, "width": 32, "num_heads": 2, "vocab_size": 32}
+FAST = OptimizerConfig(learning_rate=1e-2, warmup_steps=5, schedule="constant", weight_decay=0.0)
+
+
+def _batch(seed=0, batch=4, length=32, vocab=16):
+    data = np.random.default_rng(seed).integers(0, vocab, size=(batch, length + 1)).astype(np.int32)
+    return Batch(data[:, :-1], data[:, 1:], np.ones((batch, length), bool))
+
+
+def _stream(seed=0, **kwargs):
+    step = 0
+    while True:
+        yield _batch(seed * 1000 + step, **kwargs)
+        step += 1
+
+
+def _model(normalizer="softmax", seed=0):
+    return TransformerLM(ModelConfig(**TINY, normalizer=normalizer), rngs=nnx.Rngs(seed))
+
+
+def _losses(result):
+    return [record["loss"] for record in result.history]
+
+
+# --- optimizer -------------------------------------------------------------------------------
+
+
+def test_weight_decay_applies_to_kernels_and_embeddings_only():
+    _, params = split_model(_model(NormalizerSpec("ssmax", learn_bias=True)))
+    decayed = {
+        jax.tree_util.keystr(path): flag for path, flag in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]
+    }
+    assert any("embedding" in name for name, flag in decayed.items() if flag)
+    for name, flag in decayed.items():
+        assert flag == ("kernel" in name or "embedding" in name), name
+    assert not decayed["['blocks'][0]['attention']['normalizer']['s'].value"]
+
+
+def test_decay_leaves_unmasked_parameters_alone():
+    _, params = split_model(_model("ssmax"))
+    optimizer = make_optimizer(
+        OptimizerConfig(learning_rate=0.1, warmup_steps=0, schedule="constant", weight_decay=0.5), 10, params
+    )
+    zero = jax.tree.map(np.zeros_like, params)
+    updates, _ = jax.jit(optimizer.update)(zero, optimizer.init(params), params)
+    s_update = updates["blocks"][0]["attention"]["normalizer"]["s"][...]
+    kernel_update = updates["blocks"][0]["attention"]["query"]["kernel"][...]
+    kernel = params["blocks"][0]["attention"]["query"]["kernel"][...]
+    np.testing.assert_array_equal(s_update, 0.0)
+    np.testing.assert_allclose(kernel_update, -0.1 * 0.5 * kernel, rtol=1e-6)
+
+
+def test_schedule_warms_up_then_decays_to_the_final_fraction():
+    config = OptimizerConfig(learning_rate=1e-3, warmup_steps=10, schedule="cosine", final_fraction=0.1)
+    lr = learning_rate_schedule(config, 110)
+    assert float(lr(0)) == 0.0
+    np.testing.assert_allclose(float(lr(5)), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(10)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(60)), 1e-3 * (0.1 + 0.9 * 0.5), rtol=1e-5)
+    np.testing.assert_allclose(float(lr(110)), 1e-4, rtol=1e-5)
+    constant = learning_rate_schedule(OptimizerConfig(warmup_steps=0, schedule="constant"), 50)
+    assert float(constant(0)) == float(constant(49)) == 1e-3
+
+
+def test_ssmax_paper_preset_is_the_papers_recipe_with_scaled_warmup():
+    preset = OptimizerConfig.ssmax_paper(500)
+    assert (preset.learning_rate, preset.b1, preset.b2, preset.weight_decay, preset.clip_norm) == (
+        6e-4,
+        0.9,
+        0.95,
+        0.1,
+        1.0,
+    )
+    assert preset.warmup_steps == 50 and OptimizerConfig.ssmax_paper(100_000).warmup_steps == 1000
+
+
+def test_clipping_makes_a_huge_gradient_act_like_its_unit_norm_direction():
+    params = {"w": {"kernel": np.ones((3, 3), np.float32)}}
+    huge = {"w": {"kernel": np.full((3, 3), 1e6, np.float32)}}
+    unit = {"w": {"kernel": np.full((3, 3), 1.0 / 3.0, np.float32)}}  # same direction, norm 1
+
+    def first_update(grads, clip_norm):
+        # eps = 1 makes Adam's step depend on the gradient's scale, so clipping shows in the update
+        config = OptimizerConfig(
+            learning_rate=1.0, warmup_steps=0, schedule="constant", weight_decay=0.0, eps=1.0, clip_norm=clip_norm
+        )
+        optimizer = make_optimizer(config, 1, params)
+        return optimizer.update(grads, optimizer.init(params), params)[0]["w"]["kernel"]
+
+    np.testing.assert_allclose(first_update(huge, 1.0), first_update(unit, 1.0), rtol=1e-6)
+    assert not np.allclose(first_update(huge, None), first_update(unit, None), rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"learning_rate": 0.0}, r"learning_rate must be a number > 0.0; got 0.0"),
+        ({"schedule": "linear"}, r"schedule='linear'; accepted: constant, cosine"),
+        ({"warmup_steps": -1}, r"warmup_steps must be an int >= 0; got -1"),
+        ({"b2": 1.5}, r"b2 must be a number >= 0.0 and <= 1.0; got 1.5"),
+    ],
+)
+def test_optimizer_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OptimizerConfig(**kwargs)
+
+
+def test_train_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"TrainConfig.steps must be an int >= 1; got 0"):
+        TrainConfig(steps=0)
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalizer", [*normalizers.NAMES, NormalizerSpec("entmax", learn_alpha=True)], ids=str)
+def test_overfitting_one_batch_drives_the_loss_down(normalizer):
+    batch = _batch()
+    result = train(
+        _model(normalizer),
+        iter(lambda: batch, None),
+        TrainConfig(steps=80, optimizer=FAST, log_every=1),
+        progress=False,
+    )
+    before, after = result.history[0]["loss"], result.history[-1]["loss"]  # at the initial and the 80th parameters
+    assert np.isfinite(after)
+    assert before > 3.0 and after < 0.4 * before, (before, after)
+
+
+def test_the_same_seed_gives_the_same_losses():
+    config = TrainConfig(steps=6, optimizer=FAST, log_every=1)
+    first = train(_model(seed=1), _stream(0), config, progress=False)
+    second = train(_model(seed=1), _stream(0), config, progress=False)
+    assert _losses(first) == _losses(second)
+    assert all(np.isfinite(_losses(first))) and len(set(_losses(first))) == 6
+    assert [r["step"] for r in first.history] == [1, 2, 3, 4, 5, 6]
+    assert first.tokens == 6 * 4 * 32 and first.tokens_per_second > 0 and first.compile_seconds > 0
+    other = _model(seed=2)(_batch().inputs)  # another seed is another model
+    assert not np.allclose(other, _model(seed=1)(_batch().inputs))
+
+
+def _interrupting(stream, after):
+    for i, batch in enumerate(stream):
+        if i == after:
+            raise KeyboardInterrupt
+        yield batch
+
+
+def test_a_run_interrupted_and_resumed_from_its_checkpoint_gives_identical_losses(tmp_path):
+    config = TrainConfig(steps=8, optimizer=FAST, log_every=1, checkpoint_every=3)
+    straight = train(_model("ssmax"), _stream(3), config, progress=False)
+    path = tmp_path / "run.npz"
+    with pytest.raises(KeyboardInterrupt):
+        train(_model("ssmax"), _interrupting(_stream(3), 4), config, checkpoint=path, progress=False)
+    assert checkpoint.read_metadata(path)["history"][-1]["step"] == 3
+    resumed_model = _model("ssmax", seed=7)  # a different init: everything must come from the checkpoint
+    resumed = train(resumed_model, _stream(3), config, checkpoint=path, metadata={"note": "x"}, progress=False)
+    assert [r["step"] for r in resumed.history] == list(range(1, 9))
+    assert _losses(resumed) == _losses(straight)
+    assert int(resumed.state.step) == 8 and checkpoint.read_metadata(path)["note"] == "x"
+    restored, _ = checkpoint.restore(path, resumed.state)  # the final save holds the final state
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, in_module = split_model(resumed_model)  # train() leaves the trained parameters in the module
+    for a, b in zip(jax.tree.leaves(in_module), jax.tree.leaves(resumed.state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_restoring_into_another_model_names_the_differences(tmp_path):
+    model = _model("softmax")
+    _, params = split_model(model)
+    path = checkpoint.save(tmp_path / "p.npz", params, {"step": 0})
+    _, other = split_model(_model("ssmax"))
+    with pytest.raises(
+        CheckpointError, match=r"missing 1 arrays, e.g. \['blocks'\]\[0\]\['attention'\]\['normalizer'\]"
+    ):
+        checkpoint.restore(path, other)
+    with pytest.raises(CheckpointError, match=r"does not exist"):
+        checkpoint.restore(tmp_path / "none.npz", params)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_evaluation_metrics_and_validation_during_training():
+    batch = _batch(5)
+    result = train(
+        _model(),
+        _stream(1),
+        TrainConfig(steps=4, optimizer=FAST, log_every=2, eval_every=2),
+        eval_batches=lambda: [batch, batch],
+        progress=False,
+    )
+    assert [e["step"] for e in result.evaluations] == [2, 4]
+    final = result.evaluations[-1]
+    assert final["scored_tokens"] == 2 * 4 * 32 and final["batches"] == 2
+    assert 0.0 <= final["token_accuracy"] <= 1.0
+
+
+def test_per_position_loss_averages_to_the_loss_and_scores_only_masked_positions():
+    model = _model()
+    batch = _batch(6)
+    mask = np.zeros_like(batch.loss_mask)
+    mask[:, 20:] = True
+    result = evaluate(model, [batch._replace(loss_mask=mask)])
+    assert np.all(np.isnan(result.per_position_loss[:20])) and np.all(np.isfinite(result.per_position_loss[20:]))
+    np.testing.assert_allclose(np.mean(result.per_position_loss[20:]), result.loss, rtol=1e-6)
+    logits = model(batch.inputs)
+    right = np.asarray(logits.argmax(-1) == batch.targets)[:, 20:]
+    np.testing.assert_allclose(result.token_accuracy, right.mean(), rtol=1e-6)
+    assert result.sequence_accuracy == float(np.mean(right.all(axis=1)))
+
+
+def test_a_raised_rope_theta_changes_the_loss_after_position_zero_only():
+    model = _model()
+    batch = _batch(7)
+    base, raised = evaluate(model, [batch]), evaluate(model, [batch], rope_theta=5e5)
+    np.testing.assert_allclose(raised.per_position_loss[0], base.per_position_loss[0], rtol=1e-5)
+    assert not np.allclose(raised.per_position_loss[1:], base.per_position_loss[1:], rtol=1e-5)
+
+
+def test_running_out_of_batches_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"the batches ran out after 2 of 5 steps"):
+        train(_model(), [_batch(), _batch()], TrainConfig(steps=5, optimizer=FAST), progress=False)
+
+
+# --- several devices -------------------------------------------------------------------------
+
+FOUR_DEVICES = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from flax import nnx
+    from attnlab.data.batch import Batch
+    from attnlab.nn import ModelConfig, TransformerLM
+    from attnlab.train import OptimizerConfig, TrainConfig, make_mesh, shard_batch, train
+
+    assert jax.device_count() == 4, jax.devices()
+
+    def stream():
+        for step in range(4):
+            data = np.random.default_rng(step).integers(0, 16, size=(8, 17)).astype(np.int32)
+            yield Batch(data[:, :-1], data[:, 1:], np.ones((8, 16), bool))
+
+    config = TrainConfig(steps=4, log_every=1, optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1))
+    losses = {}
+    for devices in (1, 4):
+        mesh = make_mesh(devices)
+        model = TransformerLM(ModelConfig(num_layers=1, width=32, num_heads=2, normalizer="ssmax"), rngs=nnx.Rngs(0))
+        result = train(model, stream(), config, mesh=mesh, progress=False)
+        losses[devices] = [r["loss"] for r in result.history]
+        assert len(result.state.params["embed"]["embedding"][...].sharding.device_set) == devices
+    sharded = shard_batch(next(stream()), make_mesh(4))
+    assert len(sharded.inputs.addressable_shards) == 4
+    assert sharded.inputs.addressable_shards[0].data.shape == (2, 16)
+    np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
+    try:
+        shard_batch(Batch(*(x[:6] for x in next(stream())[:3])), make_mesh(4))
+    except ValueError as error:
+        assert "batch size 6" in str(error) and "4 local devices" in str(error), error
+    else:
+        raise AssertionError("a batch of 6 over 4 devices was accepted")
+    print("LOSSES", losses[1], losses[4])
+    """
+)
+
+
+def test_data_parallel_step_on_four_cpu_devices_gives_the_one_device_loss():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", FOUR_DEVICES], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "LOSSES" in done.stdout
