@@ -122,7 +122,7 @@ def print_table(records: list[dict[str, Any]]) -> None:
             f"{r['train_seconds']:.0f}",
             f"{r['compile_seconds']:.1f}",
         )
-    Console().print(table)
+    Console(width=120).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,10 @@
-"""dot_product_attention: every implementation against the dense reference and jax.nn."""
+"""dot_product_attention: every implementation against the dense reference and jax.nn.
+
+Compilation dominates these tests. Called eagerly, the chunked path compiles its scans and while
+loops anew on every call, so chunked calls run under `jax.jit` (`_jit_chunked`: one compilation
+per function and shape). Dense calls mostly stay eager: their small ops compile once and are then
+shared by every test with the same shapes. Errors raised on Python values are checked eagerly.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +36,29 @@ def _mask(seed=1, t=T, s=S):
     return mask.at[..., 0].set(True)
 
 
+def _loss_and_output(fn, q, k, v, bias):
+    out = fn(q, k, v, bias)
+    return jnp.sum(jnp.sin(out) * jnp.cos(jnp.arange(q.shape[-1]))), out
+
+
 def _loss(fn, q, k, v, bias):
-    return jnp.sum(jnp.sin(fn(q, k, v, bias)) * jnp.cos(jnp.arange(q.shape[-1])))
+    return _loss_and_output(fn, q, k, v, bias)[0]
+
+
+def _values_and_grads(fn, argnums):
+    """args -> (fn(*args), grad of _loss(fn, *args) w.r.t. argnums), jitted, with one forward pass."""
+    grad = jax.grad(functools.partial(_loss_and_output, fn), argnums=argnums, has_aux=True)
+
+    def run(*args):
+        grads, out = grad(*args)
+        return out, grads
+
+    return jax.jit(run)
+
+
+def _jit_chunked(implementation, fn):
+    """fn, jitted for the chunked implementation (see the module docstring)."""
+    return jax.jit(fn) if implementation == "chunked" else fn
 
 
 def _close(a, b, atol=2e-5, rtol=2e-5):
@@ -63,9 +90,12 @@ def test_softmax_equals_jax_values_and_gradients(setting, implementation, use_bi
     def reference(q, k, v, b):
         return jax.nn.dot_product_attention(q, k, v, b, **options)
 
-    _close(ours(q, k, v, bias), reference(q, k, v, bias))
     argnums = (0, 1, 2, 3) if use_bias else (0, 1, 2)
-    got = jax.grad(functools.partial(_loss, ours), argnums=argnums)(q, k, v, bias)
+    if implementation == "chunked":
+        out, got = _values_and_grads(ours, argnums)(q, k, v, bias)
+    else:
+        out, got = ours(q, k, v, bias), jax.grad(functools.partial(_loss, ours), argnums=argnums)(q, k, v, bias)
+    _close(out, reference(q, k, v, bias))
     want = jax.grad(functools.partial(_loss, reference), argnums=argnums)(q, k, v, bias)
     for g, w in zip(got, want, strict=True):
         _close(g, w, atol=5e-5, rtol=5e-5)
@@ -85,11 +115,9 @@ def test_chunked_equals_dense_for_every_normalizer(name):
     def run(implementation, q, k, v, b):
         return dot_product_attention(q, k, v, b, implementation=implementation, key_block=6, query_block=4, **options)
 
-    dense = functools.partial(run, "dense")
-    chunked = functools.partial(run, "chunked")
-    _close(chunked(q, k, v, bias), dense(q, k, v, bias))
-    got = jax.grad(functools.partial(_loss, chunked), argnums=(0, 1, 2, 3))(q, k, v, bias)
-    want = jax.grad(functools.partial(_loss, dense), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    out, got = _values_and_grads(functools.partial(run, "chunked"), (0, 1, 2, 3))(q, k, v, bias)
+    want_out, want = _values_and_grads(functools.partial(run, "dense"), (0, 1, 2, 3))(q, k, v, bias)
+    _close(out, want_out)
     for g, w in zip(got, want, strict=True):
         assert np.all(np.isfinite(g))
         _close(g, w, atol=1e-4, rtol=1e-4)
@@ -104,10 +132,10 @@ def test_query_without_visible_keys_gives_zero_output_and_finite_gradients(name,
     def f(q, k, v):
         return dot_product_attention(q, k, v, mask=mask, normalizer=name, implementation=implementation, key_block=7)
 
-    out = f(q, k, v)
+    out = _jit_chunked(implementation, f)(q, k, v)
     assert np.all(np.asarray(out[:, 3]) == 0) and np.all(np.asarray(out[1, 7]) == 0)
     assert np.any(np.asarray(out[0, 7]) != 0)
-    grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+    grads = _jit_chunked(implementation, jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2)))(q, k, v)
     for g in grads:
         assert np.all(np.isfinite(g))
     assert np.all(np.asarray(grads[0][:, 3]) == 0)
@@ -116,17 +144,22 @@ def test_query_without_visible_keys_gives_zero_output_and_finite_gradients(name,
 def test_ssmax_uses_each_querys_visible_key_count():
     q, k, v, _ = _inputs(seed=6, t=S)
     s = 0.7
-    out = dot_product_attention(
-        q, k, v, is_causal=True, normalizer=normalizers.get("ssmax", s=s), implementation="chunked"
+    chunked = functools.partial(
+        dot_product_attention, is_causal=True, normalizer=normalizers.get("ssmax", s=s), implementation="chunked"
     )
-    # Row t of causal SSMax is softmax over keys 0..t of logits scaled by s * log(t + 1).
-    logits = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, N // K, axis=2)) / np.sqrt(H)
-    t = jnp.arange(S)
-    factor = s * jnp.log(t + 1.0)[:, None]
-    visible = t[None, :] <= t[:, None]
-    p = jax.nn.softmax(jnp.where(visible, logits * factor, -jnp.inf), axis=-1)
-    want = jnp.einsum("bnts,bsnh->btnh", p, jnp.repeat(v, N // K, axis=2))
-    _close(out, want)
+    out = jax.jit(chunked)(q, k, v)
+
+    @jax.jit
+    def want(q, k, v):
+        # Row t of causal SSMax is softmax over keys 0..t of logits scaled by s * log(t + 1).
+        logits = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, N // K, axis=2)) / np.sqrt(H)
+        t = jnp.arange(S)
+        factor = s * jnp.log(t + 1.0)[:, None]
+        visible = t[None, :] <= t[:, None]
+        p = jax.nn.softmax(jnp.where(visible, logits * factor, -jnp.inf), axis=-1)
+        return jnp.einsum("bnts,bsnh->btnh", p, jnp.repeat(v, N // K, axis=2))
+
+    _close(out, want(q, k, v))
 
 
 def test_learned_per_head_parameters_get_gradients_through_chunked_path():
@@ -138,8 +171,9 @@ def test_learned_per_head_parameters_get_gradients_through_chunked_path():
         return jnp.sum(out**2)
 
     s = jnp.linspace(0.3, 0.6, N).reshape(N, 1, 1)
-    g_dense = jax.grad(loss)(s, "dense")
-    g_chunked = jax.grad(loss)(s, "chunked")
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g_dense = grad(s, "dense")
+    g_chunked = grad(s, "chunked")
     assert np.all(np.abs(np.asarray(g_dense)) > 0)
     _close(g_chunked, g_dense, atol=1e-4, rtol=1e-4)
 
@@ -149,7 +183,8 @@ def test_learned_per_head_parameters_get_gradients_through_chunked_path():
         return jnp.sum(out**2)
 
     alpha = jnp.linspace(1.2, 1.8, N).reshape(N, 1, 1)
-    _close(jax.grad(alpha_loss)(alpha, "chunked"), jax.grad(alpha_loss)(alpha, "dense"), atol=1e-4, rtol=1e-4)
+    alpha_grad = jax.jit(jax.grad(alpha_loss), static_argnums=1)
+    _close(alpha_grad(alpha, "chunked"), alpha_grad(alpha, "dense"), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["softmax", "ssmax", "sparsemax", "entmax15"])
@@ -158,7 +193,10 @@ def test_statistics_match_the_weights(name):
     mass_keys = jnp.zeros((B, S), bool).at[:, 2:5].set(True)
     options = dict(is_causal=True, normalizer=name, key_value_seq_lengths=jnp.array([S, 10]), mass_keys=mass_keys)
     _, dense = dot_product_attention(q, k, v, bias, implementation="dense", return_weights=True, **options)
-    _, chunked = dot_product_attention(q, k, v, bias, implementation="chunked", key_block=5, query_block=3, **options)
+    chunked_fn = functools.partial(
+        dot_product_attention, implementation="chunked", key_block=5, query_block=3, **options
+    )
+    _, chunked = jax.jit(chunked_fn)(q, k, v, bias)
     p = np.asarray(dense["weights"], np.float64)
     assert p.shape == (B, N, T, S)
     np.testing.assert_allclose(dense["max_weight"], p.max(-1), atol=1e-6)
@@ -175,7 +213,9 @@ def test_statistics_match_the_weights(name):
 
 def test_gqa_equals_repeated_key_value_heads():
     q, k, v, _ = _inputs(seed=9)
-    grouped = dot_product_attention(q, k, v, normalizer="entmax15", implementation="chunked", query_block=4)
+    grouped = jax.jit(
+        functools.partial(dot_product_attention, normalizer="entmax15", implementation="chunked", query_block=4)
+    )(q, k, v)
     repeated = dot_product_attention(
         q, jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2), normalizer="entmax15", implementation="dense"
     )
@@ -186,10 +226,13 @@ def test_huge_logits_stay_finite_and_one_hot():
     q, k, v, _ = _inputs(seed=10)
     for implementation in ("dense", "chunked"):
         for name in ("softmax", "sparsemax", "entmax15"):
-            out = dot_product_attention(1e6 * q, k, v, normalizer=name, implementation=implementation, key_block=4)
+            f = functools.partial(dot_product_attention, normalizer=name, implementation=implementation, key_block=4)
+            out = _jit_chunked(implementation, f)(1e6 * q, k, v)
             assert np.all(np.isfinite(out)), (name, implementation)
+            if (name, implementation) == ("softmax", "chunked"):
+                softmax_chunked = out
     # With huge logits every normalizer picks the single best key.
-    out = dot_product_attention(1e6 * q, k, v, normalizer="softmax", implementation="chunked", key_block=4)
+    out = softmax_chunked
     _close(out, dot_product_attention(1e6 * q, k, v, normalizer="sparsemax", implementation="dense"), atol=1e-5)
 
 
@@ -199,7 +242,8 @@ def test_bfloat16_inputs(name):
     want = dot_product_attention(q, k, v, normalizer=name, is_causal=True, implementation="dense")
     for implementation in ("dense", "chunked"):
         low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-        out = dot_product_attention(*low, normalizer=name, is_causal=True, implementation=implementation)
+        f = functools.partial(dot_product_attention, normalizer=name, is_causal=True, implementation=implementation)
+        out = _jit_chunked(implementation, f)(*low)
         assert out.dtype == jnp.bfloat16
         _close(out.astype(jnp.float32), want, atol=5e-2, rtol=5e-2)
 
@@ -211,10 +255,10 @@ def test_custom_callable_normalizer():
         return normalizers.softmax(logits, axis=axis, where=where)
 
     for implementation in ("dense", "chunked"):
-        _close(
-            dot_product_attention(q, k, v, is_causal=True, normalizer=my_softmax, implementation=implementation),
-            jax.nn.dot_product_attention(q, k, v, is_causal=True),
+        f = functools.partial(
+            dot_product_attention, is_causal=True, normalizer=my_softmax, implementation=implementation
         )
+        _close(_jit_chunked(implementation, f)(q, k, v), jax.nn.dot_product_attention(q, k, v, is_causal=True))
 
 
 def test_jit_and_default_implementation():
@@ -258,7 +302,7 @@ def test_chunked_bias_gradients_for_broadcast_shapes(bias_shape, name):
             )
             return jnp.sum(jnp.sin(out))
 
-        return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+        return _jit_chunked(implementation, jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
 
     for got, want in zip(grads("chunked"), grads("dense"), strict=True):
         assert got.shape == want.shape
@@ -269,5 +313,6 @@ def test_chunked_bias_gradients_for_broadcast_shapes(bias_shape, name):
 def test_single_query_and_single_key(name):
     q, k, v, _ = _inputs(seed=16, t=1, s=1)
     for implementation in ("dense", "chunked"):
-        out = dot_product_attention(q, k, v, normalizer=name, implementation=implementation)
+        # both jitted: new shapes, so the eager dense ops would compile anew here
+        out = jax.jit(functools.partial(dot_product_attention, normalizer=name, implementation=implementation))(q, k, v)
         _close(out, jnp.repeat(v, N // K, axis=2))

@@ -364,3 +364,14 @@ def test_traced_parameters_are_not_checked_inside_jit():
     np.testing.assert_allclose(p, np.asarray(N.softmax(-0.5 * np.log(4) * x)), atol=1e-6)
     g = jax.grad(lambda s: N.ssmax(x, s=s)[3])(0.5)
     assert np.isfinite(float(g)) and float(g) > 0
+
+
+def test_a_concrete_array_alpha_captured_by_jit_works():
+    # A concrete alpha array closed over by a jitted function (not passed as an argument).
+    z = jnp.array([[-1.0, 0.0, 0.5], [1.0, 2.0, 3.5]])
+    alpha = jnp.float32(1.33)
+    got = jax.jit(lambda x: N.entmax(x, alpha=alpha))(z)
+    np.testing.assert_allclose(got, N.entmax(z, alpha=1.33), rtol=1e-5, atol=1e-6)
+    at_one = jnp.array([[1.0], [1.5]])
+    mixed = jax.jit(lambda x: N.entmax(x, alpha=at_one))(z)
+    np.testing.assert_allclose(mixed[0], N.softmax(z[0]), rtol=1e-6)

@@ -3,6 +3,10 @@
 Reverse mode through `lax.while_loop` is impossible in JAX, so every passing `jax.grad` /
 `jax.jacrev` here also shows that the derivative comes from the custom JVP rules, not from
 differentiating the threshold search.
+
+The Jacobian and alpha-derivative checks run under `jax.jit` (one compilation per function and
+shape instead of one per eager op; reverse mode still needs the custom rules). The finite-difference
+checks stay eager: there, the small ops compile once and are shared by every configuration.
 """
 
 from __future__ import annotations
@@ -117,13 +121,17 @@ def _numpy_entmax(z, alpha, iters=200):
     return p / p.sum()
 
 
+# d entmax(z, alpha) / d alpha, alpha a traced argument (as under jacfwd), shared by the tests below
+_entmax_alpha_jacfwd = jax.jit(jax.jacfwd(lambda z, a: N.entmax(z, alpha=a), argnums=1))
+
+
 @pytest.mark.parametrize("alpha", [1.2, 1.5, 1.8, 2.0, 2.6])
 def test_alpha_derivative_matches_numpy_reference_differences(alpha):
     # independent of the library: central differences of a float64 bisection entmax
     z = X[0]
     h = 1e-6
     expected = (_numpy_entmax(z, alpha + h) - _numpy_entmax(z, alpha - h)) / (2 * h)
-    got = jax.jacfwd(lambda a: N.entmax(jnp.asarray(z, jnp.float32), alpha=a))(jnp.float32(alpha))
+    got = _entmax_alpha_jacfwd(jnp.asarray(z, jnp.float32), jnp.float32(alpha))
     np.testing.assert_allclose(np.asarray(got), expected, atol=2e-4)
 
 
@@ -139,8 +147,8 @@ def test_sparsemax_jacobian_is_diag_s_minus_outer_over_support_size():
     s = (p > 0).astype(np.float64)
     assert 1 < s.sum() < s.size  # a proper sparse case
     expected = np.diag(s) - np.outer(s, s) / s.sum()
-    np.testing.assert_allclose(np.asarray(jax.jacobian(N.sparsemax)(Z)), expected, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(jax.jacfwd(N.sparsemax)(Z)), expected, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.jacobian(N.sparsemax))(Z)), expected, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.jacfwd(N.sparsemax))(Z)), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [1.3, 1.5, 1.5j, 2.5])
@@ -162,12 +170,12 @@ def test_entmax_jacobian_closed_form(alpha):
 def test_softmax_and_ssmax_jacobians():
     p = np.asarray(N.softmax(Z), np.float64)
     expected = np.diag(p) - np.outer(p, p)
-    np.testing.assert_allclose(np.asarray(jax.jacrev(N.softmax)(Z)), expected, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.jacrev(N.softmax))(Z)), expected, atol=1e-6)
     # ssmax: the factor s log n multiplies the softmax Jacobian of the scaled logits
     factor = 0.43 * np.log(Z.size)
     p = np.asarray(N.ssmax(Z), np.float64)
     expected = factor * (np.diag(p) - np.outer(p, p))
-    np.testing.assert_allclose(np.asarray(jax.jacrev(N.ssmax)(Z)), expected, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.jacrev(N.ssmax))(Z)), expected, atol=1e-6)
 
 
 @all_configs
@@ -175,7 +183,7 @@ def test_jacrev_equals_jacfwd(config):
     name, params = config
     f = functools.partial(N.get(name, **dict(params)), where=MASK)
     x = jnp.asarray(X, jnp.float32)
-    rev, fwd = np.asarray(jax.jacrev(f)(x)), np.asarray(jax.jacfwd(f)(x))
+    rev, fwd = np.asarray(jax.jit(jax.jacrev(f))(x)), np.asarray(jax.jit(jax.jacfwd(f))(x))
     assert np.all(np.isfinite(rev))
     np.testing.assert_allclose(rev, fwd, atol=1e-6)
     # rows do not interact, and masked inputs get no gradient
@@ -194,9 +202,9 @@ def test_jacrev_equals_jacfwd(config):
 def test_alpha_derivative_near_one_is_accurate_in_float32():
     z = X * 2
     alpha = 1.001
-    got = jax.jacfwd(lambda a: N.entmax(jnp.asarray(z, jnp.float32), alpha=a))(jnp.float32(alpha))
+    got = _entmax_alpha_jacfwd(jnp.asarray(z, jnp.float32), jnp.float32(alpha))
     with jax.enable_x64(True):
-        expected = np.asarray(jax.jacfwd(lambda a: N.entmax(jnp.asarray(z), alpha=a))(jnp.float64(alpha)))
+        expected = np.asarray(_entmax_alpha_jacfwd(jnp.asarray(z), jnp.float64(alpha)))
     # the float64 derivative is itself right: it matches central differences of the values
     h = 1e-7
     fd = (_numpy_entmax(z[0], alpha + h) - _numpy_entmax(z[0], alpha - h)) / (2 * h)

@@ -2,11 +2,14 @@
 
 Sizes are small because the Pallas interpreter is slow; T and S are deliberately not multiples
 of the 64-wide blocks, so padding is always exercised. Every call with the same shapes, dtype,
-alpha and causality reuses one compiled kernel (key lengths are a traced input).
+alpha and causality reuses one compiled kernel (key lengths are a traced input). The dense
+reference runs eagerly (its ops, compiled once, are shared by every case); gradients and the
+threshold iteration run under `jax.jit` (one compilation instead of one per eager op).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -109,7 +112,10 @@ def test_key_blocks_without_support_are_skipped(alpha):
     v = jax.random.normal(jax.random.PRNGKey(4), (B, s, N, H))
     iterations = 8
     out, counts = sparse_attention_block_counts(q, k, v, alpha=alpha, is_causal=False, num_iterations=iterations)
-    ref = attnlab.dot_product_attention(q, k, v, normalizer=_normalizer(alpha), scale=1.0, implementation="dense")
+    dense = functools.partial(
+        attnlab.dot_product_attention, normalizer=_normalizer(alpha), scale=1.0, implementation="dense"
+    )
+    ref = jax.jit(dense)(q, k, v)
     assert _max_error(out, ref) <= 1e-5
     np.testing.assert_array_equal(np.asarray(counts["reachable"]), 4)
     np.testing.assert_array_equal(np.asarray(counts["output"]), 1)
@@ -155,8 +161,11 @@ def test_gradients_match_dense_reference(alpha):
         )
 
     # The same cotangent for both, so only the backward itself is compared.
-    grads = jax.vjp(kernel, qs, k, v)[1](cotangent)
-    expected = jax.vjp(dense, qs, k, v)[1](cotangent)
+    def pullback(f, q, k, v, cotangent):
+        return jax.vjp(f, q, k, v)[1](cotangent)
+
+    grads = jax.jit(functools.partial(pullback, kernel))(qs, k, v, cotangent)
+    expected = jax.jit(functools.partial(pullback, dense))(qs, k, v, cotangent)
     for got, want in zip(grads, expected, strict=True):
         assert float(jnp.max(jnp.abs(want))) > 0
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
@@ -175,13 +184,15 @@ def test_threshold_step_reaches_the_exact_threshold(alpha):
     count = jnp.sum(valid, axis=1).astype(jnp.float32)
     lo = -jnp.ones(rows)
     state = (lo, lo, -(count ** (1.0 - alpha)), jnp.zeros(rows, bool))
-    for _ in range(16):
+
+    @jax.jit  # one step (alpha is a Python constant), compiled once and called 16 times
+    def step(state, u):
         tau = state[0]
         d = u - tau[:, None]
         inside = valid & (d > 0)
         safe = jnp.where(inside, d, 1.0)
 
-        def moment(power, inside=inside, safe=safe):
+        def moment(power):
             return jnp.sum(jnp.where(inside, safe**power, 0.0), axis=1)
 
         sums = (
@@ -191,7 +202,10 @@ def test_threshold_step_reaches_the_exact_threshold(alpha):
             jnp.min(jnp.where(inside, d, jnp.inf), axis=1),
             jnp.max(jnp.where(valid & ~inside, d, -jnp.inf), axis=1),
         )
-        state = threshold_step(state, sums, alpha)
+        return threshold_step(state, sums, alpha)
+
+    for _ in range(16):
+        state = step(state, u)
     assert bool(jnp.all(state[3]))
     expected = entmax_threshold(u, valid, alpha)[:, 0]
     np.testing.assert_allclose(np.asarray(state[0]), np.asarray(expected), atol=2e-6, rtol=0)

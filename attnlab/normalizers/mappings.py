@@ -148,10 +148,13 @@ def entmax_rows(z: jax.Array, valid: jax.Array, alpha: Any) -> jax.Array:
         if alpha in (1.5, 2.0):
             return _entmax_static(z, valid, alpha)
         return _entmax_dynamic(z, valid, jnp.asarray(alpha, z.dtype))
+    # Decide on the concrete values (if any) before converting: under jit a concrete alpha
+    # captured from outside becomes a tracer once any jnp operation touches it.
+    values = concrete_values(alpha)
     alpha = jnp.asarray(alpha, z.dtype)
     at_one = alpha == 1.0
     p = _entmax_dynamic(z, valid, jnp.where(at_one, 2.0, alpha))
-    if concrete_values(alpha) is not None and not bool(jnp.any(at_one)):
+    if values is not None and not (values == 1.0).any():
         return p
     return jnp.where(at_one, softmax_rows(z, valid), p)
 
