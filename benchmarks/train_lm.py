@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if results.done(point):
             continue
         results.add(point, [train_one(name, args, corpus)])
+    results.payload["run_seconds"] = round(sum(r["wall_seconds"] for r in results.records), 1)
     results.finish()
     print_table([r for r in results.records if r["normalizer"] in args.normalizers])
     print(f"wrote {out}")

@@ -149,3 +149,33 @@ def test_unknown_case_is_a_usage_error(throughput, capsys):
         throughput.main(["--only", "attnlab_nosuchmax"])
     assert exit_info.value.code == 2
     assert "attnlab_nosuchmax: no such case" in capsys.readouterr().err
+
+
+TRAIN_LM = Path(__file__).resolve().parent.parent / "benchmarks" / "train_lm.py"
+
+
+def test_train_lm_records_each_normalizer_resumes_and_draws_the_training_curves(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_lm_benchmark", TRAIN_LM)
+    train_lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_lm)
+    out = tmp_path / "train_lm_cpu.json"
+    tiny = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--width", "16", "--layers", "1", "--heads", "2"]
+    args = [*tiny, "--warmup", "1", "--eval-batches", "1", "--no-progress", "--out", str(out)]
+    assert train_lm.main([*args, "--normalizers", "sparsemax"]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["kind"] == "train_lm_benchmark" and payload["config"]["corpus"]["train_files"] > 100
+    assert [r["normalizer"] for r in payload["records"]] == ["sparsemax"]
+    for record in payload["records"]:
+        assert [h["step"] for h in record["history"]] == [3]
+        assert record["validation_tokens"] == 2 * 32 and 0 < record["validation_loss"] < 10
+        assert record["model_config"]["normalizer"][0]["name"] == record["normalizer"]
+    first = payload["records"][0]["validation_loss"]
+    assert train_lm.main([*args, "--normalizers", "sparsemax", "ssmax"]) == 0  # sparsemax is skipped, ssmax added
+    payload = json.loads(out.read_text())
+    assert [r["normalizer"] for r in payload["records"]] == ["sparsemax", "ssmax"]
+    assert payload["run_seconds"] > 0
+    assert payload["records"][0]["validation_loss"] == first
+    paths = figures.render(out)
+    assert sorted(p.name for p in paths) == ["train_lm_cpu_training_loss.png", "train_lm_cpu_training_loss.svg"]
+    svg = paths[1].read_bytes()
+    assert figures.render(out)[1].read_bytes() == svg

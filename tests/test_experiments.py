@@ -90,12 +90,15 @@ def test_quick_run_matches_closed_forms_and_resumes(tmp_path, monkeypatch):
     assert payload["environment"]["backend"] == "cpu"
     records = payload["records"]
     specs = experiment.config.normalizers
-    assert len(records) == len(specs) * len(experiment.config.lengths.values) * (1 + len(experiment.config.sigmas))
+    # per point: the peak row, one record per sigma, and the required gap (SSMax Figure 3)
+    assert len(records) == len(specs) * len(experiment.config.lengths.values) * (2 + len(experiment.config.sigmas))
 
     def peak(label, n):
         return next(r for r in records if r["normalizer"] == label and r["n"] == n and r["input"] == "peak")
 
     for n in (10, 100, 1000):
+        gap = next(r for r in records if r["normalizer"] == "softmax" and r["n"] == n and r["input"] == "required_gap")
+        assert gap["required_gap"] == pytest.approx(gap["required_gap_theory"], rel=1e-5)
         assert peak("softmax", n)["max_weight"] == pytest.approx(1 / (1 + (n - 1) * math.exp(-5)), rel=1e-5)
         assert peak("ssmax", n)["max_weight"] == pytest.approx(1 / (1 + (n - 1) * n**-2.15), rel=1e-5)
         assert peak("softmax", n)["max_weight_theory"] == pytest.approx(peak("softmax", n)["max_weight"], rel=1e-5)
@@ -160,7 +163,7 @@ def test_cli_run_then_figures_from_json_alone_are_stable(tmp_path, capsys):
     assert cli.main(["run", str(QUICK), "--out", str(out), "--set", "seeds=1", "--no-progress"]) == 0
     pngs = sorted((out / "figures").glob("*.png"))
     svgs = sorted((out / "figures").glob("*.svg"))
-    assert len(pngs) == 2 and len(svgs) == 2
+    assert len(pngs) == 3 and len(svgs) == 3  # max weight, support, required gap
     first = {p.name: p.read_bytes() for p in pngs + svgs}
     for p in pngs + svgs:
         p.unlink()
@@ -190,3 +193,18 @@ def test_theory_reference_values():
     assert theory.peak_max_weight(1000, 5.0, 0.43 * math.log(1000)) == pytest.approx(0.9996, abs=1e-4)
     assert theory.gaussian_softmax_max_weight(1024, 1.0) == pytest.approx(0.0157, abs=2e-4)
     assert theory.gaussian_softmax_max_weight(1024, 10.0) is None
+
+
+@pytest.mark.parametrize("n", [10, 1000])
+def test_required_gap_matches_the_closed_forms(n):
+    # The SSMax paper's Figure 3: softmax needs log(n - 1) for a top weight of 1/2, SSMax that over
+    # s log n; sparsemax on [g, 0, ..., 0] gives the top (g (n - 1) + 1) / n, so g = (n/2 - 1) / (n - 1).
+    from attnlab import normalizers
+
+    softmax = fading_synthetic.required_gap(normalizers.get("softmax"), n, 0.5)
+    ssmax = fading_synthetic.required_gap(normalizers.get("ssmax", s=0.43), n, 0.5)
+    sparsemax = fading_synthetic.required_gap(normalizers.get("sparsemax"), n, 0.5)
+    assert softmax == pytest.approx(theory.required_gap(n, 0.5), rel=1e-5)
+    assert softmax == pytest.approx(math.log(n - 1), rel=1e-5)
+    assert ssmax == pytest.approx(math.log(n - 1) / (0.43 * math.log(n)), rel=1e-5)
+    assert sparsemax == pytest.approx((n / 2 - 1) / (n - 1), rel=1e-5)

@@ -7,11 +7,18 @@ For each normalizer and each length n, two inputs:
 Measured per row and averaged over seeds: the max weight, the entropy (nats), the support size
 (exact non-zeros) and the effective support 1 / sum p^2. Softmax-type normalizers also get
 the closed-form max weight of :mod:`attnlab.experiments.theory` as `max_weight_theory`.
+
+And the SSMax paper's Figure 3 input, (c) "required_gap": on the row [g, 0, ..., 0] of length n,
+the smallest g at which the top weight reaches `target_weight` (0.5), found by bisection on the
+normalizer itself (the top weight rises with g for every normalizer here). Softmax-type
+normalizers also get the closed form g* = log((n - 1) w / (1 - w)) / factor as
+`required_gap_theory` (factor = 1 for softmax, s log n + bias for SSMax).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -43,8 +50,11 @@ class Config:
     sigmas: tuple[float, ...] = (0.5, 1.0, 2.0)
     seeds: int = 8
     seed: int = 0
+    target_weight: float = 0.5
 
     def __post_init__(self):
+        if not 0.0 < self.target_weight < 1.0:
+            raise ValueError(f"target_weight must be in (0, 1); got {self.target_weight}")
         if self.peak_logit <= self.rest_logit:
             raise ValueError(f"peak_logit ({self.peak_logit}) must be above rest_logit ({self.rest_logit})")
         if self.seeds < 1:
@@ -62,6 +72,7 @@ def config_to_json(config: Config) -> dict[str, Any]:
         "sigmas": list(config.sigmas),
         "seeds": config.seeds,
         "seed": config.seed,
+        "target_weight": config.target_weight,
     }
 
 
@@ -79,6 +90,28 @@ def _row_stats(normalizer: Normalizer, logits: jax.Array) -> dict[str, jax.Array
         "support_size": stats.support_size(p).astype(jnp.float32),
         "effective_support": stats.effective_support(p),
     }
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _top_weight(normalizer: Normalizer, gap: jax.Array, n: int) -> jax.Array:
+    return normalizer(jnp.zeros((n,), jnp.float32).at[0].set(gap))[0]
+
+
+def required_gap(normalizer: Normalizer, n: int, target: float, *, iterations: int = 40) -> float | None:
+    """The smallest g with top weight >= target on [g, 0, ..., 0] (length n), to about 1e-10
+    relative (bisection after doubling); None if even g = 1e6 does not reach it."""
+    low, high = 0.0, 1.0
+    while float(_top_weight(normalizer, jnp.float32(high), n)) < target:
+        low, high = high, 2.0 * high
+        if high > 1e6:
+            return None
+    for _ in range(iterations):
+        middle = 0.5 * (low + high)
+        if float(_top_weight(normalizer, jnp.float32(middle), n)) >= target:
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def _scale_factor(normalizer: Normalizer, n: int) -> float:
@@ -124,4 +157,15 @@ def run_point(config: Config, point: dict[str, Any]) -> list[dict[str, Any]]:
                 "max_weight_theory": prediction,
             }
         )
+
+    target = config.target_weight
+    records.append(
+        {
+            "input": "required_gap",
+            "sigma": None,
+            "target_weight": target,
+            "required_gap": required_gap(normalizer, n, target),
+            "required_gap_theory": theory.required_gap(n, target, factor) if softmax_type else None,
+        }
+    )
     return records

@@ -32,3 +32,10 @@ def gaussian_softmax_max_weight(n: int, sigma: float) -> float | None:
     if n < 16 or sigma > math.sqrt(2.0 * math.log(n)) / 2.0:
         return None
     return math.exp(sigma * gaussian_expected_max(n) - sigma**2 / 2.0) / n
+
+
+def required_gap(n: int, target: float, factor: float = 1.0) -> float:
+    """The gap g at which one logit g above n - 1 equal ones gets softmax weight `target`:
+    1 / (1 + (n - 1) exp(-factor g)) = target  <=>  g = log((n - 1) target / (1 - target)) / factor.
+    (The SSMax paper's Figure 3: for softmax g grows like log n; SSMax's factor s log n keeps it flat.)"""
+    return math.log((n - 1) * target / (1.0 - target)) / factor

@@ -9,9 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from attnlab.experiments.results import read_json
-from attnlab.figures import fading_synthetic, throughput
+from attnlab.figures import fading_synthetic, throughput, training
 
-RENDERERS = {"fading_synthetic": fading_synthetic.render, "throughput_benchmark": throughput.render}
+RENDERERS = {
+    "fading_synthetic": fading_synthetic.render,
+    "throughput_benchmark": throughput.render,
+    "train_lm_benchmark": training.render,
+}
 
 
 def render(json_path: str | Path) -> list[Path]:

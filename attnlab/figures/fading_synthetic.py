@@ -120,4 +120,28 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", frameon=False)
     paths += style.save(fig, out_dir / f"{name}_support")
+
+    if any(r.get("input") == "required_gap" for r in records):
+        paths += _required_gap_figure(records, specs, colors, config, out_dir / f"{name}_required_gap")
     return paths
+
+
+def _required_gap_figure(records, specs, colors, config, stem: Path) -> list[Path]:
+    """The SSMax paper's Figure 3: the top logit needed for a top weight of target_weight, vs n."""
+    fig, ax = plt.subplots(figsize=(6.6, 4.0), layout="constrained")
+    _panel(
+        ax,
+        records,
+        specs,
+        colors,
+        key="required_gap",
+        theory_key="required_gap_theory",
+        ylabel="required top logit g (others 0)",
+        title=f"logit needed for a top weight of {config.get('target_weight', 0.5):g} (dashed: closed form)",
+        input="required_gap",
+    )
+    ax.set_yscale("linear")
+    ax.set_ylim(bottom=0)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+    return style.save(fig, stem)
