@@ -1,5 +1,4 @@
-"""Session set-up (a private JAX compilation cache) and shared fixtures for the normalizer tests
-(tests/test_normalizers_*.py).
+"""Shared fixtures for the normalizer tests (tests/test_normalizers_*.py).
 
 Compilation dominates the cost of these tests, so they go through `normalize`, which jits each
 (name, axis, static parameters) once per session; jit then re-traces only for a new shape or
@@ -9,10 +8,7 @@ except alpha = 1, 1.5 or 2, which stays a Python number: it selects the exact cl
 
 from __future__ import annotations
 
-import atexit
 import functools
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +16,6 @@ import numpy as np
 import pytest
 
 from attnlab import normalizers as N
-
-# Many tests compile the same program again (a fresh jax.jit per train() call, the same model in
-# several tests); a compilation cache private to this test session turns those repeats into loads.
-# It starts empty every session and is removed at exit, so no run depends on an earlier one.
-_COMPILATION_CACHE = tempfile.mkdtemp(prefix="attnlab-tests-jax-cache-")
-atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 _CLOSED_FORM_ALPHAS = (1, 1.5, 2)
 
