@@ -27,13 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from attnlab.train import checkpoint as checkpoints
 from attnlab.train.evaluate import accumulate
 from attnlab.train.mesh import host_value, make_mesh, replicated, shard_batch
-from attnlab.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from attnlab.train.optimizer import OptimizerConfig, check_count, learning_rate_schedule, make_optimizer
 from attnlab.train.step import TrainState, make_eval_step, make_train_step, split_model
-
-
-def _count(value: Any, field: str, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"TrainConfig.{field} must be an int >= {low}; got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +52,10 @@ class TrainConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self):
-        _count(self.steps, "steps", 1)
-        _count(self.log_every, "log_every", 1)
-        _count(self.eval_every, "eval_every", 0)
-        _count(self.checkpoint_every, "checkpoint_every", 0)
+        check_count(self.steps, "TrainConfig.steps", 1)
+        check_count(self.log_every, "TrainConfig.log_every", 1)
+        check_count(self.eval_every, "TrainConfig.eval_every", 0)
+        check_count(self.checkpoint_every, "TrainConfig.checkpoint_every", 0)
         if not isinstance(self.optimizer, OptimizerConfig):
             raise ValueError(f"TrainConfig.optimizer must be an OptimizerConfig; got {self.optimizer!r}")
 
@@ -107,7 +102,7 @@ def _every(done: int, period: int) -> bool:
 
 
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
-    stacked = jax.device_get([{k: host_value(v) for k, v in m.items()} for m in pending])
+    stacked = [{k: host_value(v) for k, v in m.items()} for m in pending]
     return {name: float(np.mean([m[name] for m in stacked])) for name in stacked[0]}
 
 
@@ -155,9 +150,8 @@ def train(
     iterator: Iterator[Any] = itertools.islice(iter(batches), start, None)
 
     def save(state: TrainState) -> None:
-        if checkpoint is not None:
-            extra = {"history": history, "evaluations": evaluations, "train_config": config.to_json()}
-            checkpoints.save(checkpoint, state, {**(metadata or {}), **extra})
+        extra = {"history": history, "evaluations": evaluations, "train_config": config.to_json()}
+        checkpoints.save(checkpoint, state, {**(metadata or {}), **extra})
 
     timing = {"compile": 0.0, "train": 0.0, "tokens": 0}
     window: dict[str, Any] = {"start": time.perf_counter(), "tokens": 0, "pending": []}

@@ -22,6 +22,12 @@ SCHEDULES = ("constant", "cosine")
 DECAYED_NAMES = ("kernel", "embedding")
 
 
+def check_count(value: Any, name: str, low: int) -> None:
+    """ValueError naming `name` unless value is an int >= low (bools are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+
+
 def _number(value: Any, field: str, low: float, high: float | None = None, *, closed_low: bool = True) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = ok and (value >= low if closed_low else value > low) and (high is None or value <= high)
@@ -56,8 +62,7 @@ class OptimizerConfig:
 
     def __post_init__(self):
         _number(self.learning_rate, "learning_rate", 0.0, closed_low=False)
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"OptimizerConfig.warmup_steps must be an int >= 0; got {self.warmup_steps!r}")
+        check_count(self.warmup_steps, "OptimizerConfig.warmup_steps", 0)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"OptimizerConfig.schedule={self.schedule!r}; accepted: {', '.join(SCHEDULES)}")
         _number(self.final_fraction, "final_fraction", 0.0, 1.0)
