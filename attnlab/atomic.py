@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | Path, write: Callable[[IO[Any]], None], *, binary: bool = False) -> Path:
     """Call write(handle) on a temporary file beside `path`, then rename it to `path`."""
     path = Path(path)
@@ -23,6 +29,7 @@ def write_atomic(path: str | Path, write: Callable[[IO[Any]], None], *, binary: 
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file open()'s usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

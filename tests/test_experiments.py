@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,10 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         write_json_atomic(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    # The file gets open()'s usual mode (0666 less the umask), not the temporary file's 0600.
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_cli_run_then_figures_from_json_alone_are_stable(tmp_path, capsys):

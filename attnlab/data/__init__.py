@@ -30,7 +30,14 @@ from attnlab.data.corpus import (
     split_position,
     train_batches,
 )
-from attnlab.data.tasks import MQARConfig, NeedleConfig, mqar_batch, needle_batch, task_accuracy
+from attnlab.data.tasks import (
+    MQARConfig,
+    NeedleConfig,
+    mqar_batch,
+    needle_batch,
+    needle_train_batches,
+    task_accuracy,
+)
 
 __all__ = [
     "EXCLUDED_DIRS",
@@ -46,6 +53,7 @@ __all__ = [
     "load_corpus",
     "mqar_batch",
     "needle_batch",
+    "needle_train_batches",
     "split_position",
     "task_accuracy",
     "train_batches",

@@ -37,6 +37,7 @@ sentence, s[p : p + needle_length], spaces included.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -324,3 +325,21 @@ def task_accuracy(predictions: Any, batch: Batch) -> tuple[float, float]:
     scored_rows = mask.any(axis=1)
     row_right = np.all(correct | ~mask, axis=1)
     return float(token), float(row_right[scored_rows].mean())
+
+
+def needle_train_batches(
+    config: NeedleConfig, *, batch_size: int, seed: int, corpus: np.ndarray | None = None
+) -> Iterator[Batch]:
+    """An endless stream of needle batches for training: every example has its own depth, drawn
+    uniformly from [0, 1] (config.depth is ignored), and its own key, value and filler; batch i is
+    a pure function of (config, batch_size, seed, i)."""
+    batch_size = check_positive_int(batch_size, "needle_train_batches: batch_size")
+    rng = np.random.default_rng(check_seed(seed, "needle_train_batches: seed"))
+    while True:
+        depths = rng.uniform(0.0, 1.0, size=batch_size)
+        seeds = rng.integers(0, 2**31, size=batch_size)
+        examples = [
+            needle_batch(dataclasses.replace(config, depth=float(depth)), batch_size=1, seed=int(s), corpus=corpus)
+            for depth, s in zip(depths, seeds, strict=True)
+        ]
+        yield Batch(*(np.concatenate(parts) for parts in zip(*examples, strict=True)))

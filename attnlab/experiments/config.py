@@ -7,7 +7,10 @@ parameter, bad length sweep) and raises them together in one :class:`ConfigError
 the file, the key and what is accepted.
 
 Field types understood by the checker: bool, int, float, str, tuple[int, ...],
-tuple[float, ...], tuple[str, ...], :class:`NormalizerSpec` tuples and :class:`Lengths`.
+tuple[float, ...], tuple[str, ...], :class:`NormalizerSpec` tuples, :class:`LayerNormalizer`
+tuples (normalizers of a model to train, with what each layer learns), :class:`Lengths`, and
+nested frozen dataclasses, written as TOML tables (`[model]` / `model = {width = 64}`) and
+overridden with dotted keys (`--set model.width=64`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from attnlab import normalizers
+from attnlab.nn import spec as layer_spec
 
 
 class ConfigError(ValueError):
@@ -56,6 +60,40 @@ class NormalizerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerNormalizer:
+    """A normalizer for the attention layers of a model to train, and the label figures show.
+
+    In TOML a bare name, "ssmax", or a table with `name`, an optional `label`, any field of
+    :class:`attnlab.nn.NormalizerSpec` (learn_s, s_init, train_length, learn_bias, bias_init,
+    learn_alpha, alpha_init, learn_temperature) and fixed parameters of the normalizer, e.g.
+    {name = "ssmax", learn_s = false, label = "SSMax (fixed s)"} or {name = "entmax", alpha = 1.3}.
+    """
+
+    spec: layer_spec.NormalizerSpec
+    label: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"name": self.spec.name, "label": self.label}
+        defaults = layer_spec.NormalizerSpec(name=self.spec.name)
+        for field in dataclasses.fields(layer_spec.NormalizerSpec):
+            value = getattr(self.spec, field.name)
+            if field.name == "params":
+                out.update(dict(value))
+            elif field.name != "name" and value != getattr(defaults, field.name):
+                out[field.name] = value
+        return out
+
+
+LAYER_SPEC_FIELDS = tuple(
+    f.name for f in dataclasses.fields(layer_spec.NormalizerSpec) if f.name not in ("name", "params")
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class Lengths:
     """Sequence lengths: an explicit list, or {start, stop, num} spaced evenly in log n."""
 
@@ -72,6 +110,13 @@ def _describe(annotation: Any) -> str:
         return "a list of positive integers or a table {start, stop, num} (log-spaced)"
     if annotation == tuple[NormalizerSpec, ...]:
         return f"a list of normalizer names or tables {{name, label, params...}}; names: {', '.join(normalizers.NAMES)}"
+    if annotation == tuple[LayerNormalizer, ...]:
+        return (
+            f"a list of normalizer names or tables {{name, label, {', '.join(LAYER_SPEC_FIELDS)}, params...}}; "
+            f"names: {', '.join(normalizers.NAMES)}"
+        )
+    if dataclasses.is_dataclass(annotation):
+        return f"a table with keys {', '.join(f.name for f in dataclasses.fields(annotation))}"
     origin = typing.get_origin(annotation)
     if origin is tuple:
         return f"a list of {typing.get_args(annotation)[0].__name__}"
@@ -125,6 +170,41 @@ def _parse_normalizer(value: Any, where: str, problems: list[str]) -> Normalizer
     return spec
 
 
+def _parse_layer_normalizer(value: Any, where: str, problems: list[str]) -> LayerNormalizer | None:
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        problems.append(
+            f"{where}: expected a normalizer name or a table with name = one of {', '.join(normalizers.NAMES)}"
+        )
+        return None
+    table = dict(value)
+    name, label = table.pop("name"), table.pop("label", None)
+    if label is not None and not isinstance(label, str):
+        problems.append(f"{where}.label: expected a string, got {label!r}")
+        return None
+    fields = {key: table.pop(key) for key in LAYER_SPEC_FIELDS if key in table}
+    try:
+        spec = layer_spec.NormalizerSpec(name=name, params=table, **fields)
+    except (ValueError, TypeError) as err:
+        problems.append(f"{where}: {err}")
+        return None
+    return LayerNormalizer(spec, label or name)
+
+
+def _parse_specs(value: Any, annotation: Any, where: str, problems: list[str]) -> tuple | None:
+    """A non-empty list of normalizer specs with unique labels."""
+    if not isinstance(value, list) or not value:
+        problems.append(f"{where}: expected {_describe(annotation)}; got {value!r}")
+        return None
+    parse = _parse_normalizer if annotation == tuple[NormalizerSpec, ...] else _parse_layer_normalizer
+    specs = [parse(v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    labels = [s.label for s in specs if s is not None]
+    if len(set(labels)) != len(labels):
+        problems.append(f"{where}: labels must be unique (give a label to repeated names); got {labels}")
+    return tuple(specs)
+
+
 def _parse_lengths(value: Any, where: str, problems: list[str]) -> Lengths | None:
     if isinstance(value, list):
         if value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
@@ -147,15 +227,13 @@ def _parse_lengths(value: Any, where: str, problems: list[str]) -> Lengths | Non
 def _parse_field(value: Any, annotation: Any, where: str, problems: list[str]) -> Any:
     if annotation is Lengths:
         return _parse_lengths(value, where, problems)
-    if annotation == tuple[NormalizerSpec, ...]:
-        if not isinstance(value, list) or not value:
+    if annotation in (tuple[NormalizerSpec, ...], tuple[LayerNormalizer, ...]):
+        return _parse_specs(value, annotation, where, problems)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
             problems.append(f"{where}: expected {_describe(annotation)}; got {value!r}")
             return None
-        specs = [_parse_normalizer(v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
-        labels = [s.label for s in specs if s is not None]
-        if len(set(labels)) != len(labels):
-            problems.append(f"{where}: labels must be unique (give a label to repeated names); got {labels}")
-        return tuple(specs)
+        return parse_dataclass(annotation, value, where, problems)
     origin = typing.get_origin(annotation)
     try:
         if origin is tuple:
@@ -178,6 +256,7 @@ def _parse_field(value: Any, annotation: Any, where: str, problems: list[str]) -
 
 def parse_dataclass(cls: type, table: dict[str, Any], source: str, problems: list[str]) -> Any:
     """Build `cls` from a TOML table, appending every problem found to `problems`."""
+    before = len(problems)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(table) - set(fields))
@@ -189,7 +268,7 @@ def parse_dataclass(cls: type, table: dict[str, Any], source: str, problems: lis
             values[name] = _parse_field(table[name], hints[name], f"{source}: {name}", problems)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             problems.append(f"{source}: missing required key {name!r} ({_describe(hints[name])})")
-    if len(problems):
+    if len(problems) > before:
         return None
     try:
         return cls(**values)
@@ -208,8 +287,35 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: not valid TOML: {err}"]) from None
 
 
+def to_json(value: Any) -> Any:
+    """A config (nested frozen dataclasses, specs, lengths, tuples) as plain JSON values."""
+    if isinstance(value, (NormalizerSpec, LayerNormalizer)):
+        return value.to_json()
+    if isinstance(value, Lengths):
+        return list(value.values)
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [to_json(v) for v in value]
+    return value
+
+
+def _set_dotted(table: dict[str, Any], key: str, value: Any) -> str | None:
+    """Set table[a][b][c] = value for key "a.b.c" (copying the nested tables); a problem or None."""
+    *path, last = key.split(".")
+    node = table
+    for i, part in enumerate(path):
+        child = node.get(part, {})
+        if not isinstance(child, dict):
+            return f"--set {key}: {'.'.join(path[: i + 1])} is not a table"
+        node[part] = node = dict(child)
+    node[last] = value
+    return None
+
+
 def apply_overrides(table: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
-    """`key=value` strings (value in TOML syntax, bare words taken as strings) set into `table`."""
+    """`key=value` strings (value in TOML syntax, bare words taken as strings) set into `table`;
+    dotted keys reach nested tables (`model.width=64`)."""
     table = dict(table)
     problems = []
     for item in overrides:
@@ -222,7 +328,9 @@ def apply_overrides(table: dict[str, Any], overrides: list[str], source: str) ->
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw.strip()
-        table[key] = value
+        problem = _set_dotted(table, key, value)
+        if problem:
+            problems.append(problem)
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
     return table

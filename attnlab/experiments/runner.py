@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -76,11 +77,20 @@ def load_all(paths: list[str | Path], overrides: list[str] = ()) -> list[Experim
     return experiments
 
 
+def _point_keywords(run_point: Any, update: Any, workdir: Path) -> dict[str, Any]:
+    """The optional keywords a kind's run_point takes: `progress(description, completed, total)`
+    to show work inside a long point, and `workdir`, a folder for its checkpoints."""
+    accepted = inspect.signature(run_point).parameters
+    offered = {"progress": update, "workdir": workdir}
+    return {name: value for name, value in offered.items() if name in accepted}
+
+
 def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True) -> Path:
     """Run every sweep point not already in out_dir/<name>.json; returns that path.
 
     The file is rewritten atomically after each point, so Ctrl-C loses only the point in flight
-    and a rerun resumes where it stopped.
+    and a rerun resumes where it stopped. Kinds that train models checkpoint inside a point
+    (under out_dir/checkpoints/<name>/), so they resume mid-point too.
     """
     module = experiment.module
     config_json = module.config_to_json(experiment.config)
@@ -104,9 +114,16 @@ def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True) -
         transient=False,
     ) as bar:
         task = bar.add_task(experiment.name, total=total, completed=total - len(todo), point="")
+        inner = bar.add_task("", total=None, visible=False, point="")
+
+        def update(description: str, completed: int, total: int) -> None:
+            bar.update(inner, description=f"  {description}", completed=completed, total=total, visible=True)
+
+        keywords = _point_keywords(module.run_point, update, Path(out_dir) / "checkpoints" / experiment.name)
         for point in todo:
             bar.update(task, point=", ".join(f"{k}={v}" for k, v in point.items()))
-            results.add(point, module.run_point(experiment.config, point))
+            results.add(point, module.run_point(experiment.config, point, **keywords))
+            bar.update(inner, visible=False)
             bar.advance(task)
     results.payload["run_seconds"] = round(results.payload.get("run_seconds", 0.0) + time.perf_counter() - started, 2)
     results.finish()

@@ -9,10 +9,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from attnlab.experiments.results import read_json
-from attnlab.figures import fading_synthetic, throughput, training
+from attnlab.figures import (
+    fading_synthetic,
+    length_generalization,
+    needle,
+    sparsity,
+    throughput,
+    throughput_experiment,
+    training,
+)
 
 RENDERERS = {
     "fading_synthetic": fading_synthetic.render,
+    "length_generalization": length_generalization.render,
+    "needle": needle.render,
+    "sparsity": sparsity.render,
+    "throughput": throughput_experiment.render,
     "throughput_benchmark": throughput.render,
     "train_lm_benchmark": training.render,
 }

@@ -16,41 +16,51 @@ LABELS = {"entmax_learned_alpha": "α-entmax (learned α)"}
 DASHES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1))]
 
 
+def draw_curves(ax: plt.Axes, curves: list[dict]) -> None:
+    """Training-loss curves on `ax`: each curve a dict with label, color, steps, losses and
+    optionally final (a validation loss, marked at the last step and given in the legend)."""
+    for i, curve in enumerate(curves):
+        final = curve.get("final")
+        label = curve["label"] if final is None else f"{curve['label']} (val {final:.3f})"
+        ax.plot(curve["steps"], curve["losses"], color=curve["color"], lw=1.4, ls=DASHES[i % len(DASHES)], label=label)
+        if final is not None:
+            ax.plot(
+                [curve["steps"][-1]],
+                [final],
+                marker=style.MARKERS[i % len(style.MARKERS)],
+                color=curve["color"],
+                ms=6,
+                ls="none",
+            )
+    # Focus on the last three quarters of training, where the normalizers differ.
+    later = [loss for c in curves for loss in c["losses"][len(c["losses"]) // 4 :]]
+    later += [c["final"] for c in curves if c.get("final") is not None]
+    if later:
+        ax.set_ylim(min(later) * 0.97, max(later) * 1.03)
+    ax.set_xlabel("optimizer step")
+    ax.legend(frameon=False)
+
+
 def render(payload: dict, out_dir: Path) -> list[Path]:
     """One figure: training loss (nats per byte) vs step for every normalizer in the file."""
     style.setup()
     records = payload["records"]
     name = payload["experiment"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, r in enumerate(records):
+    curves = []
+    for r in records:
         key = r["normalizer"]
-        color = style.COLORS.get(FAMILY.get(key, key), "#7f7f7f")
-        label = LABELS.get(key, style.LABELS.get(key, key))
-        steps = [h["step"] for h in r["history"]]
-        losses = [h["loss"] for h in r["history"]]
-        ax.plot(
-            steps,
-            losses,
-            color=color,
-            lw=1.4,
-            ls=DASHES[i % len(DASHES)],
-            label=f"{label} (val {r['validation_loss']:.3f})",
+        curves.append(
+            {
+                "label": LABELS.get(key, style.LABELS.get(key, key)),
+                "color": style.COLORS.get(FAMILY.get(key, key), "#7f7f7f"),
+                "steps": [h["step"] for h in r["history"]],
+                "losses": [h["loss"] for h in r["history"]],
+                "final": r["validation_loss"],
+            }
         )
-        ax.plot(
-            [steps[-1]],
-            [r["validation_loss"]],
-            marker=style.MARKERS[i % len(style.MARKERS)],
-            color=color,
-            ms=6,
-            ls="none",
-        )
-    # Focus on the last three quarters of training, where the normalizers differ.
-    later = [h["loss"] for r in records for h in r["history"][len(r["history"]) // 4 :]]
-    later += [r["validation_loss"] for r in records]
-    if later:
-        ax.set_ylim(min(later) * 0.97, max(later) * 1.03)
+    draw_curves(ax, curves)
     config = payload["config"]
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats per byte, mean over 10 steps)")
     tokens = config["batch_size"] * config["seq_len"]
     ax.set_title(
@@ -58,5 +68,4 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
         f"context {config['seq_len']}\n({tokens:,} tokens per step; markers: validation loss at the end)",
         fontsize=10,
     )
-    ax.legend(frameon=False)
     return style.save(fig, out_dir / f"{name}_training_loss")

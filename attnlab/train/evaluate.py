@@ -67,7 +67,12 @@ def accumulate(eval_step: Callable, params: Any, batches: Iterable[Any], rope_th
         sums = eval_step(params, shard_batch(batch, mesh), theta)
         totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
         count += 1
-    if not count:
+    return summarize(totals, count)
+
+
+def summarize(totals: dict[str, Any], batches: int) -> EvalResult:
+    """An EvalResult from the sums of `make_eval_step` (`eval_sums`) added over `batches` batches."""
+    if not batches:
         raise ValueError("evaluate: the evaluation batches are empty (no window fits; see the data's seq_len)")
     totals = {name: host_value(value).astype(np.float64) for name, value in totals.items()}
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -79,7 +84,7 @@ def accumulate(eval_step: Callable, params: Any, batches: Iterable[Any], rope_th
         token_accuracy=_ratio(totals["correct"].sum(), scored),
         sequence_accuracy=_ratio(totals["sequences_correct"], totals["sequences"]),
         scored_tokens=int(scored),
-        batches=count,
+        batches=batches,
     )
 
 

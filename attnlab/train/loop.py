@@ -117,6 +117,7 @@ def train(
     metadata: dict[str, Any] | None = None,
     progress: bool = True,
     description: str = "train",
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train `model` (updated in place) on `batches` for `config.steps` steps.
 
@@ -130,6 +131,8 @@ def train(
       checkpoint: save here (atomically) and resume from here if it exists.
       metadata: JSON values saved in the checkpoint (e.g. the model config).
       progress: show a progress bar with step, loss and tokens per second.
+      on_record: called with each history entry ({step, loss, ...}) as it is recorded, e.g. to
+        drive a caller's own progress display (with progress=False).
     """
     mesh = make_mesh() if mesh is None else mesh
     split, params = split_model(model)
@@ -190,6 +193,8 @@ def train(
             if last or evaluate_now or checkpoint_now or _every(done, config.log_every):
                 entry = record(done)
                 bar.update(task, loss=f"{entry['loss']:.3f}", speed=f"{entry['tokens_per_second']:,.0f}")
+                if on_record is not None:
+                    on_record(entry)
             if evaluate_now:
                 result = accumulate(eval_step, state.params, eval_batches(), None, mesh)
                 evaluations.append({"step": done, **result.to_json()})

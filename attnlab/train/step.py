@@ -91,6 +91,21 @@ def make_train_step(
     )
 
 
+def eval_sums(logits: jax.Array, batch: Any) -> dict[str, jax.Array]:
+    """The sums `make_eval_step` returns (see there), from logits [B, T, V] and the batch."""
+    mask = batch.loss_mask.astype(jnp.float32)
+    right = (jnp.argmax(logits, axis=-1) == batch.targets).astype(jnp.float32)
+    scored = jnp.sum(mask, axis=1) > 0
+    all_right = jnp.all((right > 0) | (mask == 0), axis=1) & scored
+    return {
+        "loss_sum": jnp.sum(token_losses(logits, batch.targets) * mask, axis=0),
+        "count": jnp.sum(mask, axis=0),
+        "correct": jnp.sum(right * mask, axis=0),
+        "sequences": jnp.sum(scored.astype(jnp.float32)),
+        "sequences_correct": jnp.sum(all_right.astype(jnp.float32)),
+    }
+
+
 def make_eval_step(model: Model, mesh: Mesh) -> Callable[[Any, Any, jax.Array], dict[str, jax.Array]]:
     """eval_step(params, batch, rope_theta) -> sums over the batch, for `evaluate` to accumulate:
 
@@ -101,18 +116,7 @@ def make_eval_step(model: Model, mesh: Mesh) -> Callable[[Any, Any, jax.Array], 
     """
 
     def eval_step(params: Any, batch: Any, rope_theta: jax.Array) -> dict[str, jax.Array]:
-        logits = model.merge(params)(batch.inputs, rope_theta=rope_theta)
-        mask = batch.loss_mask.astype(jnp.float32)
-        right = (jnp.argmax(logits, axis=-1) == batch.targets).astype(jnp.float32)
-        scored = jnp.sum(mask, axis=1) > 0
-        all_right = jnp.all((right > 0) | (mask == 0), axis=1) & scored
-        return {
-            "loss_sum": jnp.sum(token_losses(logits, batch.targets) * mask, axis=0),
-            "count": jnp.sum(mask, axis=0),
-            "correct": jnp.sum(right * mask, axis=0),
-            "sequences": jnp.sum(scored.astype(jnp.float32)),
-            "sequences_correct": jnp.sum(all_right.astype(jnp.float32)),
-        }
+        return eval_sums(model.merge(params)(batch.inputs, rope_theta=rope_theta), batch)
 
     return jax.jit(
         eval_step,

@@ -1,0 +1,157 @@
+"""Length generalisation: train one small LM per normalizer at length L, evaluate out to >= 8 L.
+
+The SSMax paper's Figures 4-6 at small scale. For each normalizer (default: softmax, SSMax,
+SSMax without the learned s, SSMax with a learned bias, sparsemax, 1.5-entmax, alpha-entmax with
+alpha learned per head) a byte-level `TransformerLM` is trained at L = training.seq_len on the
+default corpus (`attnlab.data.load_corpus()`: the Python standard library's source), with the
+same data, initialisation and optimizer for each. It is then evaluated on validation windows of
+`eval_length` tokens, once with each RoPE base training.rope_theta * f for f in
+`rope_theta_factors` (1: as trained; the paper raises it 50x with no retraining):
+
+  - the loss at every position t (nats per byte), averaged over `eval_windows` windows;
+  - per layer, averaged over heads and the same windows and over log-spaced bins of
+    positions: the largest attention weight, the entropy (nats) and the support size (exact
+    non-zeros) of each query's row, and the zero fraction 1 - support / (t + 1).
+
+A model whose loss stays flat beyond L generalises; a largest weight that falls with t is
+attention fading inside a trained model.
+
+Records (one "training" record and one "evaluation" record per theta factor, per normalizer):
+see `run_point`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attnlab.data import eval_batches, load_corpus, train_batches
+from attnlab.experiments import lm
+from attnlab.experiments.config import LayerNormalizer, to_json
+from attnlab.nn import NormalizerSpec
+
+KIND = "length_generalization"
+DESCRIPTION = "one LM per normalizer trained at length L; loss, max weight, entropy and sparsity vs position to >= 8 L"
+
+DEFAULT_NORMALIZERS = (
+    LayerNormalizer(NormalizerSpec("softmax"), "softmax"),
+    LayerNormalizer(NormalizerSpec("ssmax"), "ssmax"),
+    LayerNormalizer(NormalizerSpec("ssmax", learn_s=False), "SSMax (fixed s)"),
+    LayerNormalizer(NormalizerSpec("ssmax", learn_bias=True), "SSMax + bias"),
+    LayerNormalizer(NormalizerSpec("sparsemax"), "sparsemax"),
+    LayerNormalizer(NormalizerSpec("entmax15"), "entmax15"),
+    LayerNormalizer(NormalizerSpec("entmax", learn_alpha=True, alpha_init=1.5), "α-entmax (learned α)"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """normalizers: the models to train (see `LayerNormalizer`); model, training: their shape and
+    training (`lm.ModelSetting`, `lm.TrainingSetting`); eval_length: evaluation window length
+    (>= training.seq_len; the paper's question needs >= 8 L); eval_windows: validation windows
+    (contiguous, from the start of the validation split); rope_theta_factors: RoPE
+    bases to evaluate with, as multiples of model.rope_theta; position_bins: about this many
+    log-spaced bins of positions for the statistics."""
+
+    normalizers: tuple[LayerNormalizer, ...] = DEFAULT_NORMALIZERS
+    model: lm.ModelSetting = dataclasses.field(default_factory=lm.ModelSetting)
+    training: lm.TrainingSetting = dataclasses.field(default_factory=lm.TrainingSetting)
+    eval_length: int = 1024
+    eval_windows: int = 32
+    rope_theta_factors: tuple[float, ...] = (1.0, 50.0)
+    position_bins: int = 24
+
+    def __post_init__(self):
+        if self.eval_length < self.training.seq_len:
+            raise ValueError(
+                f"eval_length={self.eval_length} must be >= training.seq_len={self.training.seq_len} "
+                "(the point is to evaluate beyond the training length)"
+            )
+        for name in ("eval_windows", "position_bins"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not self.rope_theta_factors or any(f <= 0 for f in self.rope_theta_factors):
+            raise ValueError(f"rope_theta_factors must be numbers > 0; got {list(self.rope_theta_factors)}")
+
+
+def config_to_json(config: Config) -> dict[str, Any]:
+    return to_json(config)
+
+
+def points(config: Config) -> list[dict[str, Any]]:
+    """One point per normalizer: train, then evaluate."""
+    return [{"normalizer": spec.label} for spec in config.normalizers]
+
+
+def _windows(data: np.ndarray, length: int, count: int) -> list[Any]:
+    """The first `count` contiguous validation windows of `length` tokens, in batches of up to 4."""
+    return list(eval_batches(data, seq_len=length, batch_size=min(4, count), max_batches=-(-count // 4)))
+
+
+def statistics_record(stats: dict[str, np.ndarray], edges: np.ndarray) -> dict[str, Any]:
+    """Per layer, per position bin: the means over windows and heads of the statistics [L, B, N, T]."""
+    length = stats["max_weight"].shape[-1]
+    row_length = np.arange(1, length + 1, dtype=np.float64)
+    out = {"position_edges": edges.tolist()}
+    for name, values in stats.items():
+        out[name] = lm.bin_positions(values.mean(axis=(1, 2)), edges).tolist()
+    zero_fraction = 1.0 - stats["support_size"] / row_length
+    out["zero_fraction"] = lm.bin_positions(zero_fraction.mean(axis=(1, 2)), edges).tolist()
+    return out
+
+
+def run_point(
+    config: Config, point: dict[str, Any], *, progress: lm.Progress | None = None, workdir: Path | None = None
+) -> list[dict[str, Any]]:
+    """Train one model and evaluate it. Records:
+
+    {"record": "training"}: parameters, history, validation_loss (loss_within with the RoPE base as
+      trained, when 1 is among rope_theta_factors), tokens_per_second,
+      compile_seconds, train_seconds, wall_seconds (see `lm.train_model`), learned (the learned
+      normalizer parameters per layer and head at the end: s, bias, alpha...).
+    {"record": "evaluation"} per rope_theta_factor: rope_theta, per_position_loss [eval_length]
+      (nats per byte at each position t, the token after t + 1 bytes of context), loss_within
+      (mean over t < L), loss_beyond (mean over t >= L), loss_last_eighth (mean over the last
+      eval_length / 8 positions), position_edges (bin edges of t) and, per layer and bin,
+      max_weight, entropy (nats), support_size and zero_fraction.
+    """
+    normalizer = next(spec for spec in config.normalizers if spec.label == point["normalizer"])
+    corpus = load_corpus()
+    training = config.training
+    length = training.seq_len
+
+    batches = train_batches(corpus.train, seq_len=length, batch_size=training.batch_size, seed=training.seed)
+    model, trained = lm.train_model(config.model, training, normalizer, batches, workdir=workdir, progress=progress)
+    records = [{"record": "training", **trained, "learned": lm.learned_parameters(model)}]
+
+    long_windows = _windows(corpus.validation, config.eval_length, config.eval_windows)
+    edges = lm.position_bins(config.eval_length, config.position_bins)
+    probe = lm.Probe(model)
+    for i, factor in enumerate(config.rope_theta_factors):
+        if progress is not None:
+            progress(f"evaluating {normalizer.label} at {config.eval_length}", i, len(config.rope_theta_factors))
+        theta = config.model.rope_theta * factor
+        result, stats = probe.measure(long_windows, rope_theta=theta)
+        loss = result.per_position_loss
+        records.append(
+            {
+                "record": "evaluation",
+                "rope_theta_factor": factor,
+                "rope_theta": theta,
+                "per_position_loss": [float(x) for x in loss],
+                "loss": result.loss,
+                "loss_within": float(np.nanmean(loss[:length])),
+                "loss_beyond": float(np.nanmean(loss[length:])) if config.eval_length > length else None,
+                "loss_last_eighth": float(np.nanmean(loss[-max(1, config.eval_length // 8) :])),
+                **statistics_record(stats, edges),
+            }
+        )
+    # Positions t < L of a long window see exactly what a length-L window shows them, so the loss
+    # there with the training RoPE base is the validation loss at the training length.
+    within = [r["loss_within"] for r in records[1:] if r["rope_theta_factor"] == 1.0]
+    if within:
+        records[0]["validation_loss"] = within[0]
+    return records

@@ -1,0 +1,238 @@
+"""Training a small language model inside an experiment, for the kinds that train one per normalizer
+(`length_generalization`, `needle`): the model and training settings, the loop with checkpoints
+and progress, and the attention statistics of a trained model reduced over log-spaced positions.
+
+In a config file the settings are TOML tables:
+
+    [model]                 # ModelSetting
+    layers = 4
+    width = 128
+    [training]              # TrainingSetting
+    seq_len = 128
+    steps = 300
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from attnlab.experiments.config import LayerNormalizer
+from attnlab.nn import ModelConfig, TransformerLM, alpha_from_logit
+from attnlab.train import EvalResult, OptimizerConfig, TrainConfig, make_mesh, shard_batch, split_model, train
+from attnlab.train.evaluate import summarize
+from attnlab.train.step import eval_sums
+
+Progress = Callable[[str, int, int], None]
+
+
+def _check_positive(owner: str, **values: Any) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{owner}.{name} must be > 0; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSetting:
+    """A byte-level `TransformerLM`: layers, width, heads (head_dim = width / heads) and the RoPE base."""
+
+    layers: int = 4
+    width: int = 128
+    heads: int = 4
+    rope_theta: float = 10_000.0
+
+    def __post_init__(self):
+        _check_positive("model", layers=self.layers, width=self.width, heads=self.heads, rope_theta=self.rope_theta)
+        if self.width % self.heads or (self.width // self.heads) % 2:
+            raise ValueError(
+                f"model.width={self.width} must be a multiple of model.heads={self.heads} with an even head_dim (RoPE)"
+            )
+
+    def build(self, normalizer: LayerNormalizer, seed: int) -> TransformerLM:
+        """A fresh model with this shape and `normalizer` in every layer, initialised from `seed`."""
+        config = ModelConfig(
+            num_layers=self.layers,
+            width=self.width,
+            num_heads=self.heads,
+            normalizer=normalizer.spec,
+            rope_theta=self.rope_theta,
+        )
+        return TransformerLM(config, rngs=nnx.Rngs(seed))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSetting:
+    """AdamW with warmup and cosine decay to 10%, clipping at 1, decay on matrices only.
+
+    seq_len: the training length L (input tokens per window); batch_size windows per step;
+    steps; learning_rate (peak); warmup steps; weight_decay; log_every (steps per history entry);
+    checkpoint_every (steps between checkpoints, so an interrupted point resumes); seed (the
+    initialisation and the data order; the same for every normalizer).
+    """
+
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int = 300
+    learning_rate: float = 2e-3
+    warmup: int = 30
+    weight_decay: float = 0.1
+    log_every: int = 10
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_positive(
+            "training",
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            steps=self.steps,
+            learning_rate=self.learning_rate,
+            log_every=self.log_every,
+            checkpoint_every=self.checkpoint_every,
+        )
+        if self.seq_len < 2:
+            raise ValueError(f"training.seq_len must be >= 2; got {self.seq_len}")
+        if not 0 <= self.warmup < self.steps:
+            raise ValueError(f"training.warmup must be in [0, steps={self.steps}); got {self.warmup}")
+        if self.weight_decay < 0:
+            raise ValueError(f"training.weight_decay must be >= 0; got {self.weight_decay}")
+        if self.seed < 0:
+            raise ValueError(f"training.seed must be >= 0; got {self.seed}")
+
+    def train_config(self) -> TrainConfig:
+        optimizer = OptimizerConfig(
+            learning_rate=self.learning_rate,
+            warmup_steps=self.warmup,
+            schedule="cosine",
+            weight_decay=self.weight_decay,
+        )
+        return TrainConfig(
+            steps=self.steps, optimizer=optimizer, log_every=self.log_every, checkpoint_every=self.checkpoint_every
+        )
+
+
+def _file_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def train_model(
+    model_setting: ModelSetting,
+    training: TrainingSetting,
+    normalizer: LayerNormalizer,
+    batches: Iterable[Any],
+    *,
+    eval_batches: Callable[[], Iterable[Any]] | None = None,
+    workdir: Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[TransformerLM, dict[str, Any]]:
+    """Build and train one model; returns it and a record of the training.
+
+    With `workdir`, the state is checkpointed there every training.checkpoint_every steps, so a
+    point interrupted mid-training resumes from its last checkpoint; `progress(description,
+    completed, total)` is called at every history entry.
+
+    The record: parameters, history (one entry per log_every steps: step, loss, accuracy,
+    grad_norm, learning_rate, tokens_per_second, elapsed_seconds), validation_loss (when
+    eval_batches is given), tokens_per_second, compile_seconds, train_seconds, wall_seconds.
+    """
+    started = time.perf_counter()
+    model = model_setting.build(normalizer, training.seed)
+    checkpoint = None if workdir is None else Path(workdir) / f"{_file_name(normalizer.label)}.npz"
+
+    def report(entry: dict[str, Any]) -> None:
+        if progress is not None:
+            progress(f"training {normalizer.label}: loss {entry['loss']:.3f}", entry["step"], training.steps)
+
+    result = train(
+        model,
+        batches,
+        training.train_config(),
+        eval_batches=eval_batches,
+        checkpoint=checkpoint,
+        metadata={"model_config": model.config.to_json()},
+        progress=False,
+        on_record=report,
+    )
+    record = {
+        "parameters": model.num_params(),
+        "history": result.history,
+        "tokens_per_second": result.tokens_per_second,
+        "compile_seconds": result.compile_seconds,
+        "train_seconds": result.train_seconds,
+    }
+    if result.evaluations:
+        record["validation_loss"] = result.evaluations[-1]["loss"]
+    record["wall_seconds"] = time.perf_counter() - started
+    return model, record
+
+
+def position_bins(length: int, num: int) -> np.ndarray:
+    """Edges e_0 = 0 < e_1 < ... < e_k = length of about `num` log-spaced bins of query positions:
+    position t (row length t + 1) falls in bin i when e_i <= t < e_{i+1}. Short rows get bins of one."""
+    edges = np.unique(np.round(np.geomspace(1, length + 1, num + 1)).astype(int) - 1)
+    return np.concatenate([edges[edges < length], [length]])
+
+
+def bin_positions(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Mean of values [..., T] over each position bin -> [..., len(edges) - 1]."""
+    return np.stack([values[..., a:b].mean(axis=-1) for a, b in itertools.pairwise(edges)], axis=-1)
+
+
+class Probe:
+    """Measures one trained model on batches: the loss and accuracies of `attnlab.train.evaluate`
+    and the attention statistics, from one forward pass per batch, compiled once per input shape
+    (the RoPE base is a traced argument, so changing it does not recompile)."""
+
+    def __init__(self, model: TransformerLM):
+        self.mesh = make_mesh()
+        self.split, self.params = split_model(model)
+        self.rope_theta = model.config.rope_theta
+
+        def forward(params: Any, batch: Any, theta: jax.Array, keys: jax.Array | None) -> tuple[Any, Any]:
+            logits, stats = self.split.merge(params)(batch.inputs, rope_theta=theta, statistics=True, mass_keys=keys)
+            return eval_sums(logits, batch), stats
+
+        self._forward = jax.jit(forward)
+
+    def measure(
+        self, batches: Iterable[Any], *, rope_theta: float | None = None, needle: bool = False
+    ) -> tuple[EvalResult, dict[str, np.ndarray]]:
+        """(EvalResult, statistics) on `batches` of `attnlab.data.Batch`. The statistics are float64
+        [L, B, N, T] per name (max_weight, entropy, support_size; key_mass, the weight on each
+        batch's needle_mask positions, with needle=True), B counting every window."""
+        theta = jnp.float32(self.rope_theta if rope_theta is None else rope_theta)
+        totals: dict[str, Any] = {}
+        parts = []
+        for batch in batches:
+            keys = jnp.asarray(batch.needle_mask) if needle else None
+            sums, stats = self._forward(self.params, shard_batch(batch, self.mesh), theta, keys)
+            totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
+            parts.append({name: np.asarray(value, np.float64) for name, value in stats.items()})
+        stats = {name: np.concatenate([p[name] for p in parts], axis=1) for name in parts[0]} if parts else {}
+        return summarize(totals, len(parts)), stats
+
+
+def learned_parameters(model: TransformerLM) -> dict[str, list[list[float]]]:
+    """The learned normalizer parameters of every layer, [layer][head], in their natural units:
+    s and bias as stored, alpha = clip(1 + sigmoid(alpha_logit), 1.01, 2), temperature = exp(.)."""
+    readable = {
+        "alpha_logit": ("alpha", alpha_from_logit),
+        "log_temperature": ("temperature", jnp.exp),
+    }
+    out: dict[str, list[list[float]]] = {}
+    for block in model.blocks:
+        learned = block.attention.normalizer
+        for name in learned.names:
+            label, transform = readable.get(name, (name, jnp.asarray))
+            values = np.asarray(transform(getattr(learned, name)[...]), np.float64).reshape(-1)
+            out.setdefault(label, []).append(values.tolist())
+    return out

@@ -1,0 +1,317 @@
+"""Sparsity of attention rows: exact zeros and support size vs row length n and logit scale.
+
+For each normalizer, p = normalizer(c z, where=valid) on rows z with n valid entries, and per row
+
+    zero_fraction = #{i valid : p_i = 0} / n,   support_size = #{i : p_i > 0},   max_weight = max_i p_i
+
+averaged (mean and population std) over the rows of a sweep point. Two inputs:
+  (a) "synthetic": rows of i.i.d. N(0, c^2) logits, c in `scales`, for each n in `lengths`,
+      `seeds` rows; the same standard-normal rows (drawn from fold_in(seed, n)) for every
+      normalizer and every scale, so a change with c or with the normalizer is not sampling noise.
+  (b) "model": real pre-normalizer attention logits. A small softmax `TransformerLM` is trained
+      for `model_steps` steps on the default corpus (Python's stdlib source, bytes), then
+      :func:`attnlab.nn.inspect.attention_logits` gives each layer's q.k / sqrt(d) (after RoPE) on
+      `model_windows` validation windows of `model_seq_len` bytes. Causal row t has n = t + 1 valid
+      keys; at `model_positions` log-spaced n in [1, model_seq_len], each normalizer is applied to
+      c times those rows (c in `model_scales`), averaging over windows and heads, per layer.
+The model is trained once per process per model setup (`trained_model` is cached), so the
+points of every normalizer share it; a resumed run retrains it identically from the seed.
+
+Records (one per normalizer x input x n x scale, and x layer for the model): input, normalizer
+(label), n (valid keys in the row), scale (c), layer (0-based; None for synthetic), rows (rows
+averaged), zero_fraction, support_size, max_weight and each one's population std `<key>_std`
+over those rows; model records also carry model_train_loss (the training loss averaged over
+all model_steps steps) and model_validation_loss (on the inspected windows), both in nats per byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from attnlab.data import Batch, eval_batches, load_corpus, train_batches
+from attnlab.experiments.config import Lengths, NormalizerSpec
+from attnlab.nn import ModelConfig, TransformerLM
+from attnlab.nn.inspect import attention_logits
+from attnlab.normalizers import Normalizer, stats
+from attnlab.train import OptimizerConfig, TrainConfig, train
+from attnlab.train.step import token_losses
+
+KIND = "sparsity"
+DESCRIPTION = "exact-zero fraction and support size vs row length and logit scale, on Gaussian and trained-model rows"
+INPUTS = ("synthetic", "model")
+_MODEL_INTS = (
+    "model_layers",
+    "model_width",
+    "model_heads",
+    "model_seq_len",
+    "model_steps",
+    "model_batch_size",
+    "model_windows",
+    "model_positions",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sweep of row length and logit scale for each normalizer, on synthetic and trained-model rows."""
+
+    normalizers: tuple[NormalizerSpec, ...] = (
+        NormalizerSpec("softmax"),
+        NormalizerSpec("sparsemax"),
+        NormalizerSpec("entmax15"),
+        NormalizerSpec("entmax", (("alpha", 1.3),), "entmax α=1.3"),
+        NormalizerSpec("logn_sparsemax"),
+        NormalizerSpec("logn_entmax15"),
+    )
+    inputs: tuple[str, ...] = INPUTS
+    lengths: Lengths = dataclasses.field(default_factory=lambda: Lengths.log_spaced(10, 100_000, 13))
+    scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    seeds: int = 8
+    seed: int = 0
+    model_layers: int = 3
+    model_width: int = 96
+    model_heads: int = 4
+    model_seq_len: int = 256
+    model_steps: int = 250
+    model_batch_size: int = 16
+    model_learning_rate: float = 3e-3
+    model_warmup_steps: int = 25
+    model_windows: int = 8
+    model_positions: int = 12
+    model_scales: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self):
+        unknown = [i for i in self.inputs if i not in INPUTS]
+        if not self.inputs or unknown or len(set(self.inputs)) != len(self.inputs):
+            raise ValueError(
+                f"inputs must be a non-empty list of distinct values from {list(INPUTS)}; got {list(self.inputs)}"
+            )
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1; got {self.seeds}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0; got {self.seed}")
+        for field in ("scales", "model_scales"):
+            values = getattr(self, field)
+            if not values or any(c <= 0 for c in values):
+                raise ValueError(f"{field} must be a non-empty list of numbers > 0; got {list(values)}")
+        for field in _MODEL_INTS:
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1; got {getattr(self, field)}")
+        head_dim, rest = divmod(self.model_width, self.model_heads)
+        if rest or head_dim % 2:
+            raise ValueError(
+                f"model_width ({self.model_width}) must be model_heads ({self.model_heads}) times an even head "
+                "dimension (RoPE rotates pairs)"
+            )
+        if not self.model_learning_rate > 0:
+            raise ValueError(f"model_learning_rate must be > 0; got {self.model_learning_rate}")
+        if self.model_warmup_steps < 0:
+            raise ValueError(f"model_warmup_steps must be >= 0; got {self.model_warmup_steps}")
+
+
+def config_to_json(config: Config) -> dict[str, Any]:
+    out = {
+        "normalizers": [spec.to_json() for spec in config.normalizers],
+        "inputs": list(config.inputs),
+        "lengths": list(config.lengths.values),
+        "scales": list(config.scales),
+        "seeds": config.seeds,
+        "seed": config.seed,
+    }
+    for field in dataclasses.fields(Config):
+        if field.name.startswith("model_"):
+            value = getattr(config, field.name)
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+    out["model_row_lengths"] = list(model_row_lengths(config.model_seq_len, config.model_positions))
+    return out
+
+
+def points(config: Config) -> list[dict[str, Any]]:
+    """Synthetic: one point per (normalizer, n), every scale in it. Model: one per normalizer
+    (the model is trained at the first one, then reused)."""
+    out = []
+    if "synthetic" in config.inputs:
+        out += [
+            {"input": "synthetic", "normalizer": spec.label, "n": n}
+            for spec in config.normalizers
+            for n in config.lengths.values
+        ]
+    if "model" in config.inputs:
+        out += [{"input": "model", "normalizer": spec.label} for spec in config.normalizers]
+    return out
+
+
+def model_row_lengths(seq_len: int, count: int) -> tuple[int, ...]:
+    """`count` log-spaced row lengths n in [1, seq_len] (rounded, distinct): query positions n - 1."""
+    return Lengths.log_spaced(1, seq_len, count).values
+
+
+@jax.jit
+def row_sparsity(normalizer: Normalizer, logits: jax.Array, where: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Per row of logits [..., n] (valid entries `where`, default all): float32 [...] zero_fraction
+    (valid entries with p exactly 0, over the valid count), support_size (p > 0) and max_weight."""
+    p = normalizer(logits, where=where)
+    valid = jnp.ones(logits.shape, bool) if where is None else jnp.broadcast_to(where, logits.shape)
+    count = jnp.sum(valid, axis=-1).astype(jnp.float32)
+    zeros = jnp.sum(valid & (p == 0), axis=-1).astype(jnp.float32)
+    return {
+        "zero_fraction": zeros / count,
+        "support_size": stats.support_size(p).astype(jnp.float32),
+        "max_weight": stats.max_weight(p).astype(jnp.float32),
+    }
+
+
+def _summary(measured: dict[str, np.ndarray], axes: tuple[int, ...]) -> dict[str, Any]:
+    """Mean and population std of each statistic over `axes` (the rows of one sweep point)."""
+    out = {}
+    for name, values in measured.items():
+        out[name] = values.mean(axis=axes)
+        out[f"{name}_std"] = values.std(axis=axes)
+    return out
+
+
+def _synthetic(config: Config, normalizer: Normalizer, n: int) -> list[dict[str, Any]]:
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), n)
+    scales = jnp.asarray(config.scales, jnp.float32)
+    rows = scales[:, None, None] * jax.random.normal(key, (config.seeds, n), jnp.float32)  # [C, seeds, n]
+    measured = {k: np.asarray(v, np.float64) for k, v in row_sparsity(normalizer, rows).items()}
+    summary = _summary(measured, (1,))
+    return [
+        {
+            "scale": scale,
+            "layer": None,
+            "n": n,
+            "rows": config.seeds,
+            **{k: float(v[i]) for k, v in summary.items()},
+        }
+        for i, scale in enumerate(config.scales)
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSetup:
+    """The config fields that decide the trained model and the rows taken from it (the cache key)."""
+
+    layers: int
+    width: int
+    heads: int
+    seq_len: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    windows: int
+    positions: int
+    seed: int
+
+    @classmethod
+    def of(cls, config: Config) -> ModelSetup:
+        return cls(
+            config.model_layers,
+            config.model_width,
+            config.model_heads,
+            config.model_seq_len,
+            config.model_steps,
+            config.model_batch_size,
+            config.model_learning_rate,
+            config.model_warmup_steps,
+            config.model_windows,
+            config.model_positions,
+            config.seed,
+        )
+
+
+@nnx.jit
+def _inspect(model: TransformerLM, inputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return attention_logits(model, inputs), jnp.mean(token_losses(model(inputs), targets))
+
+
+@functools.lru_cache(maxsize=2)
+def trained_model(setup: ModelSetup) -> tuple[TransformerLM, float]:
+    """The softmax `TransformerLM` of `setup`, trained on the default corpus (cached per process),
+    and its training loss averaged over all steps (one log point, so one device sync)."""
+    corpus = load_corpus()
+    model_config = ModelConfig(num_layers=setup.layers, width=setup.width, num_heads=setup.heads)
+    model = TransformerLM(model_config, rngs=nnx.Rngs(setup.seed))
+    optimizer = OptimizerConfig(learning_rate=setup.learning_rate, warmup_steps=setup.warmup_steps)
+    batches = train_batches(
+        corpus.train, seq_len=setup.seq_len, batch_size=setup.batch_size, seed=setup.seed, name="train split"
+    )
+    result = train(
+        model, batches, TrainConfig(steps=setup.steps, optimizer=optimizer, log_every=setup.steps), progress=False
+    )
+    return model, float(result.history[-1]["loss"])
+
+
+def validation_windows(setup: ModelSetup) -> Batch:
+    """The first `setup.windows` contiguous validation windows of `setup.seq_len` bytes."""
+    return next(
+        eval_batches(
+            load_corpus().validation,
+            seq_len=setup.seq_len,
+            batch_size=setup.windows,
+            max_batches=1,
+            name="validation split",
+        )
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _trained_model_rows(setup: ModelSetup) -> dict[str, Any]:
+    """The trained model's attention rows at the chosen row lengths, on the validation windows.
+
+    Returns logits float32 [L, B, N, P, T] (row p is query position lengths[p] - 1 of every window,
+    layer and head), where bool [P, T] (its causal keys), the row lengths, and the model's
+    training loss and its validation loss on the windows (nats per byte).
+    """
+    model, train_loss = trained_model(setup)
+    windows = validation_windows(setup)
+    logits, validation_loss = _inspect(model, jnp.asarray(windows.inputs), jnp.asarray(windows.targets))
+    lengths = model_row_lengths(setup.seq_len, setup.positions)
+    queries = np.asarray(lengths) - 1
+    return {
+        "logits": logits[:, :, :, queries, :],
+        "where": jnp.arange(setup.seq_len)[None, :] <= queries[:, None],
+        "lengths": lengths,
+        "train_loss": train_loss,
+        "validation_loss": float(validation_loss),
+    }
+
+
+def _model(config: Config, normalizer: Normalizer) -> list[dict[str, Any]]:
+    rows = _trained_model_rows(ModelSetup.of(config))
+    records = []
+    for scale in config.model_scales:
+        measured = row_sparsity(normalizer, scale * rows["logits"], rows["where"])
+        measured = {k: np.asarray(v, np.float64) for k, v in measured.items()}  # [L, B, N, P]
+        summary = _summary(measured, (1, 2))  # over windows and heads: [L, P]
+        layers, count = rows["logits"].shape[0], config.model_windows * config.model_heads
+        for layer in range(layers):
+            for p, n in enumerate(rows["lengths"]):
+                records.append(
+                    {
+                        "scale": scale,
+                        "layer": layer,
+                        "n": n,
+                        "rows": count,
+                        **{k: float(v[layer, p]) for k, v in summary.items()},
+                        "model_train_loss": rows["train_loss"],
+                        "model_validation_loss": rows["validation_loss"],
+                    }
+                )
+    return records
+
+
+def run_point(config: Config, point: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = next(s for s in config.normalizers if s.label == point["normalizer"])
+    normalizer = spec.build()
+    if point["input"] == "synthetic":
+        return _synthetic(config, normalizer, int(point["n"]))
+    return _model(config, normalizer)
