@@ -89,11 +89,15 @@ def test_quick_config_writes_every_record_and_the_known_values(quick_run):
     records = payload["records"]
     synthetic = [r for r in records if r["input"] == "synthetic"]
     model = [r for r in records if r["input"] == "model"]
-    lengths = sparsity.model_row_lengths(config.model_seq_len, config.model_positions)
-    assert lengths == (1, 4, 16, 64)
+    lengths = sparsity.model_row_lengths(config.training.seq_len, config.model_positions)
+    assert lengths == (1, 4, 16, 64) and payload["config"]["model_row_lengths"] == list(lengths)
+    # The model and its training are nested tables, as in the other kinds that train a model.
+    assert payload["config"]["model"] == {"layers": 1, "width": 32, "heads": 2, "rope_theta": 10000.0}
+    assert payload["config"]["training"]["steps"] == 20 and payload["config"]["training"]["learning_rate"] == 3e-3
+    assert not any(key in payload["config"] for key in ("model_width", "model_steps", "model_seq_len"))
     labels = [s.label for s in config.normalizers]
     assert len(synthetic) == len(labels) * len(config.lengths.values) * len(config.scales)
-    assert len(model) == len(labels) * config.model_layers * len(lengths) * len(config.model_scales)
+    assert len(model) == len(labels) * config.model.layers * len(lengths) * len(config.model_scales)
     assert all(set(r) == RECORD_KEYS for r in synthetic)
     assert all(set(r) == RECORD_KEYS | MODEL_KEYS for r in model)
     assert {r["layer"] for r in synthetic} == {None} and {r["n"] for r in model} == set(lengths)
@@ -110,6 +114,8 @@ def test_quick_config_writes_every_record_and_the_known_values(quick_run):
     first_row = [r for r in model if r["n"] == 1]
     assert all(r["support_size"] == 1 and r["max_weight"] == 1.0 for r in first_row)
     assert model[0]["model_validation_loss"] < np.log(256)  # it learned something about bytes
+    assert all(r["rows"] == config.model_windows * config.model.heads for r in model)
+    assert len({(r["model_train_loss"], r["model_validation_loss"]) for r in model}) == 1  # one model for all
 
 
 def test_rerun_resumes_and_figures_are_rebuilt_byte_identically(quick_run):
@@ -152,10 +158,14 @@ def _model_and_recomputed(model, tokens, other_theta):
 def test_attention_logits_reproduce_the_trained_model(quick_run):
     config = experiments.load(QUICK).config
     setup = sparsity.ModelSetup.of(config)
-    model, _ = sparsity.trained_model(setup)
+    model, trained = sparsity.trained_model(config.model, config.training)  # the run's model, cached
+    assert [entry["step"] for entry in trained["history"]] == [5, 10, 15, 20]
+    records = read_json(quick_run / "sparsity_quick.json")["records"]
+    assert {r["model_train_loss"] for r in records if r["input"] == "model"} == {trained["history"][-1]["loss"]}
     tokens = jnp.asarray(sparsity.validation_windows(setup).inputs)
     logits, expected, recomputed, _ = _model_and_recomputed(model, tokens, jnp.float32(100.0))
-    assert logits.shape == (config.model_layers, config.model_windows, config.model_heads, 64, 64)
+    seq_len = config.training.seq_len
+    assert logits.shape == (config.model.layers, config.model_windows, config.model.heads, seq_len, seq_len)
     np.testing.assert_allclose(recomputed, expected, atol=2e-5, rtol=1e-5)
 
 
@@ -179,8 +189,11 @@ def test_attention_logits_with_grouped_heads_and_the_rope_base_matter():
         ("model_scales = []", "model_scales"),
         ('inputs = ["gaussian"]', "inputs"),
         ("seeds = 0", "seeds"),
-        ("model_width = 30", "model_width"),
-        ("model_steps = 0", "model_steps"),
+        ("model_windows = 0", "model_windows"),
+        ("[model]\nwidth = 30", "model.width"),
+        ("[training]\nsteps = 0", "training.steps"),
+        ("[training]\nlr = 0.1", "'lr'"),
+        ("model_steps = 250", "'model_steps'"),  # the flat keys are gone: [model] and [training] tables
         ("model_lr = 0.1", "model_lr"),
     ],
 )
@@ -190,3 +203,10 @@ def test_a_bad_value_names_its_key(tmp_path, line, key):
     with pytest.raises(ConfigError) as err:
         experiments.load(path)
     assert len(err.value.problems) == 1 and str(path) in str(err.value) and key in str(err.value)
+
+
+def test_the_full_config_spells_out_the_defaults():
+    config = experiments.load(REPO / "experiments" / "sparsity.toml").config
+    assert config == sparsity.Config()
+    assert config.model == sparsity.lm.ModelSetting(layers=3, width=96, heads=4)
+    assert (config.training.steps, config.training.seq_len, config.training.learning_rate) == (250, 256, 3e-3)

@@ -8,26 +8,41 @@ averaged (mean and population std) over the rows of a sweep point. Two inputs:
   (a) "synthetic": rows of i.i.d. N(0, c^2) logits, c in `scales`, for each n in `lengths`,
       `seeds` rows; the same standard-normal rows (drawn from fold_in(seed, n)) for every
       normalizer and every scale, so a change with c or with the normalizer is not sampling noise.
-  (b) "model": real pre-normalizer attention logits. A small softmax `TransformerLM` is trained
-      for `model_steps` steps on the default corpus (Python's stdlib source, bytes), then
-      :func:`attnlab.nn.inspect.attention_logits` gives each layer's q.k / sqrt(d) (after RoPE) on
-      `model_windows` validation windows of `model_seq_len` bytes. Causal row t has n = t + 1 valid
-      keys; at `model_positions` log-spaced n in [1, model_seq_len], each normalizer is applied to
-      c times those rows (c in `model_scales`), averaging over windows and heads, per layer.
-The model is trained once per process per model setup (`trained_model` is cached), so the
-points of every normalizer share it; a resumed run retrains it identically from the seed.
+  (b) "model": real pre-normalizer attention logits. A small softmax `TransformerLM` of shape
+      `model` (`lm.ModelSetting`) is trained with `lm.train_model` as `training`
+      (`lm.TrainingSetting`: training.steps steps on training.seq_len-byte windows of the default
+      corpus, Python's stdlib source; training.seed sets the initialisation and the data order),
+      then :func:`attnlab.nn.inspect.attention_logits` gives each layer's q.k / sqrt(d) (after
+      RoPE) on `model_windows` validation windows of training.seq_len bytes. Causal row t has
+      n = t + 1 valid keys; at `model_positions` log-spaced n in [1, training.seq_len], each
+      normalizer is applied to c times those rows (c in `model_scales`), averaging over windows and
+      heads, per layer.
+The model is trained once per process per model setup (`trained_model` is cached, and it is not
+checkpointed), so the points of every normalizer share it; a resumed run retrains it identically
+from training.seed.
+
+In a config file the model and its training are the `[model]` and `[training]` tables, as in the
+other kinds that train a model (a table given replaces this kind's defaults, so list every key):
+
+    [model]
+    layers = 3
+    width = 96
+    heads = 4
+    [training]
+    seq_len = 256
+    steps = 250
 
 Records (one per normalizer x input x n x scale, and x layer for the model): input, normalizer
 (label), n (valid keys in the row), scale (c), layer (0-based; None for synthetic), rows (rows
 averaged), zero_fraction, support_size, max_weight and each one's population std `<key>_std`
-over those rows; model records also carry model_train_loss (the training loss averaged over
-all model_steps steps) and model_validation_loss (on the inspected windows), both in nats per byte.
+over those rows; model records also carry model_train_loss (the final training history entry's
+loss: the mean over the last training.log_every steps) and model_validation_loss (on the
+inspected windows), both in nats per byte.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -36,31 +51,41 @@ import numpy as np
 from flax import nnx
 
 from attnlab.data import Batch, eval_batches, load_corpus, train_batches
-from attnlab.experiments.config import Lengths, NormalizerSpec
-from attnlab.nn import ModelConfig, TransformerLM
+from attnlab.experiments import lm
+from attnlab.experiments.config import LayerNormalizer, Lengths, NormalizerSpec, to_json
+from attnlab.nn import NormalizerSpec as LayerSpec
+from attnlab.nn import TransformerLM
 from attnlab.nn.inspect import attention_logits
 from attnlab.normalizers import Normalizer, stats
-from attnlab.train import OptimizerConfig, TrainConfig, train
 from attnlab.train.step import token_losses
 
 KIND = "sparsity"
 DESCRIPTION = "exact-zero fraction and support size vs row length and logit scale, on Gaussian and trained-model rows"
 INPUTS = ("synthetic", "model")
-_MODEL_INTS = (
-    "model_layers",
-    "model_width",
-    "model_heads",
-    "model_seq_len",
-    "model_steps",
-    "model_batch_size",
-    "model_windows",
-    "model_positions",
-)
+SOFTMAX = LayerNormalizer(LayerSpec("softmax"), "softmax")
+CACHE_SIZE = 2
+
+
+def default_model() -> lm.ModelSetting:
+    return lm.ModelSetting(layers=3, width=96, heads=4)
+
+
+def default_training() -> lm.TrainingSetting:
+    return lm.TrainingSetting(
+        seq_len=256, batch_size=16, steps=250, learning_rate=3e-3, warmup=25, log_every=25, checkpoint_every=250
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Sweep of row length and logit scale for each normalizer, on synthetic and trained-model rows."""
+    """Sweep of row length and logit scale for each normalizer, on synthetic and trained-model rows.
+
+    normalizers, lengths, scales, seeds (rows per point), seed: the sweep and the synthetic rows;
+    inputs: which of "synthetic", "model" to run; model, training: the softmax LM whose rows are
+    inspected (`lm.ModelSetting`, `lm.TrainingSetting`; checkpoint_every is unused, the model is
+    not checkpointed); model_windows: validation windows inspected; model_positions: about this
+    many log-spaced row lengths; model_scales: the logit scales c applied to the model's rows.
+    """
 
     normalizers: tuple[NormalizerSpec, ...] = (
         NormalizerSpec("softmax"),
@@ -75,17 +100,11 @@ class Config:
     scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     seeds: int = 8
     seed: int = 0
-    model_layers: int = 3
-    model_width: int = 96
-    model_heads: int = 4
-    model_seq_len: int = 256
-    model_steps: int = 250
-    model_batch_size: int = 16
-    model_learning_rate: float = 3e-3
-    model_warmup_steps: int = 25
     model_windows: int = 8
     model_positions: int = 12
     model_scales: tuple[float, ...] = (1.0,)
+    model: lm.ModelSetting = dataclasses.field(default_factory=default_model)
+    training: lm.TrainingSetting = dataclasses.field(default_factory=default_training)
 
     def __post_init__(self):
         unknown = [i for i in self.inputs if i not in INPUTS]
@@ -101,35 +120,14 @@ class Config:
             values = getattr(self, field)
             if not values or any(c <= 0 for c in values):
                 raise ValueError(f"{field} must be a non-empty list of numbers > 0; got {list(values)}")
-        for field in _MODEL_INTS:
+        for field in ("model_windows", "model_positions"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1; got {getattr(self, field)}")
-        head_dim, rest = divmod(self.model_width, self.model_heads)
-        if rest or head_dim % 2:
-            raise ValueError(
-                f"model_width ({self.model_width}) must be model_heads ({self.model_heads}) times an even head "
-                "dimension (RoPE rotates pairs)"
-            )
-        if not self.model_learning_rate > 0:
-            raise ValueError(f"model_learning_rate must be > 0; got {self.model_learning_rate}")
-        if self.model_warmup_steps < 0:
-            raise ValueError(f"model_warmup_steps must be >= 0; got {self.model_warmup_steps}")
 
 
 def config_to_json(config: Config) -> dict[str, Any]:
-    out = {
-        "normalizers": [spec.to_json() for spec in config.normalizers],
-        "inputs": list(config.inputs),
-        "lengths": list(config.lengths.values),
-        "scales": list(config.scales),
-        "seeds": config.seeds,
-        "seed": config.seed,
-    }
-    for field in dataclasses.fields(Config):
-        if field.name.startswith("model_"):
-            value = getattr(config, field.name)
-            out[field.name] = list(value) if isinstance(value, tuple) else value
-    out["model_row_lengths"] = list(model_row_lengths(config.model_seq_len, config.model_positions))
+    out = to_json(config)
+    out["model_row_lengths"] = list(model_row_lengths(config.training.seq_len, config.model_positions))
     return out
 
 
@@ -199,63 +197,52 @@ def _synthetic(config: Config, normalizer: Normalizer, n: int) -> list[dict[str,
 class ModelSetup:
     """The config fields that decide the trained model and the rows taken from it (the cache key)."""
 
-    layers: int
-    width: int
-    heads: int
-    seq_len: int
-    steps: int
-    batch_size: int
-    learning_rate: float
-    warmup_steps: int
+    model: lm.ModelSetting
+    training: lm.TrainingSetting
     windows: int
     positions: int
-    seed: int
 
     @classmethod
     def of(cls, config: Config) -> ModelSetup:
-        return cls(
-            config.model_layers,
-            config.model_width,
-            config.model_heads,
-            config.model_seq_len,
-            config.model_steps,
-            config.model_batch_size,
-            config.model_learning_rate,
-            config.model_warmup_steps,
-            config.model_windows,
-            config.model_positions,
-            config.seed,
+        return cls(config.model, config.training, config.model_windows, config.model_positions)
+
+
+def _remember(cache: dict, key: Any, value: Any) -> Any:
+    """Store value under key, keeping the CACHE_SIZE most recent entries."""
+    cache[key] = value
+    while len(cache) > CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    return value
+
+
+_TRAINED: dict[tuple[lm.ModelSetting, lm.TrainingSetting], tuple[TransformerLM, dict[str, Any]]] = {}
+_ROWS: dict[ModelSetup, dict[str, Any]] = {}
+
+
+def trained_model(
+    model: lm.ModelSetting, training: lm.TrainingSetting, progress: lm.Progress | None = None
+) -> tuple[TransformerLM, dict[str, Any]]:
+    """The softmax `TransformerLM` of `model`, trained as `training` on the default corpus's train
+    split by `lm.train_model`, and its training record (history...); cached per process."""
+    key = (model, training)
+    if key not in _TRAINED:
+        batches = train_batches(
+            load_corpus().train,
+            seq_len=training.seq_len,
+            batch_size=training.batch_size,
+            seed=training.seed,
+            name="train split",
         )
-
-
-@nnx.jit
-def _inspect(model: TransformerLM, inputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return attention_logits(model, inputs), jnp.mean(token_losses(model(inputs), targets))
-
-
-@functools.lru_cache(maxsize=2)
-def trained_model(setup: ModelSetup) -> tuple[TransformerLM, float]:
-    """The softmax `TransformerLM` of `setup`, trained on the default corpus (cached per process),
-    and its training loss averaged over all steps (one log point, so one device sync)."""
-    corpus = load_corpus()
-    model_config = ModelConfig(num_layers=setup.layers, width=setup.width, num_heads=setup.heads)
-    model = TransformerLM(model_config, rngs=nnx.Rngs(setup.seed))
-    optimizer = OptimizerConfig(learning_rate=setup.learning_rate, warmup_steps=setup.warmup_steps)
-    batches = train_batches(
-        corpus.train, seq_len=setup.seq_len, batch_size=setup.batch_size, seed=setup.seed, name="train split"
-    )
-    result = train(
-        model, batches, TrainConfig(steps=setup.steps, optimizer=optimizer, log_every=setup.steps), progress=False
-    )
-    return model, float(result.history[-1]["loss"])
+        _remember(_TRAINED, key, lm.train_model(model, training, SOFTMAX, batches, progress=progress))
+    return _TRAINED[key]
 
 
 def validation_windows(setup: ModelSetup) -> Batch:
-    """The first `setup.windows` contiguous validation windows of `setup.seq_len` bytes."""
+    """The first `setup.windows` contiguous validation windows of training.seq_len bytes."""
     return next(
         eval_batches(
             load_corpus().validation,
-            seq_len=setup.seq_len,
+            seq_len=setup.training.seq_len,
             batch_size=setup.windows,
             max_batches=1,
             name="validation split",
@@ -263,36 +250,45 @@ def validation_windows(setup: ModelSetup) -> Batch:
     )
 
 
-@functools.lru_cache(maxsize=2)
-def _trained_model_rows(setup: ModelSetup) -> dict[str, Any]:
-    """The trained model's attention rows at the chosen row lengths, on the validation windows.
+@nnx.jit
+def _inspect(model: TransformerLM, inputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return attention_logits(model, inputs), jnp.mean(token_losses(model(inputs), targets))
+
+
+def trained_model_rows(setup: ModelSetup, progress: lm.Progress | None = None) -> dict[str, Any]:
+    """The trained model's attention rows at the chosen row lengths, on the validation windows
+    (cached per process).
 
     Returns logits float32 [L, B, N, P, T] (row p is query position lengths[p] - 1 of every window,
     layer and head), where bool [P, T] (its causal keys), the row lengths, and the model's
-    training loss and its validation loss on the windows (nats per byte).
+    training loss (the final history entry's) and its validation loss on the windows (nats per byte).
     """
-    model, train_loss = trained_model(setup)
+    if setup in _ROWS:
+        return _ROWS[setup]
+    model, record = trained_model(setup.model, setup.training, progress)
     windows = validation_windows(setup)
     logits, validation_loss = _inspect(model, jnp.asarray(windows.inputs), jnp.asarray(windows.targets))
-    lengths = model_row_lengths(setup.seq_len, setup.positions)
+    seq_len = setup.training.seq_len
+    lengths = model_row_lengths(seq_len, setup.positions)
     queries = np.asarray(lengths) - 1
-    return {
+    rows = {
         "logits": logits[:, :, :, queries, :],
-        "where": jnp.arange(setup.seq_len)[None, :] <= queries[:, None],
+        "where": jnp.arange(seq_len)[None, :] <= queries[:, None],
         "lengths": lengths,
-        "train_loss": train_loss,
+        "train_loss": float(record["history"][-1]["loss"]),
         "validation_loss": float(validation_loss),
     }
+    return _remember(_ROWS, setup, rows)
 
 
-def _model(config: Config, normalizer: Normalizer) -> list[dict[str, Any]]:
-    rows = _trained_model_rows(ModelSetup.of(config))
+def _model(config: Config, normalizer: Normalizer, progress: lm.Progress | None) -> list[dict[str, Any]]:
+    rows = trained_model_rows(ModelSetup.of(config), progress)
     records = []
     for scale in config.model_scales:
         measured = row_sparsity(normalizer, scale * rows["logits"], rows["where"])
         measured = {k: np.asarray(v, np.float64) for k, v in measured.items()}  # [L, B, N, P]
         summary = _summary(measured, (1, 2))  # over windows and heads: [L, P]
-        layers, count = rows["logits"].shape[0], config.model_windows * config.model_heads
+        layers, count = rows["logits"].shape[0], config.model_windows * config.model.heads
         for layer in range(layers):
             for p, n in enumerate(rows["lengths"]):
                 records.append(
@@ -309,9 +305,11 @@ def _model(config: Config, normalizer: Normalizer) -> list[dict[str, Any]]:
     return records
 
 
-def run_point(config: Config, point: dict[str, Any]) -> list[dict[str, Any]]:
+def run_point(config: Config, point: dict[str, Any], *, progress: lm.Progress | None = None) -> list[dict[str, Any]]:
+    """The records of one point (see the module docstring); `progress(description, completed,
+    total)` follows the model's training at the first model point."""
     spec = next(s for s in config.normalizers if s.label == point["normalizer"])
     normalizer = spec.build()
     if point["input"] == "synthetic":
         return _synthetic(config, normalizer, int(point["n"]))
-    return _model(config, normalizer)
+    return _model(config, normalizer, progress)

@@ -162,10 +162,14 @@ def _model_figure(records, specs, colors, config, scale: float, stem: Path) -> l
     loss = records[0].get("model_validation_loss")
     scaled = "" if scale == 1.0 else f" × {scale:g}"
     plural = "layer" if len(layers) == 1 else "layers"
+    # [model] / [training] tables; results written before them have flat model_width... keys.
+    width = config["model"]["width"] if "model" in config else config["model_width"]
+    heads = config["model"]["heads"] if "model" in config else config["model_heads"]
+    steps = config["training"]["steps"] if "training" in config else config["model_steps"]
     fig.suptitle(
         f"Sparsity of a trained softmax LM's causal attention logits{scaled} through each normalizer\n"
-        f"{len(layers)} {plural}, width {config['model_width']}, {config['model_steps']} steps, validation loss "
-        f"{loss:.2f} nats/byte; mean over {config['model_windows']} windows × {config['model_heads']} heads "
+        f"{len(layers)} {plural}, width {width}, {steps} steps, validation loss "
+        f"{loss:.2f} nats/byte; mean over {config['model_windows']} windows × {heads} heads "
         "(band: ± 1 std)"
     )
     return style.save(fig, stem)
