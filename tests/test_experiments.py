@@ -213,3 +213,15 @@ def test_required_gap_matches_the_closed_forms(n):
     assert softmax == pytest.approx(math.log(n - 1), rel=1e-5)
     assert ssmax == pytest.approx(math.log(n - 1) / (0.43 * math.log(n)), rel=1e-5)
     assert sparsemax == pytest.approx((n / 2 - 1) / (n - 1), rel=1e-5)
+
+
+def test_committed_figures_are_reproduced_from_the_committed_json(tmp_path):
+    # A fresh clone redraws the committed figures of a results file from its JSON alone, byte for byte.
+    source = REPO / "results" / "fading_synthetic.json"
+    (tmp_path / source.name).write_bytes(source.read_bytes())
+    drawn = figures.render(tmp_path / source.name)
+    assert len(drawn) == 6
+    for path in drawn:
+        committed = REPO / "results" / "figures" / path.name
+        assert committed.exists(), f"{committed} is not committed"
+        assert path.read_bytes() == committed.read_bytes(), f"{path.name} differs from the committed figure"
