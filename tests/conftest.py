@@ -9,6 +9,10 @@ except alpha = 1, 1.5 or 2, which stays a Python number: it selects the exact cl
 from __future__ import annotations
 
 import functools
+import os
+
+# The suite runs in several processes (pytest -n): on a GPU, none may take most of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp

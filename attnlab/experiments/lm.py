@@ -142,7 +142,9 @@ def train_model(
 
     The record: parameters, history (one entry per log_every steps: step, loss, accuracy,
     grad_norm, learning_rate, tokens_per_second, elapsed_seconds), validation_loss (when
-    eval_batches is given), tokens_per_second, compile_seconds, train_seconds, wall_seconds.
+    eval_batches is given), train_seconds and tokens_per_second (stepping time over the whole
+    training, across resumptions, compiling excluded), compile_seconds (compiling the train step in
+    this call: 0 when the checkpoint was already finished), wall_seconds (this call).
     """
     started = time.perf_counter()
     model = model_setting.build(normalizer, training.seed)
@@ -162,12 +164,15 @@ def train_model(
         progress=False,
         on_record=report,
     )
+    # Over the whole training, resumed runs included: the history's elapsed time is training only.
+    train_seconds = result.history[-1]["elapsed_seconds"]
+    tokens = training.steps * training.batch_size * training.seq_len
     record = {
         "parameters": model.num_params(),
         "history": result.history,
-        "tokens_per_second": result.tokens_per_second,
+        "tokens_per_second": tokens / train_seconds,
         "compile_seconds": result.compile_seconds,
-        "train_seconds": result.train_seconds,
+        "train_seconds": train_seconds,
     }
     if result.evaluations:
         record["validation_loss"] = result.evaluations[-1]["loss"]

@@ -54,6 +54,13 @@ def render_all(results_dir: str | Path) -> dict[Path, list[Path]]:
     return rendered
 
 
+def _training_time(records: list[dict]) -> str:
+    """For kinds that train models: their summed training time, which a run resumed from
+    checkpoints (or re-evaluated) does not count in run_seconds."""
+    seconds = [r["train_seconds"] for r in records if r.get("record") == "training" and "train_seconds" in r]
+    return f" (the last run's); models trained in {sum(seconds):.0f} s in all" if seconds else ""
+
+
 def write_index(results_dir: Path, rendered: dict[Path, list[Path]]) -> Path:
     lines = [
         "# Results",
@@ -70,7 +77,7 @@ def write_index(results_dir: Path, rendered: dict[Path, list[Path]]) -> Path:
             f"## {name}",
             "",
             f"- kind: `{payload['kind']}`; records: {len(payload['records'])}; "
-            f"run time: {payload.get('run_seconds', '?')} s",
+            f"run time: {payload.get('run_seconds', '?')} s{_training_time(payload['records'])}",
             f"- produced by: `{payload.get('command', 'attnlab run')}` (the config as run is in `{json_path.name}`)",
             f"- environment: jax {env.get('jax')}, backend {env.get('backend')} ({env.get('device_kind')}), "
             f"{env.get('cpu_count')} CPUs, commit {env.get('commit')}",

@@ -12,7 +12,7 @@ import numpy as np
 from attnlab.figures import style
 from attnlab.figures.training import DASHES, draw_curves
 
-LOSS_BINS = 40
+LOSS_BINS = 24
 
 
 def _by_label(records: list[dict], kind: str) -> dict[str, list[dict]]:
@@ -96,8 +96,12 @@ def loss_vs_position(payload: dict, out_dir: Path) -> list[Path]:
         theta = config["model"]["rope_theta"] * factor
         ax.set_title(f"RoPE θ = {theta:g}" + (" (as trained)" if factor == 1 else f" ({factor:g}× training θ)"))
     axes[0][0].set_ylabel("validation loss (nats per byte, log-binned)")
-    axes[0][-1].legend(frameon=False)
-    fig.suptitle(f"Loss vs position, trained at L = {length}, evaluated to {config['eval_length']}", fontsize=11)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center", frameon=False)
+    fig.suptitle(
+        f"Loss vs position, trained at L = {length}, evaluated to {config['eval_length']} "
+        f"(mean over {config['eval_windows']} validation windows)",
+        fontsize=11,
+    )
     return style.save(fig, out_dir / f"{name}_loss_vs_position")
 
 
@@ -138,7 +142,7 @@ def _per_layer(payload: dict, out_dir: Path, keys: list[tuple[str, str]], stem: 
                 ax.set_xlabel("query position t + 1 (keys visible)")
             if layer == 0:
                 ax.set_ylabel(ylabel)
-    axes[0][-1].legend(frameon=False, fontsize=7.5)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center", frameon=False)
     fig.suptitle(title, fontsize=11)
     return style.save(fig, out_dir / f"{name}_{stem}")
 
