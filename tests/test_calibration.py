@@ -1,0 +1,99 @@
+"""Temperature scaling and expected calibration error: exact derivatives, recovered temperatures,
+hand-computed ECE in both binning schemes, and clear errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnlab import calibration
+
+PROBS = np.array([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.55, 0.45]])
+LABELS = np.array([0, 1, 0, 0])  # right, wrong, right, right
+
+
+def _sample(temperature: float, n: int = 20_000, classes: int = 5, seed: int = 0):
+    """Logits, and labels drawn from softmax(logits / temperature): T is the calibrating temperature."""
+    key_logits, key_labels = jax.random.split(jax.random.PRNGKey(seed))
+    logits = 3.0 * jax.random.normal(key_logits, (n, classes))
+    labels = jax.random.categorical(key_labels, logits / temperature)
+    return logits, labels
+
+
+def test_hand_computed_ece_equal_width_and_equal_mass():
+    # One equal-width bin of two holds everything: confidence 0.7125, accuracy 0.75.
+    assert calibration.expected_calibration_error(PROBS, LABELS, bins=2) == pytest.approx(0.0375)
+    # Ten bins: (0.5, 0.6] holds 0.6 (wrong) and 0.55 (right): |0.5 - 0.575| * 2/4 = 0.0375;
+    # (0.7, 0.8]: |1 - 0.8| / 4 = 0.05; (0.8, 0.9]: |1 - 0.9| / 4 = 0.025.
+    assert calibration.expected_calibration_error(PROBS, LABELS, bins=10) == pytest.approx(0.1125)
+    # Two equal-mass bins: {0.55, 0.6}: |0.5 - 0.575| / 2; {0.8, 0.9}: |1 - 0.85| / 2.
+    bins = calibration.reliability_bins(PROBS, LABELS, bins=2, scheme="mass")
+    assert bins.count.tolist() == [2, 2]
+    assert bins.confidence == pytest.approx([0.575, 0.85]) and bins.accuracy == pytest.approx([0.5, 1.0])
+    assert bins.ece == pytest.approx(0.1125)
+
+
+def test_empty_bins_are_nan_and_do_not_count():
+    bins = calibration.reliability_bins(PROBS, LABELS, bins=10)
+    assert bins.count.sum() == 4 and np.isnan(bins.confidence[0]) and np.isnan(bins.accuracy[9])
+    assert bins.edges.tolist() == pytest.approx(np.linspace(0, 1, 11).tolist())
+
+
+def test_labels_drawn_from_the_probabilities_are_calibrated():
+    logits, labels = _sample(temperature=1.0)
+    probs = jax.nn.softmax(logits)
+    for scheme in calibration.SCHEMES:
+        assert calibration.expected_calibration_error(probs, labels, scheme=scheme) < 0.02
+    # Sharpened probabilities are over-confident: a clearly larger ECE.
+    assert calibration.expected_calibration_error(jax.nn.softmax(3 * logits), labels) > 0.05
+
+
+def test_derivatives_are_exact():
+    logits, labels = _sample(temperature=2.0, n=256)
+
+    def nll(beta):
+        return jnp.mean(jax.nn.logsumexp(beta * logits, axis=-1) - beta * logits[jnp.arange(256), labels])
+
+    beta = jnp.float32(0.7)
+    value, slope, curvature = calibration._nll_and_derivatives(beta, logits, labels)
+    assert value == pytest.approx(float(nll(beta)), rel=1e-5)
+    assert slope == pytest.approx(float(jax.grad(nll)(beta)), rel=1e-4)
+    assert curvature == pytest.approx(float(jax.grad(jax.grad(nll))(beta)), rel=1e-3)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_fit_recovers_the_temperature_that_generated_the_labels(temperature):
+    # 20,000 examples: the maximum-likelihood T is within a few percent of the true one.
+    logits, labels = _sample(temperature)
+    fitted = calibration.fit_temperature(logits, labels)
+    assert fitted == pytest.approx(temperature, rel=0.05)
+    best = calibration.nll(logits, labels, fitted)
+    assert best <= calibration.nll(logits, labels, 1.0)
+    assert best <= calibration.nll(logits, labels, fitted * 1.02) and best <= calibration.nll(
+        logits, labels, fitted / 1.02
+    )
+    # Scaling by the fitted temperature lowers the ECE of miscalibrated probabilities.
+    before = calibration.expected_calibration_error(jax.nn.softmax(logits), labels)
+    after = calibration.expected_calibration_error(jax.nn.softmax(logits / fitted), labels)
+    assert after < before and after < 0.02
+
+
+def test_separable_data_has_no_finite_temperature():
+    logits = jnp.array([[5.0, 0.0], [0.0, 5.0]])
+    with pytest.raises(ValueError, match="T -> 0"):
+        calibration.fit_temperature(logits, jnp.array([0, 1]))
+
+
+def test_bad_inputs_name_what_is_accepted():
+    with pytest.raises(ValueError, match="scheme='quantile'; accepted: width, mass"):
+        calibration.reliability_bins(PROBS, LABELS, scheme="quantile")
+    with pytest.raises(ValueError, match="bins must be an integer >= 1; got 0"):
+        calibration.expected_calibration_error(PROBS, LABELS, bins=0)
+    with pytest.raises(ValueError, match=r"labels must be integers of shape \[4\]"):
+        calibration.expected_calibration_error(PROBS, LABELS[:3])
+    with pytest.raises(ValueError, match=r"logits must be \[examples, classes\]"):
+        calibration.fit_temperature(jnp.zeros(3), jnp.zeros(3, int))
+    with pytest.raises(ValueError, match="temperature must be > 0; got -1"):
+        calibration.nll(PROBS, LABELS, -1.0)
