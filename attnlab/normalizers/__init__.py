@@ -8,6 +8,7 @@ Composition: `Normalizer(mapping, scale)` from the mappings (`Softmax`, `Sparsem
 """
 
 from attnlab.normalizers import stats
+from attnlab.normalizers.gumbel import gumbel_softmax
 from attnlab.normalizers.mappings import Entmax, Entmax15, Softmax, Sparsemax
 from attnlab.normalizers.normalizer import Normalizer
 from attnlab.normalizers.registry import (
@@ -36,6 +37,7 @@ __all__ = [
     "entmax",
     "entmax15",
     "get",
+    "gumbel_softmax",
     "parameters",
     "scaled_softmax",
     "softmax",
