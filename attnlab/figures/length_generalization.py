@@ -57,8 +57,7 @@ def _log_binned(values: list, num: int) -> tuple[np.ndarray, np.ndarray]:
     y = np.array([np.nan if v is None else v for v in values], dtype=float)
     edges = np.unique(np.round(np.geomspace(1, len(y) + 1, num + 1)).astype(int) - 1)
     edges = np.concatenate([edges[edges < len(y)], [len(y)]])
-    centers = np.array([np.sqrt((a + 1) * b) for a, b in itertools.pairwise(edges)])
-    return centers, np.array([np.nanmean(y[a:b]) for a, b in itertools.pairwise(edges)])
+    return _bin_centers(edges), np.array([np.nanmean(y[a:b]) for a, b in itertools.pairwise(edges)])
 
 
 def _bin_centers(edges: list[int]) -> np.ndarray:

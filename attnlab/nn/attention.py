@@ -202,12 +202,7 @@ class MultiHeadAttention(nnx.Module):
         inputs_k = inputs_q if inputs_k is None else inputs_k
         inputs_v = inputs_k if inputs_v is None else inputs_v
         core.check_inputs(inputs_q, inputs_k, inputs_v, self.in_features, self.in_kv_features)
-        query, key, value = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
-        if self.normalize_qk:
-            query, key = self.query_ln(query), self.key_ln(key)
-        theta = core.resolve_rope_theta(self.rope_theta, rope_theta)
-        if theta is not None:
-            query, key = core.rope_query_key(query, key, theta, positions, key_positions)
+        query, key, value = self.project(inputs_q, inputs_k, inputs_v, positions, key_positions, rope_theta)
 
         deterministic, dropout_rng = self._dropout_state(deterministic, rngs)
         out = core.layer_attention(
@@ -231,6 +226,25 @@ class MultiHeadAttention(nnx.Module):
             out, statistics = out
             return self.out(out), statistics
         return self.out(out)
+
+    def project(
+        self,
+        inputs_q: jax.Array,
+        inputs_k: jax.Array,
+        inputs_v: jax.Array,
+        positions: jax.Array | None = None,
+        key_positions: jax.Array | None = None,
+        rope_theta: Any = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [B, T, N, H] (not yet scaled), k and v [B, S, K, H]: the projections, the optional q/k
+        layer norms and RoPE (base `rope_theta`, or the layer's)."""
+        query, key, value = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
+        if self.normalize_qk:
+            query, key = self.query_ln(query), self.key_ln(key)
+        theta = core.resolve_rope_theta(self.rope_theta, rope_theta)
+        if theta is not None:
+            query, key = core.rope_query_key(query, key, theta, positions, key_positions)
+        return query, key, value
 
     def _dropout_state(self, deterministic: bool | None, rngs: Any) -> tuple[bool, jax.Array | None]:
         if self.dropout_rate == 0.0:

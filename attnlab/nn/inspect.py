@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.nn import core
 from attnlab.nn.attention import MultiHeadAttention
 
 
@@ -34,13 +33,7 @@ def query_key_value(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The layer's q [B, T, N, H] (not yet scaled), k and v [B, T, K, H] for self-attention on x [B, T, F],
     with the layer's RoPE (base `rope_theta` or the layer's) and optional q/k layer norms."""
-    query, key, value = attention.query(x), attention.key(x), attention.value(x)
-    if attention.normalize_qk:
-        query, key = attention.query_ln(query), attention.key_ln(key)
-    theta = core.resolve_rope_theta(attention.rope_theta, rope_theta)
-    if theta is not None:
-        query, key = core.rope_query_key(query, key, theta, positions, None)
-    return query, key, value
+    return attention.project(x, x, x, positions, None, rope_theta)
 
 
 def head_logits(query: jax.Array, key: jax.Array) -> jax.Array:
