@@ -42,6 +42,7 @@ Label smoothing eps replaces the target by y = (1 - eps) y + eps / m on the m va
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any
 
@@ -184,6 +185,9 @@ def _loss(logits: Any, labels: Any, where: Any, label_smoothing: Any, alpha: Any
     if logits.ndim == 0:
         raise ValueError("logits must have a class axis (the last); got a scalar")
     labels = jnp.asarray(labels)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        # Compare in int32: uint8 byte labels would wrap the class count 256 to 0.
+        labels = labels.astype(jnp.int32)
     _check_labels(labels, logits.shape)
     if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
         return _loss_static(logits, labels, where, label_smoothing, float(alpha), plus_target_entropy)
@@ -275,8 +279,98 @@ def entmax_loss(logits: Any, labels: Any, *, alpha: Any, where: Any = None, labe
     )
 
 
+_ALPHAS = {"softmax": 1.0, "sparsemax": 2.0, "entmax15": 1.5}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputNormalizer:
+    """A classifier's output normalizer: predictions p = mapping(z), trained with the matching loss.
+
+    The pair is what makes a sparse output layer consistent: a model trained with the sparsemax
+    loss predicts sparsemax(z), which puts exact zeros on unlikely classes (so its NLL can be
+    +inf, and calibration must be read with that in mind; see `attnlab.calibration`).
+
+    Fields:
+      mapping: one of MAPPINGS ("softmax", "sparsemax", "entmax15", "entmax").
+      alpha: mapping="entmax" only: a number >= 1.
+      label_smoothing: eps in [0, 1) for the training loss.
+
+    `loss` is the cross-entropy for softmax (the softmax Fenchel-Young loss plus the target's
+    entropy, so with smoothing it equals optax's) and the Fenchel-Young loss otherwise.
+    """
+
+    mapping: str = "softmax"
+    alpha: float | None = None
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.mapping not in MAPPINGS:
+            raise ValueError(f"OutputNormalizer.mapping={self.mapping!r}; accepted: {', '.join(MAPPINGS)}")
+        if self.mapping == "entmax":
+            if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 1:
+                raise ValueError(f'OutputNormalizer: mapping="entmax" needs alpha, a number >= 1; got {self.alpha!r}')
+            object.__setattr__(self, "alpha", float(self.alpha))
+        elif self.alpha is not None:
+            raise ValueError(f"OutputNormalizer.alpha applies to mapping='entmax' only; mapping is {self.mapping!r}")
+        eps = self.label_smoothing
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
+            raise ValueError(f"OutputNormalizer.label_smoothing must be a number in [0, 1); got {eps!r}")
+
+    @classmethod
+    def parse(cls, value: Any, where: str = "output") -> OutputNormalizer:
+        """An OutputNormalizer from itself, a mapping name, or a dict of its fields (as in a config file)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, (str, dict)):
+            table = {"mapping": value} if isinstance(value, str) else value
+            unknown = sorted(set(table) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ValueError(f"{where}: unknown key(s) {unknown}; accepted: mapping, alpha, label_smoothing")
+            try:
+                return cls(**table)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
+        raise ValueError(
+            f"{where} must be a mapping name ({', '.join(MAPPINGS)}) or a table with mapping, alpha, "
+            f"label_smoothing; got {value!r}"
+        )
+
+    @property
+    def label(self) -> str:
+        """A short name: the mapping, alpha for entmax and any smoothing, e.g. "entmax1.3", "softmax ls0.1"."""
+        name = f"entmax{self.alpha:g}" if self.mapping == "entmax" else self.mapping
+        return f"{name} ls{self.label_smoothing:g}" if self.label_smoothing else name
+
+    @property
+    def entropy_alpha(self) -> float:
+        """The alpha of the Tsallis entropy paired with the mapping (1 for softmax, 2 for sparsemax)."""
+        return self.alpha if self.mapping == "entmax" else _ALPHAS[self.mapping]
+
+    @property
+    def sparse(self) -> bool:
+        """Whether predictions can hold exact zeros (every mapping but softmax, and entmax with alpha = 1)."""
+        return self.entropy_alpha > 1.0
+
+    def probabilities(self, logits: Any, *, where: Any = None) -> jax.Array:
+        """p = mapping(logits) over the last axis, [..., n] (exact zeros for the sparse mappings)."""
+        z, valid = prepare_rows(jnp.asarray(logits), -1, where)
+        return _mapping(z, valid, self.entropy_alpha).astype(output_dtype(jnp.asarray(logits).dtype))
+
+    def loss(self, logits: Any, labels: Any, *, where: Any = None) -> jax.Array:
+        """The training loss per example, [...] (see the class docstring)."""
+        if self.mapping == "softmax":
+            return softmax_cross_entropy(logits, labels, where=where, label_smoothing=self.label_smoothing)
+        return fenchel_young_loss(
+            logits, labels, mapping=self.mapping, alpha=self.alpha, where=where, label_smoothing=self.label_smoothing
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 __all__ = [
     "MAPPINGS",
+    "OutputNormalizer",
     "entmax15_loss",
     "entmax_loss",
     "fenchel_young_loss",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from attnlab import calibration
+from attnlab.losses import OutputNormalizer
 
 PROBS = np.array([[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.55, 0.45]])
 LABELS = np.array([0, 1, 0, 0])  # right, wrong, right, right
@@ -97,3 +98,54 @@ def test_bad_inputs_name_what_is_accepted():
         calibration.fit_temperature(jnp.zeros(3), jnp.zeros(3, int))
     with pytest.raises(ValueError, match="temperature must be > 0; got -1"):
         calibration.nll(PROBS, LABELS, -1.0)
+
+
+# --- sparse outputs ---------------------------------------------------------------------------
+
+SPARSE_OUTPUTS = ["sparsemax", "entmax15", {"mapping": "entmax", "alpha": 1.3}]
+
+
+def _sparse_sample(output, temperature: float, n: int = 20_000, classes: int = 5, seed: int = 1):
+    """Logits, and labels drawn from the output's own mapping at logits / temperature."""
+    key_logits, key_labels = jax.random.split(jax.random.PRNGKey(seed))
+    logits = 3.0 * jax.random.normal(key_logits, (n, classes))
+    probs = OutputNormalizer.parse(output).probabilities(logits / temperature)
+    labels = jax.random.categorical(key_labels, jnp.log(probs))  # log 0 = -inf: never drawn
+    return logits, labels
+
+
+@pytest.mark.parametrize("output", SPARSE_OUTPUTS, ids=lambda o: OutputNormalizer.parse(o).label)
+def test_sparse_loss_derivatives_in_beta_are_exact(output):
+    out = OutputNormalizer.parse(output)
+    logits, labels = _sparse_sample(output, temperature=1.5, n=256)
+
+    def loss(beta):
+        return jnp.mean(out.loss(beta * logits, labels))
+
+    beta = jnp.float32(0.8)
+    value, slope, curvature = calibration._objective(out)(beta, logits, labels)
+    assert float(value) == pytest.approx(float(loss(beta)), rel=1e-5)
+    assert float(slope) == pytest.approx(float(jax.grad(loss)(beta)), rel=1e-4, abs=1e-6)
+    assert float(curvature) == pytest.approx(float(jax.grad(jax.grad(loss))(beta)), rel=1e-3)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("output", SPARSE_OUTPUTS, ids=lambda o: OutputNormalizer.parse(o).label)
+def test_fenchel_young_fit_recovers_the_temperature_of_a_sparse_output(output, temperature):
+    # The Fenchel-Young loss is proper: labels drawn from mapping(z / T) make beta = 1 / T its minimiser.
+    logits, labels = _sparse_sample(output, temperature)
+    fitted = calibration.fit_temperature(logits, labels, output=output)
+    assert fitted == pytest.approx(temperature, rel=0.05)
+
+
+def test_scores_with_exact_zeros():
+    probs = np.array([[0.75, 0.25, 0.0], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.4, 0.6]])
+    labels = np.array([0, 2, 0, 2])  # right, a zero-probability target, right, right
+    got = calibration.scores(probs, labels, bins=2)
+    assert got["accuracy"] == 0.75 and got["zero_target_fraction"] == 0.25
+    assert got["nll"] == np.inf
+    assert got["nll_nonzero"] == pytest.approx(-(np.log(0.75) + np.log(1.0) + np.log(0.6)) / 3)
+    # Brier: (0.0625 + 0.0625) + (0.25 + 0.25 + 1) + 0 + (0.16 + 0.16) = 1.945 over 4.
+    assert got["brier"] == pytest.approx(1.945 / 4)
+    assert got["support"] == pytest.approx(1.75) and got["confidence"] == pytest.approx(0.7125)
+    assert got["ece_width"] == calibration.expected_calibration_error(probs, labels, bins=2)

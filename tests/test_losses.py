@@ -271,3 +271,50 @@ def test_property_nonnegative_and_gradient_sums_to_zero(name, logits, mask, labe
     assert np.all(np.isfinite(loss)) and np.all(loss >= 0)
     np.testing.assert_allclose(grad.sum(-1), 0.0, atol=1e-5)
     np.testing.assert_array_equal(grad[~where], 0.0)
+
+
+# --- OutputNormalizer: a mapping and its loss, as a model's output layer -----------------------
+
+
+def test_output_normalizer_pairs_each_mapping_with_its_loss():
+    z = jnp.array([[-2.0, 0.0, 0.5], [1.0, 2.0, 3.5]])
+    y = jnp.array([2, 0])
+    softmax = losses.OutputNormalizer("softmax", label_smoothing=0.1)
+    np.testing.assert_allclose(
+        softmax.loss(z, y), optax.softmax_cross_entropy(z, optax.smooth_labels(jax.nn.one_hot(y, 3), 0.1)), rtol=1e-6
+    )
+    sparse = losses.OutputNormalizer.parse({"mapping": "entmax", "alpha": 2.0})
+    np.testing.assert_allclose(sparse.probabilities(z)[0], [0.0, 0.25, 0.75], atol=1e-6)
+    np.testing.assert_allclose(sparse.loss(z, y), losses.sparsemax_loss(z, y), rtol=1e-6)
+    assert sparse.sparse and not softmax.sparse
+    assert [losses.OutputNormalizer.parse(v).label for v in ("sparsemax", {"mapping": "entmax", "alpha": 1.3})] == [
+        "sparsemax",
+        "entmax1.3",
+    ]
+    assert softmax.label == "softmax ls0.1"
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("sparsmax", "mapping='sparsmax'; accepted: softmax, sparsemax, entmax15, entmax"),
+        ({"mapping": "entmax"}, "needs alpha, a number >= 1"),
+        ({"mapping": "softmax", "alpha": 1.5}, "applies to mapping='entmax' only"),
+        ({"mapping": "softmax", "label_smoothing": 1.0}, r"label_smoothing must be a number in \[0, 1\)"),
+        ({"mapping": "softmax", "temperature": 2}, "unknown key"),
+        (3, "must be a mapping name"),
+    ],
+)
+def test_output_normalizer_errors_name_the_value(value, match):
+    with pytest.raises(ValueError, match=match):
+        losses.OutputNormalizer.parse(value, "model.output")
+
+
+def test_unsigned_byte_labels_equal_int32_labels():
+    # uint8 labels (bytes) against 256 classes: the class count must not wrap to 0.
+    z = jax.random.normal(jax.random.PRNGKey(0), (4, 256))
+    labels = np.array([0, 7, 200, 255], np.uint8)
+    for name in losses.MAPPINGS[:3]:
+        got = losses.fenchel_young_loss(z, labels, mapping=name)
+        np.testing.assert_allclose(got, losses.fenchel_young_loss(z, labels.astype(np.int32), mapping=name))
+        assert np.all(np.isfinite(got))

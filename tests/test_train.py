@@ -305,3 +305,37 @@ def test_data_parallel_step_on_four_cpu_devices_gives_the_one_device_loss():
     done = subprocess.run([sys.executable, "-c", FOUR_DEVICES], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "LOSSES" in done.stdout
+
+
+# --- the loss: the model's output normalizer, or a caller's objective -------------------------
+
+
+def test_a_sparse_output_trains_and_evaluates_with_its_own_loss():
+    from attnlab import losses
+
+    batch = _batch(3)
+    model = TransformerLM(ModelConfig(**TINY, output="sparsemax"), rngs=nnx.Rngs(0))
+    logits = model(batch.inputs)
+    want = float(np.mean(losses.sparsemax_loss(logits, batch.targets)))
+    assert evaluate(model, [batch]).loss == pytest.approx(want, rel=1e-5)
+    probs = np.asarray(model.probabilities(logits))
+    np.testing.assert_allclose(probs, np.asarray(normalizers.sparsemax(logits)), atol=1e-6)
+    result = train(model, iter(lambda: batch, None), TrainConfig(steps=40, optimizer=FAST, log_every=1), progress=False)
+    # The step minimises the sparsemax loss: on one batch it reaches exact zeros on most targets' rivals.
+    assert _losses(result)[0] == pytest.approx(want, rel=1e-4)
+    assert _losses(result)[-1] < 0.2 * _losses(result)[0]
+    assert float(np.mean(np.asarray(model.probabilities(model(batch.inputs))) == 0)) > 0.5
+
+
+def test_an_objective_replaces_the_loss_of_the_step():
+    from attnlab.train.step import token_losses
+
+    batch = _batch(4)
+    config = TrainConfig(steps=1, optimizer=FAST, log_every=1)
+
+    def doubled(logits, b):
+        return 2.0 * token_losses(logits, b.targets)
+
+    plain = train(_model(), iter(lambda: batch, None), config, progress=False)
+    scaled = train(_model(), iter(lambda: batch, None), config, objective=doubled, progress=False)
+    assert _losses(scaled)[0] == pytest.approx(2 * _losses(plain)[0], rel=1e-6)

@@ -5,10 +5,13 @@ Each kind is a module with KIND, DESCRIPTION, a frozen `Config` dataclass, `conf
 Experiments never import plotting; figures are made from the JSON by :mod:`attnlab.figures`.
 """
 
-from attnlab.experiments import fading_synthetic, length_generalization, needle, sparsity, throughput
+from attnlab.experiments import calibration, fading_synthetic, length_generalization, needle, sparsity, throughput
 from attnlab.experiments.config import ConfigError
 from attnlab.experiments.runner import Experiment, load, load_all, run
 
-KINDS = {module.KIND: module for module in (fading_synthetic, sparsity, throughput, length_generalization, needle)}
+KINDS = {
+    module.KIND: module
+    for module in (fading_synthetic, sparsity, throughput, length_generalization, needle, calibration)
+}
 
 __all__ = ["KINDS", "ConfigError", "Experiment", "load", "load_all", "run"]

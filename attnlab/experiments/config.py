@@ -8,7 +8,8 @@ the file, the key and what is accepted.
 
 Field types understood by the checker: bool, int, float, str, tuple[int, ...],
 tuple[float, ...], tuple[str, ...], :class:`NormalizerSpec` tuples, :class:`LayerNormalizer`
-tuples (normalizers of a model to train, with what each layer learns), :class:`Lengths`, and
+tuples (normalizers of a model to train, with what each layer learns), tuples of
+:class:`attnlab.losses.OutputNormalizer` (a model's output layer), :class:`Lengths`, and
 nested frozen dataclasses, written as TOML tables (`[model]` / `model = {width = 64}`) and
 overridden with dotted keys (`--set model.width=64`).
 """
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from attnlab import normalizers
+from attnlab.losses import MAPPINGS, OutputNormalizer
 from attnlab.nn import spec as layer_spec
 
 
@@ -115,6 +117,8 @@ def _describe(annotation: Any) -> str:
             f"a list of normalizer names or tables {{name, label, {', '.join(LAYER_SPEC_FIELDS)}, params...}}; "
             f"names: {', '.join(normalizers.NAMES)}"
         )
+    if annotation == tuple[OutputNormalizer, ...]:
+        return f"a list of output mappings ({', '.join(MAPPINGS)}) or tables {{mapping, alpha, label_smoothing}}"
     if dataclasses.is_dataclass(annotation):
         return f"a table with keys {', '.join(f.name for f in dataclasses.fields(annotation))}"
     origin = typing.get_origin(annotation)
@@ -205,6 +209,23 @@ def _parse_specs(value: Any, annotation: Any, where: str, problems: list[str]) -
     return tuple(specs)
 
 
+def _parse_outputs(value: Any, where: str, problems: list[str]) -> tuple[OutputNormalizer, ...] | None:
+    """A non-empty list of output normalizers with unique labels."""
+    if not isinstance(value, list) or not value:
+        problems.append(f"{where}: expected {_describe(tuple[OutputNormalizer, ...])}; got {value!r}")
+        return None
+    outputs = []
+    for i, item in enumerate(value):
+        try:
+            outputs.append(OutputNormalizer.parse(item, f"{where}[{i}]"))
+        except ValueError as err:
+            problems.append(str(err))
+    labels = [output.label for output in outputs]
+    if len(set(labels)) != len(labels):
+        problems.append(f"{where}: each output must appear once; got {labels}")
+    return tuple(outputs)
+
+
 def _parse_lengths(value: Any, where: str, problems: list[str]) -> Lengths | None:
     if isinstance(value, list):
         if value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
@@ -229,6 +250,8 @@ def _parse_field(value: Any, annotation: Any, where: str, problems: list[str]) -
         return _parse_lengths(value, where, problems)
     if annotation in (tuple[NormalizerSpec, ...], tuple[LayerNormalizer, ...]):
         return _parse_specs(value, annotation, where, problems)
+    if annotation == tuple[OutputNormalizer, ...]:
+        return _parse_outputs(value, where, problems)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             problems.append(f"{where}: expected {_describe(annotation)}; got {value!r}")
@@ -289,7 +312,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def to_json(value: Any) -> Any:
     """A config (nested frozen dataclasses, specs, lengths, tuples) as plain JSON values."""
-    if isinstance(value, (NormalizerSpec, LayerNormalizer)):
+    if isinstance(value, (NormalizerSpec, LayerNormalizer, OutputNormalizer)):
         return value.to_json()
     if isinstance(value, Lengths):
         return list(value.values)

@@ -28,9 +28,18 @@ from flax import nnx
 
 from attnlab.experiments.config import LayerNormalizer
 from attnlab.nn import ModelConfig, TransformerLM, alpha_from_logit
-from attnlab.train import EvalResult, OptimizerConfig, TrainConfig, make_mesh, shard_batch, split_model, train
+from attnlab.train import (
+    EvalResult,
+    Objective,
+    OptimizerConfig,
+    TrainConfig,
+    make_mesh,
+    shard_batch,
+    split_model,
+    train,
+)
 from attnlab.train.evaluate import summarize
-from attnlab.train.step import eval_sums
+from attnlab.train.step import eval_sums, model_objective
 
 Progress = Callable[[str, int, int], None]
 
@@ -57,14 +66,16 @@ class ModelSetting:
                 f"model.width={self.width} must be a multiple of model.heads={self.heads} with an even head_dim (RoPE)"
             )
 
-    def build(self, normalizer: LayerNormalizer, seed: int) -> TransformerLM:
-        """A fresh model with this shape and `normalizer` in every layer, initialised from `seed`."""
+    def build(self, normalizer: LayerNormalizer, seed: int, output: Any = "softmax") -> TransformerLM:
+        """A fresh model with this shape and `normalizer` in every layer, initialised from `seed`;
+        `output` is its output normalizer (`attnlab.losses.OutputNormalizer` or a mapping name)."""
         config = ModelConfig(
             num_layers=self.layers,
             width=self.width,
             num_heads=self.heads,
             normalizer=normalizer.spec,
             rope_theta=self.rope_theta,
+            output=output,
         )
         return TransformerLM(config, rngs=nnx.Rngs(seed))
 
@@ -133,12 +144,17 @@ def train_model(
     eval_batches: Callable[[], Iterable[Any]] | None = None,
     workdir: Path | None = None,
     progress: Progress | None = None,
+    output: Any = "softmax",
+    name: str | None = None,
+    objective: Objective | None = None,
 ) -> tuple[TransformerLM, dict[str, Any]]:
     """Build and train one model; returns it and a record of the training.
 
-    With `workdir`, the state is checkpointed there every training.checkpoint_every steps, so a
-    point interrupted mid-training resumes from its last checkpoint; `progress(description,
-    completed, total)` is called at every history entry.
+    With `workdir`, the state is checkpointed there every training.checkpoint_every steps (as
+    <name>.npz, name defaulting to the normalizer's label), so a point interrupted mid-training
+    resumes from its last checkpoint; `progress(description, completed, total)` is called at
+    every history entry. `output` is the model's output normalizer (its loss is the training
+    loss) unless `objective` replaces the loss (see `attnlab.train.train`).
 
     The record: parameters, history (one entry per log_every steps: step, loss, accuracy,
     grad_norm, learning_rate, tokens_per_second, elapsed_seconds), validation_loss (when
@@ -147,12 +163,13 @@ def train_model(
     this call: 0 when the checkpoint was already finished), wall_seconds (this call).
     """
     started = time.perf_counter()
-    model = model_setting.build(normalizer, training.seed)
-    checkpoint = None if workdir is None else Path(workdir) / f"{_file_name(normalizer.label)}.npz"
+    model = model_setting.build(normalizer, training.seed, output)
+    name = normalizer.label if name is None else name
+    checkpoint = None if workdir is None else Path(workdir) / f"{_file_name(name)}.npz"
 
     def report(entry: dict[str, Any]) -> None:
         if progress is not None:
-            progress(f"training {normalizer.label}: loss {entry['loss']:.3f}", entry["step"], training.steps)
+            progress(f"training {name}: loss {entry['loss']:.3f}", entry["step"], training.steps)
 
     result = train(
         model,
@@ -163,6 +180,7 @@ def train_model(
         metadata={"model_config": model.config.to_json()},
         progress=False,
         on_record=report,
+        objective=objective,
     )
     # Over the whole training, resumed runs included: the history's elapsed time is training only.
     train_seconds = result.history[-1]["elapsed_seconds"]
@@ -203,8 +221,9 @@ class Probe:
         self.rope_theta = model.config.rope_theta
 
         def forward(params: Any, batch: Any, theta: jax.Array, keys: jax.Array | None) -> tuple[Any, Any]:
-            logits, stats = self.split.merge(params)(batch.inputs, rope_theta=theta, statistics=True, mass_keys=keys)
-            return eval_sums(logits, batch), stats
+            module = self.split.merge(params)
+            logits, stats = module(batch.inputs, rope_theta=theta, statistics=True, mass_keys=keys)
+            return eval_sums(logits, batch, model_objective(module)(logits, batch)), stats
 
         self._forward = jax.jit(forward)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from attnlab.experiments.results import read_json
 from attnlab.figures import (
+    calibration,
     fading_synthetic,
     length_generalization,
     needle,
@@ -20,6 +21,7 @@ from attnlab.figures import (
 )
 
 RENDERERS = {
+    "calibration": calibration.render,
     "fading_synthetic": fading_synthetic.render,
     "length_generalization": length_generalization.render,
     "needle": needle.render,

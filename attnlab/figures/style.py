@@ -20,9 +20,14 @@ COLORS = {
     "logn_sparsemax": "#9c755f",
     "logn_entmax15": "#edc948",
     "logn_entmax": "#ff9da7",
+    "softmax1": "#17becf",
+    "sigmoid": "#bcbd22",
+    "stablemax": "#8c564b",
+    "softpick": "#d62728",
+    "multimax": "#1f77b4",
 }
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "h", "*"]
-_EXTRA = ["#bab0ac", "#17becf", "#8c564b", "#7f7f7f", "#bcbd22", "#1f77b4", "#d62728"]
+_EXTRA = ["#bab0ac", "#7f7f7f", "#9467bd", "#e377c2", "#000000", "#aec7e8", "#ffbb78"]
 
 LABELS = {
     "softmax": "softmax",
@@ -34,6 +39,11 @@ LABELS = {
     "logn_sparsemax": "log-n sparsemax",
     "logn_entmax15": "log-n 1.5-entmax",
     "logn_entmax": "log-n α-entmax",
+    "softmax1": "softmax1 (off-by-one)",
+    "sigmoid": "sigmoid (b = -log n)",
+    "stablemax": "StableMax",
+    "softpick": "softpick",
+    "multimax": "MultiMax",
 }
 
 

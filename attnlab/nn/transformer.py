@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnlab.losses import OutputNormalizer
 from attnlab.nn import core
 from attnlab.nn.attention import MultiHeadAttention
 from attnlab.nn.spec import NormalizerSpec, as_spec
@@ -57,6 +58,9 @@ class ModelConfig:
       init_std: std of the embedding and of the input kernels; output kernels of each residual
         branch use init_std / sqrt(2 L) (GPT-2's scaling).
       norm_eps: RMSNorm epsilon.
+      output: the output normalizer (`attnlab.losses.OutputNormalizer`, or a mapping name such as
+        "sparsemax"): predictions are output.probabilities(logits), and training minimises its
+        loss (cross-entropy for softmax, the matching Fenchel-Young loss otherwise).
     """
 
     vocab_size: int = 256
@@ -74,8 +78,10 @@ class ModelConfig:
     dtype: str = "float32"
     init_std: float = 0.02
     norm_eps: float = 1e-6
+    output: Any = "softmax"
 
     def __post_init__(self):
+        object.__setattr__(self, "output", OutputNormalizer.parse(self.output, "ModelConfig.output"))
         for field in ("vocab_size", "num_layers", "width", "num_heads"):
             _positive_int(getattr(self, field), field)
         if self.num_kv_heads is not None:
@@ -113,6 +119,7 @@ class ModelConfig:
         """The config as plain JSON values (specs as dicts of their non-default fields)."""
         out = dataclasses.asdict(self)
         out["normalizer"] = [_spec_json(spec) for spec in self.normalizer]
+        out["output"] = self.output.to_json()
         return out
 
 
@@ -259,6 +266,16 @@ class TransformerLM(nnx.Module):
             return logits
         stacked = {name: jnp.stack([s[name] for s in layer_stats]) for name in layer_stats[0]}
         return logits, stacked
+
+    def probabilities(self, logits: jax.Array) -> jax.Array:
+        """Next-token probabilities [B, T, V] from this model's logits, by its output normalizer
+        (exact zeros for a sparse one)."""
+        return self.config.output.probabilities(logits)
+
+    def token_losses(self, logits: jax.Array, targets: jax.Array) -> jax.Array:
+        """The training loss per position [B, T] of logits [B, T, V] against targets [B, T]: the
+        output normalizer's loss (cross-entropy for softmax)."""
+        return self.config.output.loss(logits, targets)
 
     def num_params(self) -> int:
         """The number of trainable scalars (embedding counted once when tied)."""

@@ -3,7 +3,8 @@
 - `OptimizerConfig`, `make_optimizer`: AdamW, warmup + constant/cosine, decay on matrices only,
   clipping; `OptimizerConfig.ssmax_paper(steps)` is the SSMax paper's recipe at small scale.
 - `make_mesh`, `shard_batch`: data parallelism over a "data" mesh axis (one device is the same code).
-- `TrainConfig`, `train`: the loop, with a progress bar, metric history, checkpoints and resumption.
+- `TrainConfig`, `train`: the loop, with a progress bar, metric history, checkpoints and resumption;
+  the loss is the model's own (its output normalizer's) or any `Objective` (e.g. distillation).
 - `evaluate`: mean and per-position loss, token and sequence accuracy, optionally with a raised
   RoPE base.
 - `checkpoint.save` / `checkpoint.restore`: the training state in one atomic .npz file.
@@ -15,13 +16,14 @@ from attnlab.train.evaluate import EvalResult, evaluate
 from attnlab.train.loop import TrainConfig, TrainResult, train
 from attnlab.train.mesh import DATA_AXIS, make_mesh, shard_batch
 from attnlab.train.optimizer import PRESETS, OptimizerConfig, decay_mask, learning_rate_schedule, make_optimizer
-from attnlab.train.step import TrainState, make_eval_step, make_train_step, split_model
+from attnlab.train.step import Objective, TrainState, make_eval_step, make_train_step, model_objective, split_model
 
 __all__ = [
     "DATA_AXIS",
     "PRESETS",
     "CheckpointError",
     "EvalResult",
+    "Objective",
     "OptimizerConfig",
     "TrainConfig",
     "TrainResult",
@@ -34,6 +36,7 @@ __all__ = [
     "make_mesh",
     "make_optimizer",
     "make_train_step",
+    "model_objective",
     "shard_batch",
     "split_model",
     "train",

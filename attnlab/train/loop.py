@@ -28,7 +28,7 @@ from attnlab.train import checkpoint as checkpoints
 from attnlab.train.evaluate import accumulate
 from attnlab.train.mesh import host_value, make_mesh, replicated, shard_batch
 from attnlab.train.optimizer import OptimizerConfig, check_count, learning_rate_schedule, make_optimizer
-from attnlab.train.step import TrainState, make_eval_step, make_train_step, split_model
+from attnlab.train.step import Objective, TrainState, make_eval_step, make_train_step, split_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +118,7 @@ def train(
     progress: bool = True,
     description: str = "train",
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train `model` (updated in place) on `batches` for `config.steps` steps.
 
@@ -133,6 +134,9 @@ def train(
       progress: show a progress bar with step, loss and tokens per second.
       on_record: called with each history entry ({step, loss, ...}) as it is recorded, e.g. to
         drive a caller's own progress display (with progress=False).
+      objective: the per-token training loss, objective(logits [B, T, V], batch) -> [B, T]
+        (default: the model's own `token_losses`, cross-entropy for a model without one).
+        Evaluation always reports the model's own loss.
     """
     mesh = make_mesh() if mesh is None else mesh
     split, params = split_model(model)
@@ -148,7 +152,7 @@ def train(
         if saved.get("train_config") not in (None, config.to_json()):
             print(f"{checkpoint}: resuming with a different TrainConfig than the one saved", file=sys.stderr)
     start = int(host_value(state.step))
-    train_step = make_train_step(split, optimizer, mesh, schedule)
+    train_step = make_train_step(split, optimizer, mesh, schedule, objective)
     eval_step = make_eval_step(split, mesh) if eval_batches is not None else None
     iterator: Iterator[Any] = itertools.islice(iter(batches), start, None)
 

@@ -3,8 +3,12 @@
 The model is split once into its graph (static) and its parameters (a pytree); each step merges
 them back inside jit, so the step is one compiled function of plain arrays:
 
-    loss(w) = sum_{b,t} m[b,t] CE(logits_w(x)[b,t], y[b,t]) / max(1, sum m)      m = loss_mask
+    loss(w) = sum_{b,t} m[b,t] l(logits_w(x)[b,t], y[b,t]) / max(1, sum m)      m = loss_mask
     state' = (step + 1, w + optimizer_update(grad loss(w)), optimizer state')
+
+The per-token loss l is the model's own (`TransformerLM.token_losses`: the loss of its output
+normalizer, cross-entropy for softmax; cross-entropy for a model without one), or any
+`Objective` the caller passes, e.g. a distillation loss against a teacher's logits.
 
 Parameters and optimizer state are replicated over the mesh; the batch is split over its "data"
 axis. XLA inserts the gradient all-reduce, so one device and many run the same code.
@@ -53,24 +57,43 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
+Objective = Callable[[jax.Array, Any], jax.Array]
+"""objective(logits [B, T, V], batch) -> per-token losses [B, T] (masked and averaged by the step)."""
+
+
+def model_objective(module: nnx.Module) -> Objective:
+    """The module's own per-token loss (its `token_losses(logits, targets)`), or cross-entropy."""
+    losses = getattr(module, "token_losses", None)
+    if losses is None:
+        return lambda logits, batch: token_losses(logits, batch.targets)
+    return lambda logits, batch: losses(logits, batch.targets)
+
+
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """sum(values * mask) / max(1, sum(mask))."""
+    """sum(values * mask) / max(1, sum(mask)), with unscored positions contributing exactly 0."""
     mask = mask.astype(jnp.float32)
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(jnp.where(mask > 0, values * mask, 0.0)) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def make_train_step(
-    model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, schedule: optax.Schedule | None = None
+    model: Model,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    schedule: optax.Schedule | None = None,
+    objective: Objective | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """step(state, batch) -> (state', metrics) compiled for `mesh`; state is donated.
 
-    metrics: loss (masked mean cross-entropy), accuracy (of the argmax on scored positions),
-    grad_norm (before clipping) and learning_rate (used for this step), each a float32 scalar.
+    metrics: loss (masked mean of the per-token loss: `objective`, default the model's own),
+    accuracy (of the argmax on scored positions), grad_norm (before clipping) and learning_rate
+    (used for this step), each a float32 scalar.
     """
 
     def loss_fn(params: Any, batch: Any) -> tuple[jax.Array, jax.Array]:
-        logits = model.merge(params)(batch.inputs)
-        loss = masked_mean(token_losses(logits, batch.targets), batch.loss_mask)
+        module = model.merge(params)
+        logits = module(batch.inputs)
+        per_token = (objective or model_objective(module))(logits, batch)
+        loss = masked_mean(per_token, batch.loss_mask)
         correct = (jnp.argmax(logits, axis=-1) == batch.targets).astype(jnp.float32)
         return loss, masked_mean(correct, batch.loss_mask)
 
@@ -91,14 +114,16 @@ def make_train_step(
     )
 
 
-def eval_sums(logits: jax.Array, batch: Any) -> dict[str, jax.Array]:
-    """The sums `make_eval_step` returns (see there), from logits [B, T, V] and the batch."""
+def eval_sums(logits: jax.Array, batch: Any, losses: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The sums `make_eval_step` returns (see there), from logits [B, T, V], the batch and the
+    per-token losses [B, T] (default: cross-entropy)."""
+    losses = token_losses(logits, batch.targets) if losses is None else losses
     mask = batch.loss_mask.astype(jnp.float32)
     right = (jnp.argmax(logits, axis=-1) == batch.targets).astype(jnp.float32)
     scored = jnp.sum(mask, axis=1) > 0
     all_right = jnp.all((right > 0) | (mask == 0), axis=1) & scored
     return {
-        "loss_sum": jnp.sum(token_losses(logits, batch.targets) * mask, axis=0),
+        "loss_sum": jnp.sum(jnp.where(mask > 0, losses, 0.0), axis=0),
         "count": jnp.sum(mask, axis=0),
         "correct": jnp.sum(right * mask, axis=0),
         "sequences": jnp.sum(scored.astype(jnp.float32)),
@@ -109,14 +134,17 @@ def eval_sums(logits: jax.Array, batch: Any) -> dict[str, jax.Array]:
 def make_eval_step(model: Model, mesh: Mesh) -> Callable[[Any, Any, jax.Array], dict[str, jax.Array]]:
     """eval_step(params, batch, rope_theta) -> sums over the batch, for `evaluate` to accumulate:
 
-      loss_sum [T], count [T]: sum over b of m[b,t] CE[b,t], and of m[b,t]   (per position)
+      loss_sum [T], count [T]: sum over b of m[b,t] l[b,t], and of m[b,t]   (per position; l is the
+        model's own per-token loss, see the module docstring)
       correct [T]: scored positions whose argmax is the target
       sequences, sequences_correct: examples with a scored position, and those right at every one.
     rope_theta is a traced scalar, so raising it for evaluation does not recompile.
     """
 
     def eval_step(params: Any, batch: Any, rope_theta: jax.Array) -> dict[str, jax.Array]:
-        return eval_sums(model.merge(params)(batch.inputs, rope_theta=rope_theta), batch)
+        module = model.merge(params)
+        logits = module(batch.inputs, rope_theta=rope_theta)
+        return eval_sums(logits, batch, model_objective(module)(logits, batch))
 
     return jax.jit(
         eval_step,

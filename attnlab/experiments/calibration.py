@@ -1,0 +1,180 @@
+"""Calibration of the output layer: one byte-level LM per output normalizer, before and after temperature scaling.
+
+For each output normalizer (`attnlab.losses.OutputNormalizer`: softmax, softmax with label
+smoothing, 1.5-entmax, sparsemax, alpha-entmax) a `TransformerLM` with softmax attention is
+trained at L = training.seq_len on the default corpus with the output's own loss
+(cross-entropy, or the matching Fenchel-Young loss), the same data, initialisation and
+optimizer for each. Its next-byte predictions p = output.probabilities(z) are then scored on
+`eval_windows` validation windows of L bytes spread evenly over the validation split: every
+position of `fit_windows` of them (evenly interleaved) is the held-out set on which one
+temperature T is fitted
+(`attnlab.calibration.fit_temperature`: NLL for softmax, the output's Fenchel-Young loss for
+a sparse one), and every position of the remaining windows is scored with z and with z / T:
+
+    accuracy, NLL, the fraction of targets given probability 0, the NLL over the others,
+    Brier score, mean confidence and support, ECE (equal-width and equal-mass bins),
+    the output's training loss, and the reliability diagram's bins.
+
+Records (per output): see `run_point`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnlab import calibration
+from attnlab.data import load_corpus, train_batches
+from attnlab.experiments import lm
+from attnlab.experiments.config import LayerNormalizer, to_json
+from attnlab.losses import OutputNormalizer
+from attnlab.nn import NormalizerSpec
+
+KIND = "calibration"
+DESCRIPTION = "one LM per output normalizer: accuracy, NLL, ECE and reliability before and after temperature scaling"
+
+DEFAULT_OUTPUTS = (
+    OutputNormalizer("softmax"),
+    OutputNormalizer("softmax", label_smoothing=0.1),
+    OutputNormalizer("entmax", alpha=1.25),
+    OutputNormalizer("entmax15"),
+    OutputNormalizer("sparsemax"),
+)
+ATTENTION = LayerNormalizer(NormalizerSpec("softmax"), "softmax")
+EVAL_BATCH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """outputs: the output normalizers, one model each (a mapping name or a table {mapping, alpha,
+    label_smoothing}); model, training: as in the other training kinds (attention is softmax);
+    eval_windows: validation windows of training.seq_len bytes at evenly spaced offsets, every
+    position scored; fit_windows: this many of them, evenly interleaved, fit the temperature, the
+    rest are the test set; bins: reliability bins (equal-width and equal-mass)."""
+
+    outputs: tuple[OutputNormalizer, ...] = DEFAULT_OUTPUTS
+    model: lm.ModelSetting = dataclasses.field(default_factory=lm.ModelSetting)
+    training: lm.TrainingSetting = dataclasses.field(default_factory=lm.TrainingSetting)
+    eval_windows: int = 256
+    fit_windows: int = 64
+    bins: int = 15
+
+    def __post_init__(self):
+        if self.bins < 1:
+            raise ValueError(f"bins must be >= 1; got {self.bins}")
+        if not 1 <= self.fit_windows < self.eval_windows:
+            raise ValueError(
+                f"fit_windows={self.fit_windows} must be in [1, eval_windows={self.eval_windows}) "
+                "(the rest of the windows are the test set)"
+            )
+        if self.eval_windows % EVAL_BATCH:
+            raise ValueError(f"eval_windows={self.eval_windows} must be a multiple of {EVAL_BATCH}")
+
+
+def config_to_json(config: Config) -> dict[str, Any]:
+    return to_json(config)
+
+
+def points(config: Config) -> list[dict[str, Any]]:
+    """One point per output normalizer: train, fit T, score."""
+    return [{"output": output.label} for output in config.outputs]
+
+
+def validation_windows(data: np.ndarray, seq_len: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) [count, seq_len]: windows starting at `count` evenly spaced offsets over the
+    whole of `data` (so they sample every part of the validation split, not its first files)."""
+    if len(data) < seq_len + count:
+        raise ValueError(
+            f"eval_windows={count}: the validation split ({len(data)} bytes) is too short for {count} "
+            f"windows of {seq_len} bytes"
+        )
+    starts = np.linspace(0, len(data) - seq_len - 1, count).round().astype(int)
+    windows = np.stack([data[start : start + seq_len + 1] for start in starts])
+    return windows[:, :-1], windows[:, 1:]
+
+
+def fit_mask(config: Config) -> np.ndarray:
+    """bool [eval_windows]: the fit_windows windows (evenly interleaved) that fit T; the rest are scored."""
+    mask = np.zeros(config.eval_windows, bool)
+    mask[np.linspace(0, config.eval_windows - 1, config.fit_windows).round().astype(int)] = True
+    return mask
+
+
+def validation_logits(model: Any, config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [W, L, V] float32, targets [W, L]) on the eval_windows validation windows."""
+    inputs, targets = validation_windows(load_corpus().validation, config.training.seq_len, config.eval_windows)
+    forward = jax.jit(lambda tokens: model(tokens))
+    logits = [np.asarray(forward(jnp.asarray(chunk))) for chunk in np.split(inputs, len(inputs) // EVAL_BATCH)]
+    return np.concatenate(logits), targets
+
+
+def _report(output: OutputNormalizer, logits: np.ndarray, labels: np.ndarray, bins: int) -> dict[str, Any]:
+    """calibration.scores of output.probabilities(logits), the output's loss, and the reliability bins."""
+    probs = np.asarray(output.probabilities(jnp.asarray(logits)), np.float64)
+    report = calibration.scores(probs, labels, bins=bins)
+    report["loss"] = float(jnp.mean(output.loss(jnp.asarray(logits), jnp.asarray(labels))))
+    report["reliability"] = {}
+    for scheme in calibration.SCHEMES:
+        found = calibration.reliability_bins(probs, labels, bins=bins, scheme=scheme)
+        report["reliability"][scheme] = {
+            "edges": found.edges.tolist(),
+            "count": found.count.tolist(),
+            "confidence": [None if np.isnan(x) else float(x) for x in found.confidence],
+            "accuracy": [None if np.isnan(x) else float(x) for x in found.accuracy],
+        }
+    return report
+
+
+def run_point(
+    config: Config, point: dict[str, Any], *, progress: lm.Progress | None = None, workdir: Path | None = None
+) -> list[dict[str, Any]]:
+    """Train one model with its output normalizer, fit T on the fit windows, score the test windows. Records:
+
+    {"record": "training", "output"}: parameters, history (the output's own training loss),
+      tokens_per_second, compile_seconds, train_seconds, wall_seconds (see `lm.train_model`).
+    {"record": "calibration", "output"}: mapping, alpha, label_smoothing, temperature (fitted),
+      fit_examples, test_examples, and "before" / "after" (logits z and z / T on the test
+      positions), each with accuracy, nll (+inf when a target has probability 0),
+      zero_target_fraction, nll_nonzero, brier, confidence, support, ece_width, ece_mass
+      (see `attnlab.calibration.scores`), loss (the output's training loss) and reliability
+      {width, mass: {edges, count, confidence, accuracy}} (empty bins: null).
+    """
+    output = next(o for o in config.outputs if o.label == point["output"])
+    training = config.training
+    corpus = load_corpus()
+    batches = train_batches(corpus.train, seq_len=training.seq_len, batch_size=training.batch_size, seed=training.seed)
+    model, trained = lm.train_model(
+        config.model,
+        training,
+        ATTENTION,
+        batches,
+        workdir=workdir,
+        progress=progress,
+        output=output,
+        name=f"output_{output.label}",
+    )
+    if progress is not None:
+        progress(f"scoring {output.label}", 0, 1)
+    logits, targets = validation_logits(model, config)
+    vocab, fit = logits.shape[-1], fit_mask(config)
+    fit_logits, fit_labels = logits[fit].reshape(-1, vocab), targets[fit].reshape(-1)
+    test_logits, test_labels = logits[~fit].reshape(-1, vocab), targets[~fit].reshape(-1)
+    temperature = calibration.fit_temperature(fit_logits, fit_labels, output=output)
+    return [
+        {"record": "training", "output": output.label, **trained},
+        {
+            "record": "calibration",
+            "output": output.label,
+            **output.to_json(),
+            "temperature": temperature,
+            "fit_examples": int(fit_labels.size),
+            "test_examples": int(test_labels.size),
+            "before": _report(output, test_logits, test_labels, config.bins),
+            "after": _report(output, test_logits / temperature, test_labels, config.bins),
+        },
+    ]
