@@ -48,7 +48,7 @@ def _records(out: Path, record: str) -> list[dict]:
 def test_records_hold_the_scores_before_and_after(quick_run):
     config = experiments.load(QUICK).config
     scored = _records(quick_run, "calibration")
-    assert [r["output"] for r in scored] == [o.label for o in config.outputs] == ["softmax", "sparsemax", "entmax1.25"]
+    assert [r["output"] for r in scored] == [o.label for o in config.outputs] == ["softmax", "sparsemax"]
     seq_len, vocab = config.training.seq_len, 256
     for r in scored:
         assert r["fit_examples"] == config.fit_windows * seq_len
@@ -73,12 +73,12 @@ def test_records_hold_the_scores_before_and_after(quick_run):
     assert softmax["before"]["loss"] == pytest.approx(softmax["before"]["nll"], rel=1e-5)  # cross-entropy
     assert scored[1]["before"]["support"] < vocab  # sparsemax gives exact zeros
     checkpoints = sorted(p.name for p in (quick_run / "checkpoints" / "calibration_quick").iterdir())
-    assert checkpoints == ["output_entmax1.25.npz", "output_softmax.npz", "output_sparsemax.npz"]
+    assert checkpoints == ["output_softmax.npz", "output_sparsemax.npz"]
 
 
 def test_training_records_follow_each_outputs_own_loss(quick_run):
     trained = {r["output"]: r for r in _records(quick_run, "training")}
-    assert set(trained) == {"softmax", "sparsemax", "entmax1.25"}
+    assert set(trained) == {"softmax", "sparsemax"}
     # Same data and initialisation: at the first logged step the cross-entropy (log 256 at
     # init) is well above the sparsemax loss, whose value near uniform logits is about 1/2.
     assert trained["softmax"]["history"][0]["loss"] > 4.0 > 1.0 > trained["sparsemax"]["history"][0]["loss"]

@@ -320,10 +320,10 @@ def test_a_sparse_output_trains_and_evaluates_with_its_own_loss():
     assert evaluate(model, [batch]).loss == pytest.approx(want, rel=1e-5)
     probs = np.asarray(model.probabilities(logits))
     np.testing.assert_allclose(probs, np.asarray(normalizers.sparsemax(logits)), atol=1e-6)
-    result = train(model, iter(lambda: batch, None), TrainConfig(steps=40, optimizer=FAST, log_every=1), progress=False)
+    result = train(model, iter(lambda: batch, None), TrainConfig(steps=30, optimizer=FAST, log_every=1), progress=False)
     # The step minimises the sparsemax loss: on one batch it reaches exact zeros on most targets' rivals.
     assert _losses(result)[0] == pytest.approx(want, rel=1e-4)
-    assert _losses(result)[-1] < 0.2 * _losses(result)[0]
+    assert _losses(result)[-1] < 0.3 * _losses(result)[0]
     assert float(np.mean(np.asarray(model.probabilities(model(batch.inputs))) == 0)) > 0.5
 
 
@@ -331,11 +331,12 @@ def test_an_objective_replaces_the_loss_of_the_step():
     from attnlab.train.step import token_losses
 
     batch = _batch(4)
-    config = TrainConfig(steps=1, optimizer=FAST, log_every=1)
+    model = _model()
+    initial = float(np.mean(token_losses(model(batch.inputs), batch.targets)))
 
     def doubled(logits, b):
         return 2.0 * token_losses(logits, b.targets)
 
-    plain = train(_model(), iter(lambda: batch, None), config, progress=False)
-    scaled = train(_model(), iter(lambda: batch, None), config, objective=doubled, progress=False)
-    assert _losses(scaled)[0] == pytest.approx(2 * _losses(plain)[0], rel=1e-6)
+    config = TrainConfig(steps=1, optimizer=FAST, log_every=1)
+    result = train(model, iter(lambda: batch, None), config, objective=doubled, progress=False)
+    assert _losses(result)[0] == pytest.approx(2 * initial, rel=1e-5)
