@@ -21,3 +21,19 @@ CONFIGS = [
 ]
 CONFIG_IDS = [name + "".join(f"-{k}={v}" for k, v in params) for name, params in CONFIGS]
 all_configs = pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+
+# The normalizers proposed since SSMax (attnlab.normalizers.recent). None is shift invariant and
+# softmax1, sigmoid and softpick do not sum to 1, so the simplex properties above do not apply;
+# tests/test_normalizers_recent.py checks what does (masking, limits, gradients, references).
+RECENT_CONFIGS = [
+    ("softmax1", ()),
+    ("sigmoid", ()),
+    ("sigmoid", (("bias", -0.5),)),
+    ("stablemax", ()),
+    ("softpick", ()),
+    ("multimax", ()),
+    ("multimax", (("b_low", -0.5), ("b_high", 0.5), ("slope_low", 3.0), ("slope_high", 1.5))),
+]
+RECENT_IDS = [name + "".join(f"-{k}={v}" for k, v in params) for name, params in RECENT_CONFIGS]
+recent_configs = pytest.mark.parametrize("config", RECENT_CONFIGS, ids=RECENT_IDS)
+EVERY_NAME = {name for name, _ in CONFIGS + RECENT_CONFIGS}

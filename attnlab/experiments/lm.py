@@ -247,10 +247,13 @@ class Probe:
 
 def learned_parameters(model: TransformerLM) -> dict[str, list[list[float]]]:
     """The learned normalizer parameters of every layer, [layer][head], in their natural units:
-    s and bias as stored, alpha = clip(1 + sigmoid(alpha_logit), 1.01, 2), temperature = exp(.)."""
+    s and bias as stored, alpha = clip(1 + sigmoid(alpha_logit), 1.01, 2), temperature = exp(.),
+    MultiMax's bends as stored and its slopes = exp(.)."""
     readable = {
         "alpha_logit": ("alpha", alpha_from_logit),
         "log_temperature": ("temperature", jnp.exp),
+        "multimax_log_slope_low": ("multimax_slope_low", jnp.exp),
+        "multimax_log_slope_high": ("multimax_slope_high", jnp.exp),
     }
     out: dict[str, list[list[float]]] = {}
     for block in model.blocks:

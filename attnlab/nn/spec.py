@@ -10,6 +10,8 @@ Learned parameters and their parametrisations (N = number of query heads):
     bias            [N, 1, 1]  SSMax's additive bias, scale = s log n + bias     log-n names
     alpha_logit     [N, 1, 1]  alpha = clip(1 + sigmoid(alpha_logit), 1.01, 2)   entmax, logn_entmax
     log_temperature [N, 1, 1]  temperature = exp(log_temperature) > 0            scaled_softmax
+    multimax_b_low, multimax_b_high                [N, 1, 1]  the modulator's bends   multimax
+    multimax_log_slope_low, multimax_log_slope_high [N, 1, 1]  slope = exp(.) > 0     multimax
 
 alpha's parametrisation keeps it inside [1.01, 2] whatever the optimiser does (an unconstrained
 alpha drifts below 1: entmax issue #39).
@@ -32,6 +34,8 @@ from attnlab.normalizers import Normalizer, Softmax
 LOGN_NAMES = ("ssmax", "logn_sparsemax", "logn_entmax15", "logn_entmax")
 ALPHA_NAMES = ("entmax", "logn_entmax")
 TEMPERATURE_NAMES = ("scaled_softmax",)
+MULTIMAX_NAMES = ("multimax",)
+MULTIMAX_LEARNED = ("multimax_b_low", "multimax_b_high", "multimax_log_slope_low", "multimax_log_slope_high")
 S_INIT_RULES = ("inverse_mean_log_n",)
 PAPER_S = 0.43
 ALPHA_MIN, ALPHA_MAX = 1.01, 2.0
@@ -78,6 +82,8 @@ class NormalizerSpec:
       alpha_init: its initial value, in [1.01, 2).
       learn_temperature: scaled_softmax: learn the temperature per head as exp(log_temperature),
         initialised at params["temperature"] (default 1).
+      learn_multimax: multimax: learn its b_low, b_high and (as logs) slope_low, slope_high per
+        head, initialised at params (or the registry defaults). Learned bends are not kept ordered.
 
     Bad values raise ValueError naming the field and what is accepted. A plain string is
     accepted wherever a spec is, meaning `NormalizerSpec(name=...)`.
@@ -93,11 +99,12 @@ class NormalizerSpec:
     learn_alpha: bool = False
     alpha_init: float = 1.5
     learn_temperature: bool = False
+    learn_multimax: bool = False
 
     def __post_init__(self):
         if not isinstance(self.name, str) or self.name not in normalizers.NAMES:
             raise ValueError(f"NormalizerSpec.name={self.name!r}; accepted: {', '.join(normalizers.NAMES)}")
-        for flag in ("learn_s", "learn_bias", "learn_alpha", "learn_temperature"):
+        for flag in ("learn_s", "learn_bias", "learn_alpha", "learn_temperature", "learn_multimax"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"NormalizerSpec.{flag} must be True or False; got {getattr(self, flag)!r}")
         object.__setattr__(self, "params", self._check_params(self.params))
@@ -151,6 +158,8 @@ class NormalizerSpec:
             only("learn_alpha", ALPHA_NAMES)
         if self.learn_temperature:
             only("learn_temperature", TEMPERATURE_NAMES)
+        if self.learn_multimax:
+            only("learn_multimax", MULTIMAX_NAMES)
         if self.s_init != PAPER_S or self.train_length is not None:
             only("s_init" if self.s_init != PAPER_S else "train_length", LOGN_NAMES)
         if self.bias_init != 0.0 and not self.learn_bias:
@@ -204,6 +213,8 @@ class NormalizerSpec:
             names.append("alpha_logit")
         if self.learn_temperature:
             names.append("log_temperature")
+        if self.learn_multimax:
+            names.extend(MULTIMAX_LEARNED)
         return tuple(names)
 
     @property
@@ -213,12 +224,17 @@ class NormalizerSpec:
 
     def initial_params(self, num_heads: int) -> dict[str, np.ndarray]:
         """Initial values of the learned parameters, each float32 [num_heads, 1, 1]."""
+        multimax = {**normalizers.parameters("multimax"), **self.fixed} if self.learn_multimax else {}
         start = {
             "s": self.s,
             "bias": self.bias_init,
             "alpha_logit": alpha_to_logit(self.alpha_init) if self.learn_alpha else None,
             "log_temperature": math.log(self.fixed.get("temperature", 1.0)) if self.learn_temperature else None,
         }
+        if self.learn_multimax:
+            start["multimax_b_low"], start["multimax_b_high"] = multimax["b_low"], multimax["b_high"]
+            start["multimax_log_slope_low"] = math.log(multimax["slope_low"])
+            start["multimax_log_slope_high"] = math.log(multimax["slope_high"])
         return {name: np.full((num_heads, 1, 1), start[name], np.float32) for name in self.learned}
 
     def build(self, learned: Mapping[str, Any]) -> Normalizer:
@@ -235,6 +251,10 @@ class NormalizerSpec:
             params["alpha"] = alpha_from_logit(learned["alpha_logit"])
         if self.learn_temperature:
             params["temperature"] = jnp.exp(learned["log_temperature"])
+        if self.learn_multimax:
+            params["b_low"], params["b_high"] = learned["multimax_b_low"], learned["multimax_b_high"]
+            params["slope_low"] = jnp.exp(learned["multimax_log_slope_low"])
+            params["slope_high"] = jnp.exp(learned["multimax_log_slope_high"])
         return normalizers.get(self.name, **params)
 
 

@@ -36,17 +36,28 @@ def row_max(z: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
-def prepare_rows(logits: jax.Array, axis: int, where: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def prepare_rows(
+    logits: jax.Array, axis: int, where: jax.Array | None, *, shift: bool = True
+) -> tuple[jax.Array, jax.Array]:
     """Move `axis` last, cast, and resolve masking and infinities.
 
     Returns (z, valid), both [..., n]:
       - valid = where & (logits != -inf); NaN counts as valid so that it propagates;
       - a row holding +inf keeps only its +inf entries, each with logit 0 (the limit of the
-        mapping as those logits grow together: uniform over them);
-      - z is shifted by the row's valid maximum (every mapping here is shift invariant),
-        floored at -finfo.max so that differences never reach -inf, and set to 0 where
-        invalid, so no inf or NaN from a masked entry reaches a value or a gradient.
+        mapping as those logits grow together: uniform over them, for a shift-invariant map);
+      - with `shift`, z is shifted by the row's valid maximum (for shift-invariant mappings),
+        floored at -finfo.max so that differences never reach -inf; without it z keeps the
+        logits' values (the maps that are not shift invariant shift internally);
+      - z is 0 where invalid, so no inf or NaN from a masked entry reaches a value or a gradient.
     """
+    z, valid, _ = prepare_rows_with_infinity(logits, axis, where, shift=shift)
+    return z, valid
+
+
+def prepare_rows_with_infinity(
+    logits: jax.Array, axis: int, where: jax.Array | None, *, shift: bool = True
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`prepare_rows`, and also bool [..., 1]: whether each row held a valid +inf (and was cut to those entries)."""
     x = jnp.asarray(logits)
     x = x.astype(compute_dtype(x.dtype))
     if where is not None:
@@ -60,10 +71,12 @@ def prepare_rows(logits: jax.Array, axis: int, where: jax.Array | None) -> tuple
     row_has_pos_inf = jnp.any(pos_inf, axis=-1, keepdims=True)
     valid = jnp.where(row_has_pos_inf, pos_inf, valid)
     x = jnp.where(pos_inf, 0.0, x)
+    if not shift:
+        return jnp.where(valid, x, 0.0), valid, row_has_pos_inf
     m = jax.lax.stop_gradient(row_max(x, valid))
     lowest = jnp.finfo(x.dtype).min
     z = jnp.where(valid, jnp.maximum(x - m, lowest), 0.0)
-    return z, valid
+    return z, valid, row_has_pos_inf
 
 
 def restore_rows(p: jax.Array, axis: int, dtype: Any) -> jax.Array:

@@ -170,6 +170,8 @@ class Softmax:
 
     name = "softmax"
     sparse = False
+    normalized = True
+    shift_invariant = True
 
     def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
         return softmax_rows(z, valid)
@@ -181,6 +183,8 @@ class Sparsemax:
 
     name = "sparsemax"
     sparse = True
+    normalized = True
+    shift_invariant = True
 
     def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
         return sparsemax_rows(z, valid)
@@ -192,6 +196,8 @@ class Entmax15:
 
     name = "entmax15"
     sparse = True
+    normalized = True
+    shift_invariant = True
 
     def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
         return entmax15_rows(z, valid)
@@ -204,6 +210,8 @@ class Entmax:
     alpha: Any = 1.5
     name = "entmax"
     sparse = True
+    normalized = True
+    shift_invariant = True
 
     def __post_init__(self):
         check_param("alpha", self.alpha, minimum=1.0, inclusive=True, where="entmax")

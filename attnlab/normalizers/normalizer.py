@@ -9,11 +9,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.normalizers._rows import align_param, prepare_rows, register_pytree_dataclass, restore_rows
+from attnlab.normalizers._rows import align_param, prepare_rows_with_infinity, register_pytree_dataclass, restore_rows
 from attnlab.normalizers.mappings import Entmax, Entmax15, Softmax, Sparsemax
+from attnlab.normalizers.recent import MultiMax, Sigmoid, Softmax1, Softpick, StableMax
 from attnlab.normalizers.scaling import LogN, Temperature
 
-Mapping = Softmax | Sparsemax | Entmax15 | Entmax
+Mapping = Softmax | Sparsemax | Entmax15 | Entmax | Softmax1 | Sigmoid | StableMax | Softpick | MultiMax
 Scale = Temperature | LogN
 
 
@@ -28,7 +29,8 @@ class Normalizer:
 
     Masking: entries with where=False or logit -inf get exactly 0 and zero gradient; a row with
     no valid entry is all zeros with zero gradient; a row holding +inf is uniform over its +inf
-    entries. n, for scale policies that use it, is the row's number of valid entries.
+    entries (sigmoid, whose entries are independent: 1 on each, 0 elsewhere). n, for scale
+    policies and the sigmoid's bias, is the row's number of valid entries.
     """
 
     mapping: Mapping
@@ -44,15 +46,32 @@ class Normalizer:
         """Whether the mapping can output exact zeros on valid entries."""
         return self.mapping.sparse
 
+    @property
+    def normalized(self) -> bool:
+        """Whether each row of valid entries sums to 1 (not so for softmax1, sigmoid, softpick)."""
+        return self.mapping.normalized
+
+    @property
+    def shift_invariant(self) -> bool:
+        """Whether adding a constant to a row's logits leaves its output unchanged."""
+        return self.mapping.shift_invariant  # scale policies multiply a row by one factor: a shift stays a shift
+
     def __call__(self, logits: Any, *, axis: int = -1, where: Any = None) -> jax.Array:
         logits = jnp.asarray(logits)
         axis = _check_axis(axis, logits.ndim, self.name)
         align = partial(_align, shape=logits.shape, axis=axis)
-        z, valid = prepare_rows(logits, axis, where)
+        shift = self.mapping.shift_invariant
+        z, valid, infinite_row = prepare_rows_with_infinity(logits, axis, where, shift=shift)
         if self.scale is not None:
             n_valid = jnp.sum(valid, axis=-1, keepdims=True).astype(z.dtype)
             z = z * self.scale.factor(n_valid, align).astype(z.dtype)
         p = self.mapping(z, valid, align)
+        if not shift:
+            # Rows cut to their +inf entries: the limit as those logits grow together.
+            limit = valid.astype(p.dtype)
+            if not getattr(self.mapping, "elementwise", False):
+                limit = limit / jnp.maximum(jnp.sum(limit, axis=-1, keepdims=True), 1.0)
+            p = jnp.where(infinite_row, limit, p)
         return restore_rows(p, axis, logits.dtype)
 
 

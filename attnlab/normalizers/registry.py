@@ -10,6 +10,7 @@ import jax
 
 from attnlab.normalizers.mappings import Entmax, Entmax15, Softmax, Sparsemax
 from attnlab.normalizers.normalizer import Normalizer
+from attnlab.normalizers.recent import MultiMax, Sigmoid, Softmax1, Softpick, StableMax
 from attnlab.normalizers.scaling import LogN, Temperature
 
 
@@ -72,6 +73,29 @@ _REGISTRY: dict[str, _Entry] = {
         lambda alpha, s, bias, n: Normalizer(_entmax_mapping(alpha), _logn(s, bias, n), name="logn_entmax"),
         {"alpha": 1.5, **_LOGN_DEFAULTS},
         "alpha-entmax((s log n + bias) z)",
+    ),
+    "softmax1": _Entry(
+        lambda: Normalizer(Softmax1(), name="softmax1"), {}, "exp(z) / (1 + sum exp(z)), off by one: rows sum to < 1"
+    ),
+    "sigmoid": _Entry(
+        lambda bias: Normalizer(Sigmoid(bias), name="sigmoid"),
+        {"bias": None},
+        "sigmoid(z + bias), bias = -log n by default (n = valid entries of the row); not normalised",
+    ),
+    "stablemax": _Entry(
+        lambda: Normalizer(StableMax(), name="stablemax"), {}, "s(z) / sum s(z); s(x) = x + 1 (x >= 0), 1/(1 - x) else"
+    ),
+    "softpick": _Entry(
+        lambda eps: Normalizer(Softpick(eps), name="softpick"),
+        {"eps": 1e-6},
+        "relu(exp(z) - 1) / (sum |exp(z) - 1| + eps): exact zeros where z <= 0, rows sum to <= 1",
+    ),
+    "multimax": _Entry(
+        lambda b_low, b_high, slope_low, slope_high: Normalizer(
+            MultiMax(b_low, b_high, slope_low, slope_high), name="multimax"
+        ),
+        {"b_low": 0.0, "b_high": 1.0, "slope_low": 2.0, "slope_high": 0.5},
+        "softmax(phi(z)), phi piecewise linear: slope_low below b_low, 1 between, slope_high above b_high",
     ),
 }
 
@@ -149,4 +173,27 @@ entmax = _functional(
     "entmax",
     "p = [(alpha-1) z - tau]_+^(1/(alpha-1)); alpha = 1 is softmax, 2 is sparsemax."
     + _COMMON.format(params="  alpha: >= 1; a float or an array (one per row, e.g. [H, 1, 1]); differentiable.\n"),
+)
+softmax1 = _functional(
+    "softmax1", "Off-by-one softmax, p = exp(z) / (1 + sum exp(z)) (rows sum to < 1)." + _COMMON.format(params="")
+)
+sigmoid = _functional(
+    "sigmoid",
+    "Sigmoid attention, p = sigmoid(z + bias) (Ramapuram et al. 2024); not normalised."
+    + _COMMON.format(params="  bias: default None, meaning -log n with n the row's number of valid entries.\n"),
+)
+stablemax = _functional(
+    "stablemax",
+    "StableMax, p = s(z) / sum s(z), s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0) (Prieto et al. 2025)."
+    + _COMMON.format(params=""),
+)
+softpick = _functional(
+    "softpick",
+    "Softpick, p = relu(exp(z) - 1) / (sum |exp(z) - 1| + eps) (Zuhri et al. 2025); rows sum to <= 1."
+    + _COMMON.format(params="  eps: > 0 (default 1e-6).\n"),
+)
+multimax = _functional(
+    "multimax",
+    "MultiMax, p = softmax(phi(z)), phi(x) = x - (slope_low - 1)[b_low - x]_+ + (slope_high - 1)[x - b_high]_+."
+    + _COMMON.format(params="  b_low <= b_high; slope_low, slope_high > 0 (defaults 0, 1, 2, 0.5).\n"),
 )

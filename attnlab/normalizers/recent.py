@@ -1,0 +1,193 @@
+"""Normalizers proposed since SSMax, as mappings: softmax1, sigmoid, StableMax, softpick, MultiMax.
+
+Each acts on prepared rows like the mappings of :mod:`attnlab.normalizers.mappings` (z [..., n],
+0 where invalid; valid [..., n] bool), but none is shift invariant, so a `Normalizer` hands them
+the logits unshifted (`shift_invariant = False`) and each keeps its own arithmetic safe:
+
+    softmax1   p_i = e^{z_i} / (1 + sum_j e^{z_j})                  (Miller 2023, "off by one")
+               rows sum to < 1: a head may attend to nothing. Computed with c = max(0, max z):
+               e^{z_i - c} / (e^{-c} + sum_j e^{z_j - c}).
+    sigmoid    p_i = sigmoid(z_i + b),  b = -log n by default          (Ramapuram et al. 2024)
+               n = the row's valid entries (under a causal mask, the keys the query sees);
+               not normalised, every entry independent.
+    stablemax  p_i = s(z_i) / sum_j s(z_j),  s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0)
+               (Prieto et al. 2025): polynomial instead of exponential tails; never exactly 0.
+    softpick   p_i = relu(e^{z_i} - 1) / (sum_j |e^{z_j} - 1| + eps)   (Zuhri et al. 2025)
+               exact zeros wherever z_i <= 0, rows sum to <= 1 (no attention sink). Computed
+               with c = max(0, max z): (e^{z_i - c} - e^{-c})_+ / (sum_j |e^{z_j - c} - e^{-c}| + eps e^{-c}).
+    multimax   p = softmax(phi(z)),  phi(x) = x - (slope_low - 1) [b_low - x]_+ + (slope_high - 1) [x - b_high]_+
+               (Zhou, Fritz & Keuper 2024, its first-order piecewise-linear form): slope 1 between
+               b_low and b_high, slope_low below (> 1 pushes small logits further down: sparser),
+               slope_high above (< 1 brings the large ones together: several peaks survive).
+
+Masking is the library's: masked and -inf entries get exactly 0 and zero gradient; a row with no
+valid entry is all zeros; a row holding +inf keeps only its +inf entries (uniform over them, or
+1 on each for sigmoid, whose entries are independent). Gradients are plain autodiff of these
+closed forms (every branch is computed on safe values, so no inf or NaN leaks through a `where`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.normalizers._rows import check_param, concrete_values, register_pytree_dataclass, row_max
+from attnlab.normalizers.mappings import softmax_rows
+
+Align = Callable[[Any, str], jax.Array]
+
+
+def _total(x: jax.Array) -> jax.Array:
+    """Row sums [..., 1], with 1 in place of 0 (an empty row stays 0)."""
+    total = jnp.sum(x, axis=-1, keepdims=True)
+    return jnp.where(total == 0, 1.0, total)
+
+
+def _nonnegative_shift(z: jax.Array, valid: jax.Array) -> jax.Array:
+    """c = max(0, max over valid z) [..., 1], held constant for differentiation."""
+    return jax.lax.stop_gradient(jnp.maximum(row_max(z, valid), 0.0))
+
+
+def softmax1_rows(z: jax.Array, valid: jax.Array) -> jax.Array:
+    """e^{z_i} / (1 + sum_j e^{z_j}) over valid entries; [..., n]."""
+    c = _nonnegative_shift(z, valid)
+    e = jnp.where(valid, jnp.exp(jnp.where(valid, z - c, 0.0)), 0.0)
+    return e / (jnp.exp(-c) + jnp.sum(e, axis=-1, keepdims=True))
+
+
+def sigmoid_rows(z: jax.Array, valid: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """sigmoid(z_i + b) on valid entries, b = -log n (n = valid entries of the row) when bias is None."""
+    if bias is None:
+        n = jnp.sum(valid, axis=-1, keepdims=True).astype(z.dtype)
+        bias = -jnp.log(jnp.maximum(n, 1.0))
+    return jnp.where(valid, jax.nn.sigmoid(z + bias), 0.0)
+
+
+def stablemax_rows(z: jax.Array, valid: jax.Array) -> jax.Array:
+    """s(z_i) / sum_j s(z_j), s(x) = x + 1 for x >= 0 and 1 / (1 - x) for x < 0."""
+    positive = z >= 0
+    s = jnp.where(positive, jnp.where(positive, z, 0.0) + 1.0, 1.0 / (1.0 - jnp.where(positive, 0.0, z)))
+    s = jnp.where(valid, s, 0.0)
+    # Dividing by the row's largest s first keeps the sum finite for logits near float max.
+    s = s / jax.lax.stop_gradient(jnp.where(valid, s, 0.0).max(axis=-1, keepdims=True).clip(min=1.0))
+    return s / _total(s)
+
+
+def softpick_rows(z: jax.Array, valid: jax.Array, eps: jax.Array) -> jax.Array:
+    """relu(e^{z_i} - 1) / (sum_j |e^{z_j} - 1| + eps) over valid entries (shifted by c = max(0, max z))."""
+    c = _nonnegative_shift(z, valid)
+    floor = jnp.exp(-c)
+    d = jnp.where(valid, jnp.exp(jnp.where(valid, z - c, 0.0)) - floor, 0.0)
+    return jnp.maximum(d, 0.0) / (jnp.sum(jnp.abs(d), axis=-1, keepdims=True) + eps * floor)
+
+
+def multimax_modulator(x: jax.Array, b_low: Any, b_high: Any, slope_low: Any, slope_high: Any) -> jax.Array:
+    """phi(x) = x - (slope_low - 1) [b_low - x]_+ + (slope_high - 1) [x - b_high]_+ (continuous, piecewise linear)."""
+    return x - (slope_low - 1.0) * jnp.maximum(b_low - x, 0.0) + (slope_high - 1.0) * jnp.maximum(x - b_high, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mapping objects (see mappings.py): parameters are pytree leaves, everything else static.
+
+
+@dataclasses.dataclass(frozen=True)
+class Softmax1:
+    """exp(z) / (1 + sum exp(z)): softmax with a zero logit that takes no value (rows sum to < 1)."""
+
+    name = "softmax1"
+    sparse = False
+    normalized = False
+    shift_invariant = False
+
+    def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
+        return softmax1_rows(z, valid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sigmoid:
+    """sigmoid(z + bias), bias = -log n by default (n = the row's valid entries); not normalised."""
+
+    bias: Any = None
+    name = "sigmoid"
+    sparse = False
+    normalized = False
+    shift_invariant = False
+    elementwise = True
+
+    def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
+        bias = None if self.bias is None else align(self.bias, "bias").astype(z.dtype)
+        return sigmoid_rows(z, valid, bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class StableMax:
+    """s(z) / sum s(z), s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0) (Prieto et al. 2025)."""
+
+    name = "stablemax"
+    sparse = False
+    normalized = True
+    shift_invariant = False
+
+    def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
+        return stablemax_rows(z, valid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Softpick:
+    """relu(e^z - 1) / (sum |e^z - 1| + eps) (Zuhri et al. 2025): exact zeros where z <= 0, rows sum to <= 1."""
+
+    eps: Any = 1e-6
+    name = "softpick"
+    sparse = True
+    normalized = False
+    shift_invariant = False
+
+    def __post_init__(self):
+        check_param("eps", self.eps, minimum=0.0, inclusive=False, where="softpick")
+
+    def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
+        return softpick_rows(z, valid, align(self.eps, "eps").astype(z.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiMax:
+    """softmax(phi(z)) with the piecewise-linear modulator phi of `multimax_modulator` (Zhou et al. 2024).
+
+    Defaults (our choice; the paper learns them per layer): b_low = 0, b_high = 1, slope_low = 2,
+    slope_high = 0.5. slope_low = slope_high = 1 is softmax. Slopes must be > 0 (phi monotone),
+    and b_low <= b_high when both are Python numbers (learned ones are not checked).
+    """
+
+    b_low: Any = 0.0
+    b_high: Any = 1.0
+    slope_low: Any = 2.0
+    slope_high: Any = 0.5
+    name = "multimax"
+    sparse = False
+    normalized = True
+    shift_invariant = False
+
+    def __post_init__(self):
+        for field in ("slope_low", "slope_high"):
+            check_param(field, getattr(self, field), minimum=0.0, inclusive=False, where="multimax")
+        low, high = concrete_values(self.b_low), concrete_values(self.b_high)
+        numbers = all(isinstance(v, (int, float)) for v in (self.b_low, self.b_high))
+        if numbers and low is not None and high is not None and low > high:
+            raise ValueError(f"multimax: b_low={self.b_low} must be <= b_high={self.b_high}")
+
+    def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
+        params = [align(getattr(self, f), f).astype(z.dtype) for f in ("b_low", "b_high", "slope_low", "slope_high")]
+        return softmax_rows(jnp.where(valid, multimax_modulator(z, *params), 0.0), valid)
+
+
+for _cls in (Softmax1, StableMax):
+    register_pytree_dataclass(_cls, data_fields=[], meta_fields=[])
+register_pytree_dataclass(Sigmoid, data_fields=["bias"], meta_fields=[])
+register_pytree_dataclass(Softpick, data_fields=["eps"], meta_fields=[])
+register_pytree_dataclass(MultiMax, data_fields=["b_low", "b_high", "slope_low", "slope_high"], meta_fields=[])
+
+RECENT_MAPPINGS = (Softmax1, Sigmoid, StableMax, Softpick, MultiMax)
