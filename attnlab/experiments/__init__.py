@@ -5,13 +5,21 @@ Each kind is a module with KIND, DESCRIPTION, a frozen `Config` dataclass, `conf
 Experiments never import plotting; figures are made from the JSON by :mod:`attnlab.figures`.
 """
 
-from attnlab.experiments import calibration, fading_synthetic, length_generalization, needle, sparsity, throughput
+from attnlab.experiments import (
+    calibration,
+    distillation,
+    fading_synthetic,
+    length_generalization,
+    needle,
+    sparsity,
+    throughput,
+)
 from attnlab.experiments.config import ConfigError
 from attnlab.experiments.runner import Experiment, load, load_all, run
 
 KINDS = {
     module.KIND: module
-    for module in (fading_synthetic, sparsity, throughput, length_generalization, needle, calibration)
+    for module in (fading_synthetic, sparsity, throughput, length_generalization, needle, calibration, distillation)
 }
 
 __all__ = ["KINDS", "ConfigError", "Experiment", "load", "load_all", "run"]

@@ -245,7 +245,7 @@ def _parse_lengths(value: Any, where: str, problems: list[str]) -> Lengths | Non
     return None
 
 
-def _parse_field(value: Any, annotation: Any, where: str, problems: list[str]) -> Any:
+def _parse_field(value: Any, annotation: Any, where: str, problems: list[str], base: Any = None) -> Any:
     if annotation is Lengths:
         return _parse_lengths(value, where, problems)
     if annotation in (tuple[NormalizerSpec, ...], tuple[LayerNormalizer, ...]):
@@ -256,7 +256,7 @@ def _parse_field(value: Any, annotation: Any, where: str, problems: list[str]) -
         if not isinstance(value, dict):
             problems.append(f"{where}: expected {_describe(annotation)}; got {value!r}")
             return None
-        return parse_dataclass(annotation, value, where, problems)
+        return parse_dataclass(annotation, value, where, problems, base)
     origin = typing.get_origin(annotation)
     try:
         if origin is tuple:
@@ -277,8 +277,18 @@ def _parse_field(value: Any, annotation: Any, where: str, problems: list[str]) -
         return None
 
 
-def parse_dataclass(cls: type, table: dict[str, Any], source: str, problems: list[str]) -> Any:
-    """Build `cls` from a TOML table, appending every problem found to `problems`."""
+def _default(field: dataclasses.Field) -> Any:
+    """A field's default value (calling its default_factory), or None when it has none."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def parse_dataclass(cls: type, table: dict[str, Any], source: str, problems: list[str], base: Any = None) -> Any:
+    """Build `cls` from a TOML table, appending every problem found to `problems`. Keys the table
+    leaves out come from `base` (an instance of cls) when given, else from cls's defaults; a
+    nested table starts from its field's default (so `[student] layers = 3` keeps the kind's
+    default student width, not the class's)."""
     before = len(problems)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -288,13 +298,14 @@ def parse_dataclass(cls: type, table: dict[str, Any], source: str, problems: lis
     values: dict[str, Any] = {}
     for name, field in fields.items():
         if name in table:
-            values[name] = _parse_field(table[name], hints[name], f"{source}: {name}", problems)
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            nested = _default(field) if dataclasses.is_dataclass(hints[name]) else None
+            values[name] = _parse_field(table[name], hints[name], f"{source}: {name}", problems, nested)
+        elif base is None and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             problems.append(f"{source}: missing required key {name!r} ({_describe(hints[name])})")
     if len(problems) > before:
         return None
     try:
-        return cls(**values)
+        return cls(**values) if base is None else dataclasses.replace(base, **values)
     except ValueError as err:
         problems.append(f"{source}: {err}")
         return None

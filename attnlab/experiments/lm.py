@@ -147,6 +147,7 @@ def train_model(
     output: Any = "softmax",
     name: str | None = None,
     objective: Objective | None = None,
+    eval_every: int = 0,
 ) -> tuple[TransformerLM, dict[str, Any]]:
     """Build and train one model; returns it and a record of the training.
 
@@ -154,13 +155,15 @@ def train_model(
     <name>.npz, name defaulting to the normalizer's label), so a point interrupted mid-training
     resumes from its last checkpoint; `progress(description, completed, total)` is called at
     every history entry. `output` is the model's output normalizer (its loss is the training
-    loss) unless `objective` replaces the loss (see `attnlab.train.train`).
+    loss) unless `objective` replaces the loss (see `attnlab.train.train`). With eval_batches the
+    model is evaluated at the end and, with eval_every > 0, every eval_every steps too.
 
     The record: parameters, history (one entry per log_every steps: step, loss, accuracy,
     grad_norm, learning_rate, tokens_per_second, elapsed_seconds), validation_loss (when
-    eval_batches is given), train_seconds and tokens_per_second (stepping time over the whole
-    training, across resumptions, compiling excluded), compile_seconds (compiling the train step in
-    this call: 0 when the checkpoint was already finished), wall_seconds (this call).
+    eval_batches is given) and evaluations (each evaluation: step, loss, token_accuracy, ...; see
+    `attnlab.train.EvalResult.to_json`), train_seconds and tokens_per_second (stepping time over
+    the whole training, across resumptions, compiling excluded), compile_seconds (compiling the
+    train step in this call: 0 when the checkpoint was already finished), wall_seconds (this call).
     """
     started = time.perf_counter()
     model = model_setting.build(normalizer, training.seed, output)
@@ -171,10 +174,13 @@ def train_model(
         if progress is not None:
             progress(f"training {name}: loss {entry['loss']:.3f}", entry["step"], training.steps)
 
+    config = training.train_config()
+    if eval_every:
+        config = dataclasses.replace(config, eval_every=eval_every)
     result = train(
         model,
         batches,
-        training.train_config(),
+        config,
         eval_batches=eval_batches,
         checkpoint=checkpoint,
         metadata={"model_config": model.config.to_json()},
@@ -194,6 +200,7 @@ def train_model(
     }
     if result.evaluations:
         record["validation_loss"] = result.evaluations[-1]["loss"]
+        record["evaluations"] = result.evaluations
     record["wall_seconds"] = time.perf_counter() - started
     return model, record
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from attnlab.experiments.results import read_json
 from attnlab.figures import (
     calibration,
+    distillation,
     fading_synthetic,
     length_generalization,
     needle,
@@ -22,6 +23,7 @@ from attnlab.figures import (
 
 RENDERERS = {
     "calibration": calibration.render,
+    "distillation": distillation.render,
     "fading_synthetic": fading_synthetic.render,
     "length_generalization": length_generalization.render,
     "needle": needle.render,

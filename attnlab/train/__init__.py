@@ -5,6 +5,8 @@
 - `make_mesh`, `shard_batch`: data parallelism over a "data" mesh axis (one device is the same code).
 - `TrainConfig`, `train`: the loop, with a progress bar, metric history, checkpoints and resumption;
   the loss is the model's own (its output normalizer's) or any `Objective` (e.g. distillation).
+- `distillation_loss`, `distillation_objective`: a student's loss against a frozen teacher's
+  temperature-softened predictions (Hinton et al. 2015), and the `Objective` that trains on it.
 - `evaluate`: mean and per-position loss, token and sequence accuracy, optionally with a raised
   RoPE base.
 - `checkpoint.save` / `checkpoint.restore`: the training state in one atomic .npz file.
@@ -12,6 +14,7 @@
 
 from attnlab.train import checkpoint
 from attnlab.train.checkpoint import CheckpointError
+from attnlab.train.distill import distillation_loss, distillation_objective
 from attnlab.train.evaluate import EvalResult, evaluate
 from attnlab.train.loop import TrainConfig, TrainResult, train
 from attnlab.train.mesh import DATA_AXIS, make_mesh, shard_batch
@@ -30,6 +33,8 @@ __all__ = [
     "TrainState",
     "checkpoint",
     "decay_mask",
+    "distillation_loss",
+    "distillation_objective",
     "evaluate",
     "learning_rate_schedule",
     "make_eval_step",

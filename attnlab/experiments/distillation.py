@@ -1,0 +1,188 @@
+"""Knowledge distillation (Hinton et al. 2015): a larger byte-level LM teaches a smaller one at
+temperatures T, against the same small model trained on the labels alone.
+
+On the default corpus (`attnlab.data.load_corpus()`: the Python standard library's source), with
+softmax attention and output throughout:
+
+  - the teacher (`teacher`, trained as `teacher_training`) learns from the labels;
+  - the baseline student (`student`, trained as `student_training`) learns from the labels;
+  - for every soft-loss weight w in `weights` and temperature T in `temperatures`, a student of
+    the same shape, initialisation, data and optimizer learns from
+    (1 - w) CE + w T^2 KL(softmax(teacher / T) || softmax(student / T))
+    (`attnlab.train.distillation_loss`), the frozen teacher run inside each training step.
+
+Every model is scored on the same `eval_windows` validation windows of student_training.seq_len
+bytes spread evenly over the validation split: cross-entropy (nats per byte) and token accuracy,
+every `eval_every` steps and at the end. A distilled student below the baseline gained from the
+teacher; the teacher's own loss is how much there was to gain.
+
+The teacher is trained once, checkpointed under the run's `workdir` as teacher.npz; every student
+point restores it from there (training it first if no point has yet), so any subset of the
+points runs, and an interrupted run resumes.
+
+Records (one per model): see `run_point`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attnlab.data import Batch, load_corpus, train_batches
+from attnlab.experiments import lm
+from attnlab.experiments.config import LayerNormalizer, to_json
+from attnlab.nn import NormalizerSpec
+from attnlab.train import distillation_objective
+
+KIND = "distillation"
+DESCRIPTION = "a larger LM distils into a smaller one at temperatures T: student validation loss vs T and vs no teacher"
+
+TEACHER, BASELINE, STUDENT = "teacher", "baseline", "student"
+ATTENTION = LayerNormalizer(NormalizerSpec("softmax"), "softmax")
+EVAL_BATCH = 8
+
+
+def _default_student() -> lm.ModelSetting:
+    return lm.ModelSetting(layers=2, width=64, heads=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """teacher, student: the two shapes (`lm.ModelSetting`; default 4 layers x width 128 and
+    2 layers x width 64, both with head_dim 32); teacher_training, student_training: how each is
+    trained (`lm.TrainingSetting`; the baseline and every distilled student share
+    student_training: same data, initialisation seed and optimizer); temperatures: the T of the
+    distilled students (> 0); weights: the soft-loss weights w in (0, 1], one student per w x T;
+    eval_windows: validation windows (a multiple of 8), the same for every model; eval_every:
+    steps between validation evaluations during training (0: only at the end).
+
+    A `[student]` or `[teacher]` table changes only the keys it gives (the others keep these
+    defaults)."""
+
+    teacher: lm.ModelSetting = dataclasses.field(default_factory=lm.ModelSetting)
+    student: lm.ModelSetting = dataclasses.field(default_factory=_default_student)
+    teacher_training: lm.TrainingSetting = dataclasses.field(default_factory=lm.TrainingSetting)
+    student_training: lm.TrainingSetting = dataclasses.field(default_factory=lm.TrainingSetting)
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    weights: tuple[float, ...] = (0.5,)
+    eval_windows: int = 64
+    eval_every: int = 50
+
+    def __post_init__(self):
+        temperatures, weights = list(self.temperatures), list(self.weights)
+        if not temperatures or any(not math.isfinite(t) or t <= 0 for t in temperatures):
+            raise ValueError(f"temperatures must be a non-empty list of numbers > 0; got {temperatures}")
+        if not weights or any(not 0 < w <= 1 for w in weights):
+            raise ValueError(
+                f"weights must be a non-empty list of numbers in (0, 1] (w = 0 is the baseline, always run); "
+                f"got {weights}"
+            )
+        for name, values in (("temperatures", temperatures), ("weights", weights)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} must not repeat a value; got {values}")
+        if self.eval_windows < 1 or self.eval_windows % EVAL_BATCH:
+            raise ValueError(f"eval_windows must be a positive multiple of {EVAL_BATCH}; got {self.eval_windows}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: only at the end); got {self.eval_every}")
+        if self.teacher_training.seq_len < self.student_training.seq_len:
+            raise ValueError(
+                f"teacher_training.seq_len={self.teacher_training.seq_len} must be >= "
+                f"student_training.seq_len={self.student_training.seq_len} (the teacher reads the students' windows)"
+            )
+
+
+def config_to_json(config: Config) -> dict[str, Any]:
+    return to_json(config)
+
+
+def points(config: Config) -> list[dict[str, Any]]:
+    """The teacher, the baseline student, then one distilled student per weight x temperature."""
+    students = [{"model": STUDENT, "temperature": t, "weight": w} for w in config.weights for t in config.temperatures]
+    return [{"model": TEACHER}, {"model": BASELINE}, *students]
+
+
+def validation_windows(data: np.ndarray, seq_len: int, count: int) -> list[Batch]:
+    """`count` windows of seq_len bytes starting at evenly spaced offsets over the whole of `data`
+    (so they sample every part of the validation split), in batches of EVAL_BATCH: inputs and
+    targets int32 [EVAL_BATCH, seq_len], every position scored."""
+    if len(data) < seq_len + count:
+        raise ValueError(
+            f"eval_windows={count}: the validation split ({len(data)} bytes) is too short for {count} "
+            f"windows of {seq_len} bytes"
+        )
+    starts = np.linspace(0, len(data) - seq_len - 1, count).round().astype(int)
+    windows = data[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
+    mask = np.ones((EVAL_BATCH, seq_len), bool)
+    return [
+        Batch(np.ascontiguousarray(chunk[:, :-1]), np.ascontiguousarray(chunk[:, 1:]), mask)
+        for chunk in np.split(windows, count // EVAL_BATCH)
+    ]
+
+
+def _train(
+    config: Config,
+    role: str,
+    *,
+    workdir: Path | None,
+    progress: lm.Progress | None,
+    name: str | None = None,
+    objective: Any = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Train (or restore from workdir) the teacher or a student; returns the model and its record
+    with validation_loss and token_accuracy (the last evaluation's)."""
+    setting = config.teacher if role == TEACHER else config.student
+    training = config.teacher_training if role == TEACHER else config.student_training
+    corpus = load_corpus()
+    batches = train_batches(corpus.train, seq_len=training.seq_len, batch_size=training.batch_size, seed=training.seed)
+    windows = validation_windows(corpus.validation, config.student_training.seq_len, config.eval_windows)
+    model, trained = lm.train_model(
+        setting,
+        training,
+        ATTENTION,
+        batches,
+        eval_batches=lambda: windows,
+        workdir=workdir,
+        progress=progress,
+        name=name or role,
+        objective=objective,
+        eval_every=config.eval_every,
+    )
+    trained["token_accuracy"] = trained["evaluations"][-1]["token_accuracy"]
+    shape = {"layers": setting.layers, "width": setting.width, "heads": setting.heads}
+    return model, {"record": "training", **shape, **trained}
+
+
+def run_point(
+    config: Config, point: dict[str, Any], *, progress: lm.Progress | None = None, workdir: Path | None = None
+) -> list[dict[str, Any]]:
+    """Train one model (the teacher, the baseline, or a student distilled at T and w). One record:
+
+    {"record": "training", "model": "teacher" | "baseline" | "student", "temperature" (T; null for
+      the teacher and the baseline), "weight" (w; 0 for the baseline, null for the teacher)}:
+      layers, width, heads, parameters, history (per log_every steps: step, loss (the training
+      objective: cross-entropy, or the distillation loss for a student), accuracy, grad_norm,
+      learning_rate, tokens_per_second, elapsed_seconds), evaluations (every eval_every steps
+      and at the end, on the validation windows: step, loss (cross-entropy, nats per byte),
+      token_accuracy, ...), validation_loss and token_accuracy (the last evaluation's),
+      tokens_per_second, compile_seconds, train_seconds, wall_seconds (see `lm.train_model`).
+
+    A student point gets the teacher from workdir/teacher.npz, training it there first if no
+    point has (without a workdir, it trains the teacher again).
+    """
+    role = point["model"]
+    if role == TEACHER:
+        _, record = _train(config, TEACHER, workdir=workdir, progress=progress)
+        return [{**record, "temperature": None, "weight": None}]
+    if role == BASELINE:
+        _, record = _train(config, BASELINE, workdir=workdir, progress=progress)
+        return [{**record, "temperature": None, "weight": 0.0}]
+    temperature, weight = point["temperature"], point["weight"]
+    teacher, _ = _train(config, TEACHER, workdir=workdir, progress=progress)
+    objective = distillation_objective(teacher, temperature=temperature, weight=weight)
+    name = f"student_T{temperature:g}_w{weight:g}"
+    _, record = _train(config, STUDENT, workdir=workdir, progress=progress, name=name, objective=objective)
+    return [{**record, "temperature": temperature, "weight": weight}]

@@ -1,0 +1,180 @@
+"""The distillation kind: a teacher, the student alone, and one distilled student per temperature.
+
+The quick config runs once per module (tiny models, a few steps), with every call of the training
+loop watched; the tests then check the records, that the teacher is trained once and restored
+everywhere else, the figures, resumption from the checkpoints, and the config checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from attnlab import cli, experiments
+from attnlab.experiments import distillation, lm
+from attnlab.experiments.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+QUICK = REPO / "experiments" / "distillation_quick.toml"
+FIELDS = {
+    "model",
+    "record",
+    "temperature",
+    "weight",
+    "layers",
+    "width",
+    "heads",
+    "parameters",
+    "history",
+    "evaluations",
+    "validation_loss",
+    "token_accuracy",
+    "tokens_per_second",
+    "compile_seconds",
+    "train_seconds",
+    "wall_seconds",
+}
+
+
+def _run_watched(args: list[str]) -> list[tuple[str, int]]:
+    """Run the CLI; returns (checkpoint name, tokens trained in that call) per training-loop call."""
+    calls = []
+    real = lm.train
+
+    def watched(*positional, **keywords):
+        result = real(*positional, **keywords)
+        calls.append((Path(keywords["checkpoint"]).stem, result.tokens))
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lm, "train", watched)
+        assert cli.main(args) == 0
+    return calls
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    calls = _run_watched(["run", str(QUICK), "--out", str(out), "--no-progress"])
+    return out, calls
+
+
+def _records(out: Path) -> list[dict]:
+    return json.loads((out / "distillation_quick.json").read_text())["records"]
+
+
+def test_records_hold_every_model_on_the_same_windows(quick_run):
+    out, _ = quick_run
+    config = experiments.load(QUICK).config
+    records = _records(out)
+    assert [(r["model"], r["temperature"], r["weight"]) for r in records] == [
+        ("teacher", None, None),
+        ("baseline", None, 0.0),
+        ("student", 1.0, 0.5),
+        ("student", 4.0, 0.5),
+    ]
+    windows = config.eval_windows * config.student_training.seq_len
+    for r in records:
+        assert set(r) == FIELDS and r["record"] == "training"
+        assert [e["step"] for e in r["evaluations"]] == [2, 4, 6]
+        assert all(e["scored_tokens"] == windows for e in r["evaluations"])
+        assert r["validation_loss"] == r["evaluations"][-1]["loss"] and math.isfinite(r["validation_loss"])
+        assert r["token_accuracy"] == r["evaluations"][-1]["token_accuracy"]
+        assert r["token_accuracy"] * windows == pytest.approx(round(r["token_accuracy"] * windows))
+        assert [h["step"] for h in r["history"]] == [2, 4, 6]
+        assert r["compile_seconds"] > 0 and r["train_seconds"] > 0
+    teacher, baseline, *students = records
+    assert (teacher["layers"], teacher["width"]) == (config.teacher.layers, config.teacher.width)
+    assert teacher["parameters"] > baseline["parameters"]
+    # Every student has the baseline's shape, schedule and data; only the objective differs.
+    for student in students:
+        assert (student["width"], student["parameters"]) == (baseline["width"], baseline["parameters"])
+        assert [h["learning_rate"] for h in student["history"]] == [h["learning_rate"] for h in baseline["history"]]
+        assert student["history"][0]["loss"] != baseline["history"][0]["loss"]
+    assert students[0]["validation_loss"] != students[1]["validation_loss"]  # T reaches the loss
+
+
+def test_the_teacher_is_trained_once_and_restored_by_every_student(quick_run):
+    out, calls = quick_run
+    teacher = [tokens for name, tokens in calls if name == "teacher"]
+    assert len(teacher) == 3  # the teacher point, then each student point
+    assert teacher[0] > 0 and teacher[1:] == [0, 0]
+    students = [name for name, tokens in calls if name != "teacher" and tokens > 0]
+    assert students == ["baseline", "student_T1_w0.5", "student_T4_w0.5"]
+    saved = sorted(p.name for p in (out / "checkpoints" / "distillation_quick").iterdir())
+    assert saved == ["baseline.npz", "student_T1_w0.5.npz", "student_T4_w0.5.npz", "teacher.npz"]
+
+
+def test_a_rerun_without_the_json_restores_everything_and_trains_nothing(quick_run, tmp_path):
+    out, _ = quick_run
+    again = tmp_path / "again"
+    shutil.copytree(out / "checkpoints", again / "checkpoints")
+    calls = _run_watched(["run", str(QUICK), "--out", str(again), "--no-progress", "--no-figures"])
+    assert calls and all(tokens == 0 for _, tokens in calls)
+    before, after = _records(out), _records(again)
+    assert all(r["compile_seconds"] == 0 for r in after)
+    for key in ("history", "evaluations", "validation_loss", "train_seconds"):
+        assert [r[key] for r in after] == [r[key] for r in before]
+
+
+def test_figures_are_redrawn_byte_identically(quick_run, tmp_path):
+    out, _ = quick_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    drawn = {p.name: p.read_bytes() for p in sorted((copy / "figures").iterdir())}
+    stems = ("temperature", "training")
+    assert set(drawn) == {f"distillation_quick_{stem}.{ext}" for stem in stems for ext in ("png", "svg")}
+    shutil.rmtree(copy / "figures")
+    assert cli.main(["figures", str(copy)]) == 0
+    assert {p.name: p.read_bytes() for p in sorted((copy / "figures").iterdir())} == drawn
+    assert "distillation_quick_temperature.png" in (copy / "README.md").read_text()
+
+
+def test_points_cross_weights_and_temperatures_after_the_teacher_and_the_baseline():
+    config = distillation.Config(temperatures=(2.0, 8.0), weights=(0.5, 1.0))
+    assert distillation.points(config) == [
+        {"model": "teacher"},
+        {"model": "baseline"},
+        {"model": "student", "temperature": 2.0, "weight": 0.5},
+        {"model": "student", "temperature": 8.0, "weight": 0.5},
+        {"model": "student", "temperature": 2.0, "weight": 1.0},
+        {"model": "student", "temperature": 8.0, "weight": 1.0},
+    ]
+
+
+def test_a_partial_model_table_keeps_the_kinds_other_defaults(tmp_path):
+    path = tmp_path / "partial.toml"
+    path.write_text('kind = "distillation"\n[student]\nlayers = 3\n[teacher_training]\nsteps = 500\n')
+    config = experiments.load(path).config
+    assert config.student == lm.ModelSetting(layers=3, width=64, heads=2)
+    assert config.teacher == distillation.Config().teacher
+    assert config.teacher_training.steps == 500 and config.teacher_training.seq_len == 128
+    assert experiments.load(path, ["student.width=32"]).config.student == lm.ModelSetting(3, 32, 2)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("temperatures = [1.0, 0.0]", r"temperatures must be a non-empty list of numbers > 0; got \[1.0, 0.0\]"),
+        ("temperatures = []", r"temperatures must be a non-empty list"),
+        ("temperatures = [2, 2]", r"temperatures must not repeat a value; got \[2.0, 2.0\]"),
+        ("weights = [0.0]", r"weights must be a non-empty list of numbers in \(0, 1\] \(w = 0 is the baseline"),
+        ("weights = [1.5]", r"weights must be .* got \[1.5\]"),
+        ("eval_windows = 12", "eval_windows must be a positive multiple of 8; got 12"),
+        ("eval_every = -1", r"eval_every must be >= 0"),
+        ("[teacher_training]\nseq_len = 64", r"teacher_training.seq_len=64 must be >= student_training.seq_len=128"),
+        ("[student]\nwidth = 30", r"student: model.width=30 must be a multiple of model.heads=2"),
+        ("[student]\ndepth = 2", r"student: unknown key 'depth'; accepted keys: layers, width, heads, rope_theta"),
+        ("weight = 0.5", r"unknown key 'weight'; accepted keys: teacher, student,"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, text, match):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'kind = "distillation"\n{text}\n')
+    with pytest.raises(ConfigError, match=match) as err:
+        experiments.load(path)
+    assert all(str(path) in problem for problem in err.value.problems)
