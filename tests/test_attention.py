@@ -123,7 +123,7 @@ def test_chunked_equals_dense_for_every_normalizer(name):
         _close(g, w, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["softmax", "ssmax", "sparsemax", "entmax15"])
+@pytest.mark.parametrize("name", ["softmax", "ssmax", "softmax1", "sparsemax", "entmax15"])
 @pytest.mark.parametrize("implementation", ["dense", "chunked"])
 def test_query_without_visible_keys_gives_zero_output_and_finite_gradients(name, implementation):
     q, k, v, _ = _inputs(seed=5)
@@ -187,7 +187,7 @@ def test_learned_per_head_parameters_get_gradients_through_chunked_path():
     _close(alpha_grad(alpha, "chunked"), alpha_grad(alpha, "dense"), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["softmax", "ssmax", "sparsemax", "entmax15"])
+@pytest.mark.parametrize("name", ["softmax", "ssmax", "softmax1", "sparsemax", "entmax15"])
 def test_statistics_match_the_weights(name):
     q, k, v, bias = _inputs(seed=8)
     mass_keys = jnp.zeros((B, S), bool).at[:, 2:5].set(True)
@@ -209,6 +209,23 @@ def test_statistics_match_the_weights(name):
         _close(chunked[stat], dense[stat], atol=2e-5)
     if name in ("sparsemax", "entmax15"):
         assert np.any(p[p.sum(-1) > 0].min() == 0), "a sparse map should give exact zeros"
+
+
+def test_softmax1_takes_the_online_path_with_a_sink(monkeypatch):
+    """softmax1 (e^s / (1 + sum e^s)) runs the online softmax recurrence started from a sink logit 0,
+    never the generic query-blocked path; its rows then sum to < 1, as in dense."""
+    from attnlab.attention import api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("softmax1 went through the generic query-blocked path")
+
+    monkeypatch.setattr(api, "query_blocked_attention", refuse)
+    q, k, v, _ = _inputs(seed=11)
+    normalizer = normalizers.Normalizer(normalizers.Softmax1(), normalizers.LogN(s=0.7))
+    f = functools.partial(dot_product_attention, is_causal=True, normalizer=normalizer, key_block=8, query_block=16)
+    _close(jax.jit(functools.partial(f, implementation="chunked"))(q, k, v), f(q, k, v, implementation="dense"))
+    _, weights = f(q, k, v, implementation="dense", return_weights=True)
+    assert np.all(np.asarray(weights["weights"]).sum(-1) < 1)
 
 
 def test_gqa_equals_repeated_key_value_heads():

@@ -14,7 +14,7 @@ from attnlab.attention.masks import Visibility, to_grouped
 from attnlab.attention.online_softmax import online_softmax_attention, softmax_statistics
 from attnlab.attention.query_blocked import query_blocked_attention
 from attnlab.attention.sparse_blocked import sparse_blocked_attention
-from attnlab.normalizers import Entmax, Entmax15, Normalizer, Softmax, Sparsemax, get
+from attnlab.normalizers import Entmax, Entmax15, Normalizer, Softmax, Softmax1, Sparsemax, get
 from attnlab.normalizers._rows import align_param, concrete_values
 
 Implementation = Literal["dense", "chunked", "cudnn", "pallas"] | None
@@ -47,6 +47,12 @@ def resolve_normalizer(normalizer: str | Callable) -> Callable:
 
 def _softmax_type(normalizer: Callable) -> bool:
     return isinstance(normalizer, Normalizer) and isinstance(normalizer.mapping, Softmax)
+
+
+def _online_type(normalizer: Callable) -> bool:
+    """Softmax-type normalizers and softmax1 (softmax with a sink logit 0) take the online path."""
+    with_sink = isinstance(normalizer, Normalizer) and isinstance(normalizer.mapping, Softmax1)
+    return _softmax_type(normalizer) or with_sink
 
 
 def static_entmax_alpha(normalizer: Callable) -> float | None:
@@ -225,7 +231,7 @@ def dot_product_attention(
             q * scale, k, v, bias, visibility, normalizer,
             want_stats=want_stats, mass_keys=mass_keys, want_weights=return_weights,
         )  # fmt: skip
-    elif choice == "chunked" and not _softmax_type(normalizer) and static_entmax_alpha(normalizer) is None:
+    elif choice == "chunked" and not _online_type(normalizer) and static_entmax_alpha(normalizer) is None:
         block = query_block or max(1, QUERY_BLOCK_ELEMENTS // max(1, B * N * S))
         out, aux = query_blocked_attention(
             q * scale, k, v, bias, visibility, normalizer,
@@ -242,7 +248,7 @@ def dot_product_attention(
         q_folded = (q * factor).astype(query.dtype)
         if return_weights:
             raise ValueError("return_weights needs implementation='dense' (or None)")
-        if choice == "chunked" and not _softmax_type(normalizer):
+        if choice == "chunked" and not _online_type(normalizer):
             block = query_block or max(SPARSE_MIN_QUERY_BLOCK, SPARSE_QUERY_BLOCK_ELEMENTS // max(1, B * N * S))
             out, aux = sparse_blocked_attention(
                 q_folded, k, v, bias, visibility, static_entmax_alpha(normalizer),
@@ -257,8 +263,9 @@ def dot_product_attention(
         else:
             softmax_query_block = query_block or DEFAULT_SOFTMAX_QUERY_BLOCK
             out, lse = online_softmax_attention(
-                q_folded, k, v, bias, visibility, key_block=key_block, query_block=softmax_query_block
-            )
+                q_folded, k, v, bias, visibility,
+                key_block=key_block, query_block=softmax_query_block, sink=not _softmax_type(normalizer),
+            )  # fmt: skip
             if want_stats:
                 aux = softmax_statistics(
                     q_folded, k, bias, visibility, lse, mass_keys, key_block=key_block, query_block=softmax_query_block

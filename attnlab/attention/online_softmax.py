@@ -17,6 +17,11 @@ p_j = exp(s_j - lse) block by block over the same key blocks: with D = rowsum(do
 
 A row with no visible key has l = 0: its output is 0, lse = -inf, and its gradients are 0.
 Scale policies (temperature, SSMax's s log n) arrive folded into q and the bias by the caller.
+
+softmax1 (p_i = e^{s_i} / (1 + sum_j e^{s_j})) is the same recurrence with a sink: one more
+logit 0 that has no value, i.e. the pass starts from m = 0, l = 1 instead of m = -inf, l = 0.
+Its Jacobian has the softmax form (dp_i/ds_k = p_i delta_ik - p_i p_k), so the backward is
+unchanged given lse = log(1 + sum_j e^{s_j}); a row with no visible key has output 0, lse = 0.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class _Static(NamedTuple):
     key_block: int
     query_block: int
     only_structured: bool  # no lengths and no explicit mask: visibility is known block by block
+    sink: bool  # softmax1: one more logit 0 with no value in every row
 
 
 class KeyBlockRanges(NamedTuple):
@@ -212,7 +218,9 @@ def _forward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths)
         )
         return m_new, total, acc
 
-    init = (jnp.full((B, K, G, Tq), -jnp.inf, F32), jnp.zeros((B, K, G, Tq), F32), jnp.zeros((B, K, G, Tq, H), F32))
+    # The sink (softmax1) is the logit 0 already visited: m = 0, l = e^0.
+    m0, total0 = (0.0, 1.0) if static.sink else (-jnp.inf, 0.0)
+    init = (jnp.full((B, K, G, Tq), m0, F32), jnp.full((B, K, G, Tq), total0, F32), jnp.zeros((B, K, G, Tq, H), F32))
     m, total, acc = visit_key_blocks(step, row.ranges, init)
     has_keys = total > 0
     out = acc / jnp.where(has_keys, total, 1.0)[..., None]
@@ -323,7 +331,9 @@ def _attention_bwd(static, residuals, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _static(visibility: Visibility, q: jax.Array, k: jax.Array, key_block: int, query_block: int) -> _Static:
+def _static(
+    visibility: Visibility, q: jax.Array, k: jax.Array, key_block: int, query_block: int, sink: bool
+) -> _Static:
     return _Static(
         visibility.num_queries,
         visibility.num_keys,
@@ -332,6 +342,7 @@ def _static(visibility: Visibility, q: jax.Array, k: jax.Array, key_block: int, 
         max(1, min(key_block, k.shape[2])),
         max(1, min(query_block, q.shape[3])),
         visibility.mask is None and visibility.query_lengths is None and visibility.key_lengths is None,
+        bool(sink),
     )
 
 
@@ -344,15 +355,17 @@ def online_softmax_attention(
     *,
     key_block: int,
     query_block: int,
+    sink: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """q [B, K, G, T, H] (scale and any scale-policy factor folded in), k/v [B, K, S, H].
 
     Queries go `query_block` at a time, each through an online pass over the `key_block`-sized
     key blocks it can see, so at most [B, N, query_block, key_block] logits exist at once, in
     both passes. Returns out [B, K, G, T, H] float32 and lse [B, K, G, T] (log-sum-exp of the
-    visible logits, -inf for a row with no visible key).
+    visible logits, -inf for a row with no visible key). With `sink` the weights are softmax1's
+    (a logit 0 joins every row, with no value): lse = log(1 + sum e^s), 0 for an empty row.
     """
-    static = _static(visibility, q, k, key_block, query_block)
+    static = _static(visibility, q, k, key_block, query_block, sink)
     return _attention(static, q, k, v, bias, visibility.mask, visibility.query_lengths, visibility.key_lengths)
 
 
@@ -367,10 +380,11 @@ def softmax_statistics(
     key_block: int,
     query_block: int,
 ) -> dict[str, jax.Array]:
-    """max weight, entropy, exact support size and key mass from a second pass with the final lse."""
+    """max weight, entropy, exact support size and key mass from a second pass with the final lse
+    (p = e^{s - lse}: softmax1's weights too, given its lse)."""
     q, k, lse = (jax.lax.stop_gradient(x) for x in (q, k, lse))
     bias = None if bias is None else jax.lax.stop_gradient(bias)
-    static = _static(visibility, q, k, key_block, query_block)
+    static = _static(visibility, q, k, key_block, query_block, sink=False)
     mask = visibility.mask
     T = q.shape[3]
     blocks = _query_blocks(static, q, bias, mask)

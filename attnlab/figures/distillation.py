@@ -12,6 +12,9 @@ from attnlab.figures import style
 from attnlab.figures.training import draw_curves
 
 TEACHER_COLOR, BASELINE_COLOR = "#000000", "#7f7f7f"
+BASELINE_DASH = (0, (1, 1.5))
+# Students: colour by T, line style by w (so curves of one T differ only in their dashes).
+WEIGHT_DASHES = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1))]
 STUDENT_COLORMAP = "plasma"
 WEIGHT_COLORS = ["#e15759", "#4e79a7", "#59a14f", "#f28e2b", "#b07aa1", "#9c755f"]
 
@@ -45,6 +48,20 @@ def _student_colors(students: list[dict]) -> list[str]:
     cmap = plt.get_cmap(STUDENT_COLORMAP)
     shade = {t: cmap(0.05 + 0.7 * i / max(1, len(temperatures) - 1)) for i, t in enumerate(temperatures)}
     return [shade[r["temperature"]] for r in students]
+
+
+def _curves(models: list[tuple[dict, str, str, object]], series: str) -> list[dict]:
+    """One `draw_curves` curve per (record, label, colour, line style): loss vs step from record[series]."""
+    return [
+        {
+            "label": label,
+            "color": color,
+            "ls": dash,
+            "steps": [entry["step"] for entry in record[series]],
+            "losses": [entry["loss"] for entry in record[series]],
+        }
+        for record, label, color, dash in models
+    ]
 
 
 def temperature_sweep(payload: dict, out_dir: Path) -> list[Path]:
@@ -101,38 +118,24 @@ def training_curves(payload: dict, out_dir: Path) -> list[Path]:
     teacher, baseline, students = _by_model(payload)
     models = []
     if teacher is not None:
-        models.append((teacher, f"teacher ({_shape(config['teacher'])})", TEACHER_COLOR))
+        models.append((teacher, f"teacher ({_shape(config['teacher'])})", TEACHER_COLOR, "-"))
     if baseline is not None:
-        models.append((baseline, "student alone (no teacher)", BASELINE_COLOR))
+        models.append((baseline, "student alone (no teacher)", BASELINE_COLOR, BASELINE_DASH))
+    dash = {w: WEIGHT_DASHES[i % len(WEIGHT_DASHES)] for i, w in enumerate(config["weights"])}
     for record, color in zip(students, _student_colors(students), strict=True):
-        models.append((record, _student_label(record, config["weights"]), color))
-    validation = [
-        {
-            "label": label,
-            "color": color,
-            "steps": [e["step"] for e in record["evaluations"]],
-            "losses": [e["loss"] for e in record["evaluations"]],
-        }
-        for record, label, color in models
-    ]
-    objective = [
-        {
-            "label": label,
-            "color": color,
-            "steps": [h["step"] for h in record["history"]],
-            "losses": [h["loss"] for h in record["history"]],
-        }
-        for record, label, color in models
-    ]
-    fig, (val_ax, train_ax) = plt.subplots(1, 2, figsize=(11.0, 4.2), layout="constrained")
+        models.append((record, _student_label(record, config["weights"]), color, dash[record["weight"]]))
+    validation, objective = _curves(models, "evaluations"), _curves(models, "history")
+    fig, (val_ax, train_ax) = plt.subplots(1, 2, figsize=(12.5, 4.4), layout="constrained")
     draw_curves(val_ax, validation)
     draw_curves(train_ax, objective)
-    if train_ax.get_legend() is not None:
-        train_ax.get_legend().remove()
+    handles, labels = val_ax.get_legend_handles_labels()
+    for ax in (val_ax, train_ax):
+        ax.get_legend().remove()
+    fig.legend(handles, labels, loc="outside right upper", frameon=False, fontsize=8)
     val_ax.set_ylabel("validation loss (cross-entropy, nats per byte)")
     val_ax.set_title(f"Validation loss, every {config['eval_every']} steps" if config["eval_every"] else "Validation")
     train_ax.set_ylabel("training loss (nats per byte, mean since the last entry)")
-    train_ax.set_title("Training objective: CE, or (1 − w) CE + w T² KL for a distilled student", fontsize=9.5)
+    train_ax.set_title("Training objective: CE, or (1 − w) CE + w T² KL (distilled)", fontsize=10)
     fig.suptitle(
         f"Teacher: {_shape(config['teacher'])}, {config['teacher_training']['steps']} steps; "
         f"students: {_shape(config['student'])}, {config['student_training']['steps']} steps",

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from attnlab.figures import style
 
@@ -140,8 +141,18 @@ def _required_gap_figure(records, specs, colors, config, stem: Path) -> list[Pat
         title=f"logit needed for a top weight of {config.get('target_weight', 0.5):g} (dashed: closed form)",
         input="required_gap",
     )
-    ax.set_yscale("linear")
-    ax.set_ylim(bottom=0)
+    gaps = [r["required_gap"] for r in records if r.get("input") == "required_gap" and r.get("required_gap")]
+    if gaps and max(gaps) > 100 * min(gaps):
+        # Gaps that differ by orders of magnitude (StableMax needs g = n - 2, softpick almost
+        # nothing) only show side by side on a log axis, where a closed form <= 0 (a negative
+        # SSMax factor at small n) has no place.
+        for line in ax.get_lines():
+            y = np.asarray(line.get_ydata(), float)
+            line.set_ydata(np.where(y > 0, y, np.nan))
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("linear")
+        ax.set_ylim(bottom=0)
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", frameon=False)
     return style.save(fig, stem)

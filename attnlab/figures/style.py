@@ -22,12 +22,12 @@ COLORS = {
     "logn_entmax": "#ff9da7",
     "softmax1": "#17becf",
     "sigmoid": "#bcbd22",
-    "stablemax": "#8c564b",
-    "softpick": "#d62728",
-    "multimax": "#1f77b4",
+    "stablemax": "#000000",
+    "softpick": "#c51b7d",
+    "multimax": "#542788",
 }
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "h", "*"]
-_EXTRA = ["#bab0ac", "#7f7f7f", "#9467bd", "#e377c2", "#000000", "#aec7e8", "#ffbb78"]
+_EXTRA = ["#bab0ac", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5", "#c49c94"]
 
 LABELS = {
     "softmax": "softmax",

@@ -18,11 +18,13 @@ DASHES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1))]
 
 def draw_curves(ax: plt.Axes, curves: list[dict]) -> None:
     """Training-loss curves on `ax`: each curve a dict with label, color, steps, losses and
-    optionally final (a validation loss, marked at the last step and given in the legend)."""
+    optionally final (a validation loss, marked at the last step and given in the legend) and ls
+    (a line style; by default one of DASHES in turn)."""
     for i, curve in enumerate(curves):
         final = curve.get("final")
         label = curve["label"] if final is None else f"{curve['label']} (val {final:.3f})"
-        ax.plot(curve["steps"], curve["losses"], color=curve["color"], lw=1.4, ls=DASHES[i % len(DASHES)], label=label)
+        dash = curve.get("ls", DASHES[i % len(DASHES)])
+        ax.plot(curve["steps"], curve["losses"], color=curve["color"], lw=1.4, ls=dash, label=label)
         if final is not None:
             ax.plot(
                 [curve["steps"][-1]],
