@@ -36,8 +36,8 @@ def _mask(seed=1, t=T, s=S):
     return mask.at[..., 0].set(True)
 
 
-def _loss_and_output(fn, q, k, v, bias):
-    out = fn(q, k, v, bias)
+def _loss_and_output(fn, q, *operands):
+    out = fn(q, *operands)
     return jnp.sum(jnp.sin(out) * jnp.cos(jnp.arange(q.shape[-1]))), out
 
 
@@ -123,7 +123,7 @@ def test_chunked_equals_dense_for_every_normalizer(name):
         _close(g, w, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["softmax", "ssmax", "softmax1", "sparsemax", "entmax15"])
+@pytest.mark.parametrize("name", ["softmax", "ssmax", "softmax1", "sigmoid", "sparsemax", "entmax15"])
 @pytest.mark.parametrize("implementation", ["dense", "chunked"])
 def test_query_without_visible_keys_gives_zero_output_and_finite_gradients(name, implementation):
     q, k, v, _ = _inputs(seed=5)
@@ -187,7 +187,7 @@ def test_learned_per_head_parameters_get_gradients_through_chunked_path():
     _close(alpha_grad(alpha, "chunked"), alpha_grad(alpha, "dense"), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["softmax", "ssmax", "softmax1", "sparsemax", "entmax15"])
+@pytest.mark.parametrize("name", ["softmax", "ssmax", "softmax1", "sigmoid", "sparsemax", "entmax15"])
 def test_statistics_match_the_weights(name):
     q, k, v, bias = _inputs(seed=8)
     mass_keys = jnp.zeros((B, S), bool).at[:, 2:5].set(True)
@@ -211,21 +211,43 @@ def test_statistics_match_the_weights(name):
         assert np.any(p[p.sum(-1) > 0].min() == 0), "a sparse map should give exact zeros"
 
 
-def test_softmax1_takes_the_online_path_with_a_sink(monkeypatch):
-    """softmax1 (e^s / (1 + sum e^s)) runs the online softmax recurrence started from a sink logit 0,
-    never the generic query-blocked path; its rows then sum to < 1, as in dense."""
+ONLINE_NEWER = {
+    "softmax1 (log n scaled)": normalizers.Normalizer(normalizers.Softmax1(), normalizers.LogN(s=0.7)),
+    "sigmoid (bias -log n, log n scaled)": normalizers.Normalizer(normalizers.Sigmoid(), normalizers.LogN(s=0.7)),
+    "sigmoid (a bias per head)": normalizers.get("sigmoid", bias=jnp.array([0.5, -1.0, 0.0, -3.0])[:, None, None]),
+}
+
+
+@pytest.mark.parametrize("name", list(ONLINE_NEWER))
+def test_softmax1_and_sigmoid_take_the_online_path(monkeypatch, name):
+    """softmax1 (the online recurrence from a sink logit 0) and sigmoid (one pass, no running max)
+    never take the generic query-blocked path, and equal dense in values and gradients, those of a
+    per-head sigmoid bias included; softmax1's rows sum to < 1."""
     from attnlab.attention import api
 
     def refuse(*args, **kwargs):
-        raise AssertionError("softmax1 went through the generic query-blocked path")
+        raise AssertionError(f"{name} went through the generic query-blocked path")
 
     monkeypatch.setattr(api, "query_blocked_attention", refuse)
-    q, k, v, _ = _inputs(seed=11)
-    normalizer = normalizers.Normalizer(normalizers.Softmax1(), normalizers.LogN(s=0.7))
-    f = functools.partial(dot_product_attention, is_causal=True, normalizer=normalizer, key_block=8, query_block=16)
-    _close(jax.jit(functools.partial(f, implementation="chunked"))(q, k, v), f(q, k, v, implementation="dense"))
-    _, weights = f(q, k, v, implementation="dense", return_weights=True)
-    assert np.all(np.asarray(weights["weights"]).sum(-1) < 1)
+    q, k, v, bias = _inputs(seed=11)
+    normalizer = ONLINE_NEWER[name]
+
+    def run(implementation, q, k, v, b, normalizer):
+        return dot_product_attention(
+            q, k, v, b, is_causal=True, key_value_seq_lengths=jnp.array([S, 0]), normalizer=normalizer,
+            implementation=implementation, key_block=8, query_block=16,
+        )  # fmt: skip
+
+    argnums = (0, 1, 2, 3, 4)
+    out, got = _values_and_grads(jax.jit(functools.partial(run, "chunked")), argnums)(q, k, v, bias, normalizer)
+    want_out, want = _values_and_grads(functools.partial(run, "dense"), argnums)(q, k, v, bias, normalizer)
+    _close(out, want_out)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        _close(g, w, atol=1e-4, rtol=1e-4)
+    assert np.all(np.asarray(out[1]) == 0)  # no visible key
+    if name.startswith("softmax1"):
+        _, weights = dot_product_attention(q, k, v, is_causal=True, normalizer=normalizer, return_weights=True)
+        assert np.all(np.asarray(weights["weights"]).sum(-1) < 1)
 
 
 def test_gqa_equals_repeated_key_value_heads():

@@ -14,7 +14,7 @@ from attnlab.attention.masks import Visibility, to_grouped
 from attnlab.attention.online_softmax import online_softmax_attention, softmax_statistics
 from attnlab.attention.query_blocked import query_blocked_attention
 from attnlab.attention.sparse_blocked import sparse_blocked_attention
-from attnlab.normalizers import Entmax, Entmax15, Normalizer, Softmax, Softmax1, Sparsemax, get
+from attnlab.normalizers import Entmax, Entmax15, Normalizer, Sigmoid, Softmax, Softmax1, Sparsemax, get
 from attnlab.normalizers._rows import align_param, concrete_values
 
 Implementation = Literal["dense", "chunked", "cudnn", "pallas"] | None
@@ -49,10 +49,16 @@ def _softmax_type(normalizer: Callable) -> bool:
     return isinstance(normalizer, Normalizer) and isinstance(normalizer.mapping, Softmax)
 
 
-def _online_type(normalizer: Callable) -> bool:
-    """Softmax-type normalizers and softmax1 (softmax with a sink logit 0) take the online path."""
-    with_sink = isinstance(normalizer, Normalizer) and isinstance(normalizer.mapping, Softmax1)
-    return _softmax_type(normalizer) or with_sink
+# Mappings whose rows the key-blocked pass of attention.online_softmax computes, by its name for them.
+ONLINE_MAPPINGS = {Softmax: "softmax", Softmax1: "softmax1", Sigmoid: "sigmoid"}
+
+
+def _online_mapping(normalizer: Callable) -> str | None:
+    """ "softmax" (softmax-type), "softmax1" or "sigmoid" when `normalizer` takes the online
+    key-blocked path (attention.online_softmax), else None."""
+    if not isinstance(normalizer, Normalizer):
+        return None
+    return ONLINE_MAPPINGS.get(type(normalizer.mapping))
 
 
 def static_entmax_alpha(normalizer: Callable) -> float | None:
@@ -122,8 +128,10 @@ def _pick_implementation(
     return "chunked"
 
 
-def _row_factor(normalizer: Normalizer, visibility: Visibility, B: int, N: int, T: int, S: int, K: int) -> jax.Array:
-    """The scale policy's factor per (batch, head, query), grouped [B|1, K|1, G|1, T, 1]."""
+def _per_query(value_of: Callable, visibility: Visibility, B: int, N: int, T: int, S: int, K: int) -> jax.Array:
+    """value_of(counts [B|1, N, T, 1], align) per (batch, head, query), grouped [B|1, K, G, T, 1]:
+    counts are each query's visible keys (n), align(value, name) shapes a normalizer parameter
+    like the [B, N, T, S] logits with the key axis kept as 1."""
     G = N // K
     counts = jnp.broadcast_to(visibility.visible_counts(), (visibility.visible_counts().shape[0], K, G, T, 1))
     counts = counts.reshape(counts.shape[0], N, T, 1)
@@ -131,9 +139,27 @@ def _row_factor(normalizer: Normalizer, visibility: Visibility, B: int, N: int, 
     def align(value, name):
         return align_param(value, name, (B, N, T, S), 3)
 
-    factor = normalizer.scale.factor(counts, align)
-    factor = jnp.broadcast_to(factor, jnp.broadcast_shapes(factor.shape, counts.shape))
-    return factor.reshape(factor.shape[0], K, G, T, 1)
+    value = value_of(counts, align)
+    value = jnp.broadcast_to(value, jnp.broadcast_shapes(value.shape, counts.shape))
+    return value.reshape(value.shape[0], K, G, T, 1)
+
+
+def _row_factor(normalizer: Normalizer, visibility: Visibility, B: int, N: int, T: int, S: int, K: int) -> jax.Array:
+    """The scale policy's factor per (batch, head, query), grouped [B|1, K, G, T, 1]."""
+    return _per_query(normalizer.scale.factor, visibility, B, N, T, S, K)
+
+
+def _sigmoid_bias(normalizer: Normalizer, visibility: Visibility, B: int, N: int, T: int, S: int, K: int) -> jax.Array:
+    """Sigmoid attention's b in sigmoid(z + b) per (batch, head, query), grouped [B|1, K, G, T, 1]:
+    -log n (n = the query's visible keys, at least 1) unless the mapping has its own bias."""
+    given = normalizer.mapping.bias
+
+    def value_of(counts, align):
+        if given is None:
+            return -jnp.log(jnp.maximum(counts, 1).astype(jnp.float32))
+        return align(given, "bias").astype(jnp.float32)
+
+    return _per_query(value_of, visibility, B, N, T, S, K)
 
 
 def dot_product_attention(
@@ -231,7 +257,7 @@ def dot_product_attention(
             q * scale, k, v, bias, visibility, normalizer,
             want_stats=want_stats, mass_keys=mass_keys, want_weights=return_weights,
         )  # fmt: skip
-    elif choice == "chunked" and not _online_type(normalizer) and static_entmax_alpha(normalizer) is None:
+    elif choice == "chunked" and _online_mapping(normalizer) is None and static_entmax_alpha(normalizer) is None:
         block = query_block or max(1, QUERY_BLOCK_ELEMENTS // max(1, B * N * S))
         out, aux = query_blocked_attention(
             q * scale, k, v, bias, visibility, normalizer,
@@ -248,7 +274,12 @@ def dot_product_attention(
         q_folded = (q * factor).astype(query.dtype)
         if return_weights:
             raise ValueError("return_weights needs implementation='dense' (or None)")
-        if choice == "chunked" and not _online_type(normalizer):
+        mapping = _online_mapping(normalizer)
+        if mapping == "sigmoid":
+            # sigmoid(z + b): its per-query bias b (-log n by default) joins the attention bias.
+            b = _sigmoid_bias(normalizer, visibility, B, N, T, S, K)
+            bias = b if bias is None else bias + b
+        if choice == "chunked" and mapping is None:
             block = query_block or max(SPARSE_MIN_QUERY_BLOCK, SPARSE_QUERY_BLOCK_ELEMENTS // max(1, B * N * S))
             out, aux = sparse_blocked_attention(
                 q_folded, k, v, bias, visibility, static_entmax_alpha(normalizer),
@@ -264,12 +295,13 @@ def dot_product_attention(
             softmax_query_block = query_block or DEFAULT_SOFTMAX_QUERY_BLOCK
             out, lse = online_softmax_attention(
                 q_folded, k, v, bias, visibility,
-                key_block=key_block, query_block=softmax_query_block, sink=not _softmax_type(normalizer),
+                key_block=key_block, query_block=softmax_query_block, mapping=mapping,
             )  # fmt: skip
             if want_stats:
                 aux = softmax_statistics(
-                    q_folded, k, bias, visibility, lse, mass_keys, key_block=key_block, query_block=softmax_query_block
-                )
+                    q_folded, k, bias, visibility, lse, mass_keys,
+                    key_block=key_block, query_block=softmax_query_block, mapping=mapping,
+                )  # fmt: skip
     out = _ungroup(out).astype(query.dtype)
     if not (want_stats or return_weights):
         return out

@@ -18,10 +18,14 @@ p_j = exp(s_j - lse) block by block over the same key blocks: with D = rowsum(do
 A row with no visible key has l = 0: its output is 0, lse = -inf, and its gradients are 0.
 Scale policies (temperature, SSMax's s log n) arrive folded into q and the bias by the caller.
 
-softmax1 (p_i = e^{s_i} / (1 + sum_j e^{s_j})) is the same recurrence with a sink: one more
-logit 0 that has no value, i.e. the pass starts from m = 0, l = 1 instead of m = -inf, l = 0.
-Its Jacobian has the softmax form (dp_i/ds_k = p_i delta_ik - p_i p_k), so the backward is
-unchanged given lse = log(1 + sum_j e^{s_j}); a row with no visible key has output 0, lse = 0.
+Two more maps take the same passes (`mapping`):
+- "softmax1" (p_i = e^{s_i} / (1 + sum_j e^{s_j})) is the recurrence with a sink: one more logit 0
+  that has no value, i.e. the pass starts from m = 0, l = 1 instead of m = -inf, l = 0. Its
+  Jacobian has the softmax form (dp_i/ds_k = p_i delta_ik - p_i p_k), so the backward is unchanged
+  given lse = log(1 + sum_j e^{s_j}); a row with no visible key has output 0, lse = 0.
+- "sigmoid" (p_i = sigmoid(s_i), its bias folded into b by the caller) needs no running max or sum:
+  out = sum_j p_j v_j, and the backward has ds_j = p_j (1 - p_j) (dout v_j^T) in place of
+  p_j * (dout v_j^T - D). Its lse is returned as 0 and not used.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from attnlab.attention.blocks import split as _split
 from attnlab.attention.masks import Visibility
 
 F32 = jnp.float32
+MAPPINGS = ("softmax", "softmax1", "sigmoid")
 
 
 class _Static(NamedTuple):
@@ -50,7 +55,7 @@ class _Static(NamedTuple):
     key_block: int
     query_block: int
     only_structured: bool  # no lengths and no explicit mask: visibility is known block by block
-    sink: bool  # softmax1: one more logit 0 with no value in every row
+    mapping: str  # "softmax", "softmax1" (one more logit 0, with no value, in every row) or "sigmoid"
 
 
 class KeyBlockRanges(NamedTuple):
@@ -207,21 +212,25 @@ def _forward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths)
     def step(j, carry, masked):
         m, total, acc = carry
         s, visible = row.logits(static, k_blocks, q_lengths, kv_lengths, j, masked)
-        m_new = jnp.maximum(m, jnp.max(s if visible is None else jnp.where(visible, s, -jnp.inf), axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = _keep(visible, jnp.exp(s - m_safe[..., None]))
-        correction = jnp.exp(m - m_safe)
-        total = total * correction + jnp.sum(p, axis=-1)
+        if static.mapping == "sigmoid":
+            m_new, p, correction = m, _keep(visible, jax.nn.sigmoid(s)), 1.0
+        else:
+            m_new = jnp.maximum(m, jnp.max(s if visible is None else jnp.where(visible, s, -jnp.inf), axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = _keep(visible, jnp.exp(s - m_safe[..., None]))
+            correction = jnp.exp(m - m_safe)
+            total = total * correction + jnp.sum(p, axis=-1)
+            correction = correction[..., None]
         v_j = v_blocks[j]
-        acc = acc * correction[..., None] + jnp.einsum(
-            "bkgts,bksh->bkgth", p.astype(v_j.dtype), v_j, preferred_element_type=F32
-        )
+        acc = acc * correction + jnp.einsum("bkgts,bksh->bkgth", p.astype(v_j.dtype), v_j, preferred_element_type=F32)
         return m_new, total, acc
 
-    # The sink (softmax1) is the logit 0 already visited: m = 0, l = e^0.
-    m0, total0 = (0.0, 1.0) if static.sink else (-jnp.inf, 0.0)
+    # The sink (softmax1) is the logit 0 already visited: m = 0, l = e^0. Sigmoid keeps m = l = 0.
+    m0, total0 = {"softmax": (-jnp.inf, 0.0), "softmax1": (0.0, 1.0), "sigmoid": (0.0, 0.0)}[static.mapping]
     init = (jnp.full((B, K, G, Tq), m0, F32), jnp.full((B, K, G, Tq), total0, F32), jnp.zeros((B, K, G, Tq, H), F32))
     m, total, acc = visit_key_blocks(step, row.ranges, init)
+    if static.mapping == "sigmoid":
+        return acc, m
     has_keys = total > 0
     out = acc / jnp.where(has_keys, total, 1.0)[..., None]
     lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, total, 1.0)), -jnp.inf)
@@ -252,6 +261,11 @@ def _attention_fwd(static, q, k, v, bias, mask, q_lengths, kv_lengths):
     return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
 
 
+def _weights(static, visible: jax.Array | None, s: jax.Array, lse: jax.Array) -> jax.Array:
+    """The weights of one block of logits: sigmoid(s), or e^(s - lse) (softmax, softmax1); 0 where not visible."""
+    return _keep(visible, jax.nn.sigmoid(s) if static.mapping == "sigmoid" else jnp.exp(s - lse))
+
+
 def _backward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths, out_i, lse_i, d_out_i, dk, dv):
     """dq_i and d bias_i (shaped like bias_i) of one query block; adds its dk, dv into the key blocks."""
     lse_safe = jnp.where(jnp.isfinite(lse_i), lse_i, 0.0)[..., None]
@@ -262,10 +276,10 @@ def _backward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths
     def step(j, carry, masked):
         dq, dk, dv, dbias = carry
         s, visible = row.logits(static, k_blocks, q_lengths, kv_lengths, j, masked)
-        p = _keep(visible, jnp.exp(s - lse_safe))
+        p = _weights(static, visible, s, lse_safe)
         dv = dv.at[j].add(jnp.einsum("bkgts,bkgth->bksh", p, d_out_i))
         dp = jnp.einsum("bkgth,bksh->bkgts", d_out_i, v_blocks[j].astype(F32))
-        ds = p * (dp - delta)
+        ds = p * (1.0 - p) * dp if static.mapping == "sigmoid" else p * (dp - delta)
         dq = dq + jnp.einsum("bkgts,bksh->bkgth", ds, k_blocks[j].astype(F32))
         dk = dk.at[j].add(jnp.einsum("bkgts,bkgth->bksh", ds, q32))
         if keys_broadcast:
@@ -332,8 +346,10 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _static(
-    visibility: Visibility, q: jax.Array, k: jax.Array, key_block: int, query_block: int, sink: bool
+    visibility: Visibility, q: jax.Array, k: jax.Array, key_block: int, query_block: int, mapping: str
 ) -> _Static:
+    if mapping not in MAPPINGS:
+        raise ValueError(f"mapping={mapping!r}; accepted: {', '.join(map(repr, MAPPINGS))}")
     return _Static(
         visibility.num_queries,
         visibility.num_keys,
@@ -342,7 +358,7 @@ def _static(
         max(1, min(key_block, k.shape[2])),
         max(1, min(query_block, q.shape[3])),
         visibility.mask is None and visibility.query_lengths is None and visibility.key_lengths is None,
-        bool(sink),
+        mapping,
     )
 
 
@@ -355,17 +371,19 @@ def online_softmax_attention(
     *,
     key_block: int,
     query_block: int,
-    sink: bool = False,
+    mapping: str = "softmax",
 ) -> tuple[jax.Array, jax.Array]:
     """q [B, K, G, T, H] (scale and any scale-policy factor folded in), k/v [B, K, S, H].
 
     Queries go `query_block` at a time, each through an online pass over the `key_block`-sized
     key blocks it can see, so at most [B, N, query_block, key_block] logits exist at once, in
     both passes. Returns out [B, K, G, T, H] float32 and lse [B, K, G, T] (log-sum-exp of the
-    visible logits, -inf for a row with no visible key). With `sink` the weights are softmax1's
-    (a logit 0 joins every row, with no value): lse = log(1 + sum e^s), 0 for an empty row.
+    visible logits, -inf for a row with no visible key). With mapping="softmax1" the weights are
+    softmax1's (a logit 0 joins every row, with no value): lse = log(1 + sum e^s), 0 for an empty
+    row; with mapping="sigmoid" they are sigmoid(s) (any bias, e.g. -log n, folded into `bias`), and
+    lse is 0.
     """
-    static = _static(visibility, q, k, key_block, query_block, sink)
+    static = _static(visibility, q, k, key_block, query_block, mapping)
     return _attention(static, q, k, v, bias, visibility.mask, visibility.query_lengths, visibility.key_lengths)
 
 
@@ -379,12 +397,13 @@ def softmax_statistics(
     *,
     key_block: int,
     query_block: int,
+    mapping: str = "softmax",
 ) -> dict[str, jax.Array]:
-    """max weight, entropy, exact support size and key mass from a second pass with the final lse
-    (p = e^{s - lse}: softmax1's weights too, given its lse)."""
+    """max weight, entropy (-sum p log p), exact support size and key mass from a second pass: with
+    p = e^{s - lse} given the final lse (softmax, softmax1), or p = sigmoid(s)."""
     q, k, lse = (jax.lax.stop_gradient(x) for x in (q, k, lse))
     bias = None if bias is None else jax.lax.stop_gradient(bias)
-    static = _static(visibility, q, k, key_block, query_block, sink=False)
+    static = _static(visibility, q, k, key_block, query_block, mapping)
     mask = visibility.mask
     T = q.shape[3]
     blocks = _query_blocks(static, q, bias, mask)
@@ -398,7 +417,7 @@ def softmax_statistics(
 
         def step(j, totals, masked):
             s, visible = row.logits(static, k_blocks, visibility.query_lengths, visibility.key_lengths, j, masked)
-            log_p = _keep(visible, s) - lse_safe
+            log_p = jax.nn.log_sigmoid(s) if static.mapping == "sigmoid" else _keep(visible, s) - lse_safe
             p = _keep(visible, jnp.exp(log_p))
             update = {
                 "max_weight": jnp.maximum(totals["max_weight"], jnp.max(p, axis=-1)),
