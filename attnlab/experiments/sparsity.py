@@ -94,6 +94,7 @@ class Config:
         NormalizerSpec("entmax", (("alpha", 1.3),), "entmax α=1.3"),
         NormalizerSpec("logn_sparsemax"),
         NormalizerSpec("logn_entmax15"),
+        *(NormalizerSpec(name) for name in ("softmax1", "sigmoid", "stablemax", "softpick", "multimax")),
     )
     inputs: tuple[str, ...] = INPUTS
     lengths: Lengths = dataclasses.field(default_factory=lambda: Lengths.log_spaced(10, 100_000, 13))
