@@ -144,7 +144,7 @@ def test_train_config_errors_name_the_field():
 
 # Every normalizer; those whose code the default set already trains (the same mapping or scale
 # policy) run with -m slow, to keep the default suite under 10 minutes.
-OVERFIT_DEFAULT = ("softmax", "ssmax", "sparsemax", "entmax15", "logn_entmax15")
+OVERFIT_DEFAULT = ("softmax", "sparsemax", "logn_entmax15")  # + learned alpha: entmax, the log n policy
 OVERFIT_CASES = [
     pytest.param(name, marks=() if name in OVERFIT_DEFAULT else pytest.mark.slow, id=name) for name in normalizers.NAMES
 ] + [pytest.param(NormalizerSpec("entmax", learn_alpha=True), id="entmax_learned_alpha")]
