@@ -26,6 +26,7 @@ from attnlab.data import (
     mqar_batch,
     needle_batch,
     split_position,
+    spread_batches,
     task_accuracy,
     train_batches,
 )
@@ -527,3 +528,20 @@ def test_task_accuracy_errors_are_named():
         task_accuracy(np.zeros((2, 4)), batch)
     with pytest.raises(DataError, match=r"loss_mask is all False"):
         task_accuracy(np.zeros((2, 3)), batch)
+
+
+def test_spread_batches_cover_the_data_from_its_start_to_its_end():
+    tokens = np.arange(1000) % 251
+    batches = spread_batches(tokens, seq_len=16, count=12, batch_size=4)
+    assert len(batches) == 3 and all(b.inputs.shape == (4, 16) and b.loss_mask.all() for b in batches)
+    inputs = np.concatenate([b.inputs for b in batches])
+    targets = np.concatenate([b.targets for b in batches])
+    np.testing.assert_array_equal(inputs[0], tokens[:16])
+    np.testing.assert_array_equal(targets[-1], tokens[-16:])  # the last window ends with the data
+    np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
+    starts = np.linspace(0, 1000 - 17, 12).round().astype(int)  # evenly spaced, in order
+    np.testing.assert_array_equal(inputs, tokens[starts[:, None] + np.arange(16)])
+    with pytest.raises(DataError, match="count=10 must be a multiple of batch_size=4"):
+        spread_batches(tokens, seq_len=16, count=10, batch_size=4)
+    with pytest.raises(DataError, match="too short for 990 windows of 16 bytes"):
+        spread_batches(tokens, seq_len=16, count=990, batch_size=10, name="validation split")

@@ -16,6 +16,7 @@ from attnlab.attention.query_blocked import query_blocked_attention
 from attnlab.attention.sparse_blocked import sparse_blocked_attention
 from attnlab.normalizers import Entmax, Entmax15, Normalizer, Sigmoid, Softmax, Softmax1, Sparsemax, get
 from attnlab.normalizers._rows import align_param, concrete_values
+from attnlab.normalizers.recent import default_sigmoid_bias
 
 Implementation = Literal["dense", "chunked", "cudnn", "pallas"] | None
 IMPLEMENTATIONS = ("dense", "chunked", "cudnn", "pallas")
@@ -156,7 +157,7 @@ def _sigmoid_bias(normalizer: Normalizer, visibility: Visibility, B: int, N: int
 
     def value_of(counts, align):
         if given is None:
-            return -jnp.log(jnp.maximum(counts, 1).astype(jnp.float32))
+            return default_sigmoid_bias(counts.astype(jnp.float32))
         return align(given, "bias").astype(jnp.float32)
 
     return _per_query(value_of, visibility, B, N, T, S, K)

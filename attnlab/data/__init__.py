@@ -4,10 +4,10 @@ Every source yields `Batch(inputs, targets, loss_mask, needle_mask)`: int32 [B, 
 (vocabulary 256, token id = byte value), targets the next token (teacher forcing), and a bool
 [B, L] mask of the scored positions.
 
-- Corpus (`load_corpus`, `train_batches`, `eval_batches`): the Python standard library's own
-  `*.py` files, or a user file or folder, split into train and validation by a fixed hash of
-  each file's path. `train_batches` streams random windows from a seed; `eval_batches` walks
-  contiguous windows in order.
+- Corpus (`load_corpus`, `train_batches`, `eval_batches`, `spread_batches`): the Python standard
+  library's own `*.py` files, or a user file or folder, split into train and validation by a fixed
+  hash of each file's path. `train_batches` streams random windows from a seed; `eval_batches` walks
+  contiguous windows in order; `spread_batches` takes windows evenly spaced over all of the data.
 - Multi-query associative recall (`MQARConfig`, `mqar_batch`): key-value pairs, then queries of
   those keys; the model must answer each query with its value (as in Zoology).
 - Needle in a haystack (`NeedleConfig`, `needle_batch`): b" The magic number for {key} is
@@ -28,6 +28,7 @@ from attnlab.data.corpus import (
     list_corpus_files,
     load_corpus,
     split_position,
+    spread_batches,
     train_batches,
 )
 from attnlab.data.tasks import (
@@ -55,6 +56,7 @@ __all__ = [
     "needle_batch",
     "needle_train_batches",
     "split_position",
+    "spread_batches",
     "task_accuracy",
     "train_batches",
 ]

@@ -349,3 +349,32 @@ def eval_batches(
     if max_batches is not None:
         count = min(count, max_batches)
     return (_windows(array, seq_len * np.arange(j * batch_size, (j + 1) * batch_size), seq_len) for j in range(count))
+
+
+def spread_batches(data: np.ndarray, *, seq_len: int, count: int, batch_size: int, name: str = "data") -> list[Batch]:
+    """`count` windows of seq_len bytes at evenly spaced offsets over the whole of `data`, so they
+    sample every part of it (a validation split's last files too, not only its first), in
+    count / batch_size batches, in order.
+
+    Window k starts at round(k (n - L - 1) / (count - 1)) (n = len(data)): inputs
+    data[o : o + L], targets shifted by one, loss_mask all True. Deterministic.
+
+    Args:
+      data: int [n], byte tokens, e.g. Corpus.validation.
+      seq_len, count, batch_size: L, the number of windows and B, integers >= 1, count a multiple of B.
+      name: what `data` is, for error messages.
+
+    Raises DataError when count is not a multiple of batch_size or data is shorter than L + count.
+    """
+    seq_len = check_positive_int(seq_len, "spread_batches: seq_len")
+    count = check_positive_int(count, "spread_batches: count")
+    batch_size = check_positive_int(batch_size, "spread_batches: batch_size")
+    if count % batch_size:
+        raise DataError(f"spread_batches: count={count} must be a multiple of batch_size={batch_size}")
+    array = _check_data(data, seq_len, "spread_batches", name)
+    if array.size < seq_len + count:
+        raise DataError(
+            f"spread_batches: the {name} ({array.size} bytes) is too short for {count} windows of {seq_len} bytes"
+        )
+    starts = np.linspace(0, array.size - seq_len - 1, count).round().astype(int)
+    return [_windows(array, chunk, seq_len) for chunk in np.split(starts, count // batch_size)]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnlab import calibration
-from attnlab.data import load_corpus, train_batches
+from attnlab.data import load_corpus, spread_batches, train_batches
 from attnlab.experiments import lm
 from attnlab.experiments.config import LayerNormalizer, to_json
 from attnlab.losses import OutputNormalizer
@@ -85,19 +85,6 @@ def points(config: Config) -> list[dict[str, Any]]:
     return [{"output": output.label} for output in config.outputs]
 
 
-def validation_windows(data: np.ndarray, seq_len: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets) [count, seq_len]: windows starting at `count` evenly spaced offsets over the
-    whole of `data` (so they sample every part of the validation split, not its first files)."""
-    if len(data) < seq_len + count:
-        raise ValueError(
-            f"eval_windows={count}: the validation split ({len(data)} bytes) is too short for {count} "
-            f"windows of {seq_len} bytes"
-        )
-    starts = np.linspace(0, len(data) - seq_len - 1, count).round().astype(int)
-    windows = np.stack([data[start : start + seq_len + 1] for start in starts])
-    return windows[:, :-1], windows[:, 1:]
-
-
 def fit_mask(config: Config) -> np.ndarray:
     """bool [eval_windows]: the fit_windows windows (evenly interleaved) that fit T; the rest are scored."""
     mask = np.zeros(config.eval_windows, bool)
@@ -107,10 +94,13 @@ def fit_mask(config: Config) -> np.ndarray:
 
 def validation_logits(model: Any, config: Config) -> tuple[np.ndarray, np.ndarray]:
     """(logits [W, L, V] float32, targets [W, L]) on the eval_windows validation windows."""
-    inputs, targets = validation_windows(load_corpus().validation, config.training.seq_len, config.eval_windows)
+    windows = spread_batches(
+        load_corpus().validation, seq_len=config.training.seq_len, count=config.eval_windows,
+        batch_size=EVAL_BATCH, name="validation split",
+    )  # fmt: skip
     forward = jax.jit(lambda tokens: model(tokens))
-    logits = [np.asarray(forward(jnp.asarray(chunk))) for chunk in np.split(inputs, len(inputs) // EVAL_BATCH)]
-    return np.concatenate(logits), targets
+    logits = [np.asarray(forward(jnp.asarray(batch.inputs))) for batch in windows]
+    return np.concatenate(logits), np.concatenate([batch.targets for batch in windows])
 
 
 def _report(output: OutputNormalizer, logits: np.ndarray, labels: np.ndarray, bins: int) -> dict[str, Any]:

@@ -30,9 +30,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from attnlab.data import Batch, load_corpus, train_batches
+from attnlab.data import load_corpus, spread_batches, train_batches
 from attnlab.experiments import lm
 from attnlab.experiments.config import LayerNormalizer, to_json
 from attnlab.nn import NormalizerSpec
@@ -105,24 +103,6 @@ def points(config: Config) -> list[dict[str, Any]]:
     return [{"model": TEACHER}, {"model": BASELINE}, *students]
 
 
-def validation_windows(data: np.ndarray, seq_len: int, count: int) -> list[Batch]:
-    """`count` windows of seq_len bytes starting at evenly spaced offsets over the whole of `data`
-    (so they sample every part of the validation split), in batches of EVAL_BATCH: inputs and
-    targets int32 [EVAL_BATCH, seq_len], every position scored."""
-    if len(data) < seq_len + count:
-        raise ValueError(
-            f"eval_windows={count}: the validation split ({len(data)} bytes) is too short for {count} "
-            f"windows of {seq_len} bytes"
-        )
-    starts = np.linspace(0, len(data) - seq_len - 1, count).round().astype(int)
-    windows = data[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
-    mask = np.ones((EVAL_BATCH, seq_len), bool)
-    return [
-        Batch(np.ascontiguousarray(chunk[:, :-1]), np.ascontiguousarray(chunk[:, 1:]), mask)
-        for chunk in np.split(windows, count // EVAL_BATCH)
-    ]
-
-
 def _train(
     config: Config,
     role: str,
@@ -138,7 +118,10 @@ def _train(
     training = config.teacher_training if role == TEACHER else config.student_training
     corpus = load_corpus()
     batches = train_batches(corpus.train, seq_len=training.seq_len, batch_size=training.batch_size, seed=training.seed)
-    windows = validation_windows(corpus.validation, config.student_training.seq_len, config.eval_windows)
+    windows = spread_batches(
+        corpus.validation, seq_len=config.student_training.seq_len, count=config.eval_windows,
+        batch_size=EVAL_BATCH, name="validation split",
+    )  # fmt: skip
     model, trained = lm.train_model(
         setting,
         training,

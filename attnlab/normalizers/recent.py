@@ -59,11 +59,15 @@ def softmax1_rows(z: jax.Array, valid: jax.Array) -> jax.Array:
     return e / (jnp.exp(-c) + jnp.sum(e, axis=-1, keepdims=True))
 
 
+def default_sigmoid_bias(n: jax.Array) -> jax.Array:
+    """Sigmoid attention's default bias -log n for rows of n valid entries (-log 1 = 0 for an empty row)."""
+    return -jnp.log(jnp.maximum(n, 1.0))
+
+
 def sigmoid_rows(z: jax.Array, valid: jax.Array, bias: jax.Array | None) -> jax.Array:
     """sigmoid(z_i + b) on valid entries, b = -log n (n = valid entries of the row) when bias is None."""
     if bias is None:
-        n = jnp.sum(valid, axis=-1, keepdims=True).astype(z.dtype)
-        bias = -jnp.log(jnp.maximum(n, 1.0))
+        bias = default_sigmoid_bias(jnp.sum(valid, axis=-1, keepdims=True).astype(z.dtype))
     return jnp.where(valid, jax.nn.sigmoid(z + bias), 0.0)
 
 
