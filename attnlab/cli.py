@@ -4,7 +4,9 @@
     attnlab figures [RESULTS_DIR]
     attnlab list
 
-Exit codes: 0 success, 2 bad command line or config (nothing is written), 1 other failures.
+Exit codes: 0 success; 2 bad command line or config (nothing is run or written); 1 a run that
+stopped (diverged training, an unreadable results file or checkpoint, a full disk), with one
+message naming it; 130 interrupted. Finished sweep points are always kept.
 """
 
 from __future__ import annotations
@@ -16,6 +18,15 @@ from importlib import resources
 from pathlib import Path
 
 QUICKSTART = "quickstart.toml"
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """Errors that stop a run with one message and exit code 1: diverged training
+    (FloatingPointError), unreadable results or checkpoints, a full disk (OSError)."""
+    from attnlab.experiments import ResultsError
+    from attnlab.train import CheckpointError
+
+    return (FloatingPointError, ResultsError, CheckpointError, OSError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,17 +71,22 @@ def _run(args: argparse.Namespace) -> int:
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    for experiment in to_run:
-        started = time.perf_counter()
-        try:
-            path = experiments.run(experiment, args.out, progress=not args.no_progress)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: finished sweep points are saved in {args.out}; rerun to resume", file=sys.stderr)
-            return 130
-        print(f"{experiment.name}: wrote {path} in {time.perf_counter() - started:.1f} s")
-        if not args.no_figures:
-            for figure in figures.render(path):
-                print(f"  figure {figure}")
+    with experiments.lock(args.out):
+        for experiment in to_run:
+            started = time.perf_counter()
+            try:
+                path = experiments.run(experiment, args.out, progress=not args.no_progress)
+            except KeyboardInterrupt:
+                print(f"\ninterrupted: finished sweep points are saved in {args.out}; rerun to resume", file=sys.stderr)
+                return 130
+            except _failures() as err:
+                print(f"attnlab run: {experiment.name} stopped: {err}", file=sys.stderr)
+                print(f"  finished sweep points are saved in {args.out}; nothing else was run", file=sys.stderr)
+                return 1
+            print(f"{experiment.name}: wrote {path} in {time.perf_counter() - started:.1f} s")
+            if not args.no_figures:
+                for figure in figures.render(path):
+                    print(f"  figure {figure}")
     return 0
 
 
@@ -92,8 +108,8 @@ def _list(args: argparse.Namespace) -> int:
     from attnlab import experiments, normalizers
 
     print("experiment kinds:")
-    for kind, module in experiments.KINDS.items():
-        print(f"  {kind:24s} {module.DESCRIPTION}")
+    for name, kind in experiments.KINDS.items():
+        print(f"  {name:24s} {kind.description}")
     print("normalizers:")
     for name in normalizers.NAMES:
         params = ", ".join(f"{k}={v}" for k, v in normalizers.parameters(name).items())

@@ -82,6 +82,16 @@ class Corpus:
         """Number of files in the validation split."""
         return len(self.validation_paths)
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """A BLAKE2b hash of both splits' bytes (hex, 16 digits): what a trained model's key
+        records of its data, so a model is never reused on a corpus that changed."""
+        hasher = hashlib.blake2b(digest_size=8)
+        for part in (self.train, self.validation):
+            hasher.update(np.ascontiguousarray(part).tobytes())
+            hasher.update(b"|")
+        return hasher.hexdigest()
+
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary for results files: source, split rule, bytes and files per split."""
         return {

@@ -1,8 +1,9 @@
-"""Experiment kinds: config (TOML) -> sweep points -> flat records -> results/<name>.json.
+"""Experiment kinds: config (TOML) -> sweep points -> keyed records -> results/<name>.json.
 
-Each kind is a module with KIND, DESCRIPTION, a frozen `Config` dataclass, `config_to_json`,
-`points(config)` (the sweep, as dicts) and `run_point(config, point)` (records for one point).
-Experiments never import plotting; figures are made from the JSON by :mod:`attnlab.figures`.
+Each kind module declares one :class:`attnlab.experiments.kind.Kind` as `KIND` (its config type,
+its sweep, how a point runs, its figures); :data:`KINDS` is the one registry that `attnlab run`,
+`attnlab figures` and `attnlab list` read. Experiments never import plotting; figures are made
+from the JSON by the module each kind names.
 """
 
 from attnlab.experiments import (
@@ -15,11 +16,21 @@ from attnlab.experiments import (
     throughput,
 )
 from attnlab.experiments.config import ConfigError
-from attnlab.experiments.runner import Experiment, load, load_all, run
+from attnlab.experiments.kind import Kind
+from attnlab.experiments.results import ResultsError
+from attnlab.experiments.runner import Experiment, load, load_all, lock, run
 
-KINDS = {
-    module.KIND: module
+
+def _declared(module) -> Kind:
+    # Transitional: a kind module not yet converted to a `Kind` declaration (throughput).
+    if isinstance(module.KIND, Kind):
+        return module.KIND
+    return Kind(module.KIND, module.DESCRIPTION, module.Config, module.points, module.run_point, {}, None)
+
+
+KINDS: dict[str, Kind] = {
+    _declared(module).name: _declared(module)
     for module in (fading_synthetic, sparsity, throughput, length_generalization, needle, calibration, distillation)
 }
 
-__all__ = ["KINDS", "ConfigError", "Experiment", "load", "load_all", "run"]
+__all__ = ["KINDS", "ConfigError", "Experiment", "Kind", "ResultsError", "load", "load_all", "lock", "run"]

@@ -31,12 +31,10 @@ import numpy as np
 from attnlab import calibration
 from attnlab.data import load_corpus, spread_batches, train_batches
 from attnlab.experiments import lm
-from attnlab.experiments.config import LayerNormalizer, to_json
+from attnlab.experiments.config import LayerNormalizer
+from attnlab.experiments.kind import Kind
 from attnlab.losses import OutputNormalizer
 from attnlab.nn import NormalizerSpec
-
-KIND = "calibration"
-DESCRIPTION = "one LM per output normalizer: accuracy, NLL, ECE and reliability before and after temperature scaling"
 
 DEFAULT_OUTPUTS = (
     OutputNormalizer("softmax"),
@@ -74,10 +72,6 @@ class Config:
             )
         if self.eval_windows % EVAL_BATCH:
             raise ValueError(f"eval_windows={self.eval_windows} must be a multiple of {EVAL_BATCH}")
-
-
-def config_to_json(config: Config) -> dict[str, Any]:
-    return to_json(config)
 
 
 def points(config: Config) -> list[dict[str, Any]]:
@@ -143,6 +137,7 @@ def run_point(
         training,
         ATTENTION,
         batches,
+        settings={"data": lm.corpus_settings(corpus)},
         workdir=workdir,
         progress=progress,
         output=output,
@@ -168,3 +163,14 @@ def run_point(
             "after": _report(output, test_logits / temperature, test_labels, config.bins),
         },
     ]
+
+
+KIND = Kind(
+    name="calibration",
+    description="one LM per output normalizer: accuracy, NLL, ECE and reliability before and after temperature scaling",
+    config_type=Config,
+    points=points,
+    run_point=run_point,
+    sweep_fields={"outputs": "output"},
+    figures="attnlab.figures.calibration",
+)

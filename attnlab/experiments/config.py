@@ -312,11 +312,21 @@ def parse_dataclass(cls: type, table: dict[str, Any], source: str, problems: lis
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """The TOML table in `path`, or ConfigError naming the file and the parse error."""
+    """The TOML table in `path`, or ConfigError naming the file and what is wrong: missing, a
+    folder, unreadable, not UTF-8 text (a binary file), or not valid TOML."""
+    path = Path(path)
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such config file"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a folder; give a config file (experiments/*.toml)"]) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            [f"{path}: not a TOML config (not UTF-8 text: {err.reason} at byte {err.start}; a binary file?)"]
+        ) from None
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot be read ({err.strerror})"]) from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError([f"{path}: not valid TOML: {err}"]) from None
 

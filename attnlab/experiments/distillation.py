@@ -16,7 +16,7 @@ bytes spread evenly over the validation split: cross-entropy (nats per byte) and
 every `eval_every` steps and at the end. A distilled student below the baseline gained from the
 teacher; the teacher's own loss is how much there was to gain.
 
-The teacher is trained once, checkpointed under the run's `workdir` as teacher.npz; every student
+The teacher is trained once, checkpointed under the run's `workdir` (keyed by its settings); every student
 point restores it from there (training it first if no point has yet), so any subset of the
 points runs, and an interrupted run resumes.
 
@@ -32,12 +32,10 @@ from typing import Any
 
 from attnlab.data import load_corpus, spread_batches, train_batches
 from attnlab.experiments import lm
-from attnlab.experiments.config import LayerNormalizer, to_json
+from attnlab.experiments.config import LayerNormalizer
+from attnlab.experiments.kind import Kind
 from attnlab.nn import NormalizerSpec
 from attnlab.train import distillation_objective
-
-KIND = "distillation"
-DESCRIPTION = "a larger LM distils into a smaller one at temperatures T: student validation loss vs T and vs no teacher"
 
 TEACHER, BASELINE, STUDENT = "teacher", "baseline", "student"
 ATTENTION = LayerNormalizer(NormalizerSpec("softmax"), "softmax")
@@ -93,10 +91,6 @@ class Config:
             )
 
 
-def config_to_json(config: Config) -> dict[str, Any]:
-    return to_json(config)
-
-
 def points(config: Config) -> list[dict[str, Any]]:
     """The teacher, the baseline student, then one distilled student per weight x temperature."""
     students = [{"model": STUDENT, "temperature": t, "weight": w} for w in config.weights for t in config.temperatures]
@@ -111,9 +105,11 @@ def _train(
     progress: lm.Progress | None,
     name: str | None = None,
     objective: Any = None,
+    objective_settings: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train (or restore from workdir) the teacher or a student; returns the model and its record
-    with validation_loss and token_accuracy (the last evaluation's)."""
+    (with model_key, validation_loss and token_accuracy: the last evaluation's).
+    `objective_settings` describes `objective` in the model's key (the teacher's key, T, w)."""
     setting = config.teacher if role == TEACHER else config.student
     training = config.teacher_training if role == TEACHER else config.student_training
     corpus = load_corpus()
@@ -127,6 +123,11 @@ def _train(
         training,
         ATTENTION,
         batches,
+        settings={
+            "data": lm.corpus_settings(corpus),
+            "evaluation": {"windows": config.eval_windows, "seq_len": config.student_training.seq_len},
+            "objective": objective_settings,
+        },
         eval_batches=lambda: windows,
         workdir=workdir,
         progress=progress,
@@ -153,8 +154,9 @@ def run_point(
       token_accuracy, ...), validation_loss and token_accuracy (the last evaluation's),
       tokens_per_second, compile_seconds, train_seconds, wall_seconds (see `lm.train_model`).
 
-    A student point gets the teacher from workdir/teacher.npz, training it there first if no
-    point has (without a workdir, it trains the teacher again).
+    A student point restores the teacher from its checkpoint under workdir (keyed by the
+    teacher's settings), training it there first if no point has (without a workdir, it trains
+    the teacher again).
     """
     role = point["model"]
     if role == TEACHER:
@@ -164,8 +166,30 @@ def run_point(
         _, record = _train(config, BASELINE, workdir=workdir, progress=progress)
         return [{**record, "temperature": None, "weight": 0.0}]
     temperature, weight = point["temperature"], point["weight"]
-    teacher, _ = _train(config, TEACHER, workdir=workdir, progress=progress)
+    teacher, taught = _train(config, TEACHER, workdir=workdir, progress=progress)
     objective = distillation_objective(teacher, temperature=temperature, weight=weight)
+    described = {"teacher": taught["model_key"], "temperature": temperature, "weight": weight}
     name = f"student_T{temperature:g}_w{weight:g}"
-    _, record = _train(config, STUDENT, workdir=workdir, progress=progress, name=name, objective=objective)
+    _, record = _train(
+        config,
+        STUDENT,
+        workdir=workdir,
+        progress=progress,
+        name=name,
+        objective=objective,
+        objective_settings=described,
+    )
     return [{**record, "temperature": temperature, "weight": weight}]
+
+
+KIND = Kind(
+    name="distillation",
+    description=(
+        "a larger LM distils into a smaller one at temperatures T: student validation loss vs T and vs no teacher"
+    ),
+    config_type=Config,
+    points=points,
+    run_point=run_point,
+    sweep_fields={"temperatures": "temperature", "weights": "weight"},
+    figures="attnlab.figures.distillation",
+)

@@ -28,10 +28,8 @@ import numpy as np
 
 from attnlab.experiments import theory
 from attnlab.experiments.config import Lengths, NormalizerSpec
+from attnlab.experiments.kind import Kind
 from attnlab.normalizers import Normalizer, Softmax, stats
-
-KIND = "fading_synthetic"
-DESCRIPTION = "max weight, entropy and support vs row length n, on the SSMax Figure 1 row and Gaussian logits"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,19 +59,6 @@ class Config:
             raise ValueError(f"seeds must be >= 1; got {self.seeds}")
         if any(s <= 0 for s in self.sigmas):
             raise ValueError(f"sigmas must all be > 0; got {list(self.sigmas)}")
-
-
-def config_to_json(config: Config) -> dict[str, Any]:
-    return {
-        "normalizers": [spec.to_json() for spec in config.normalizers],
-        "lengths": list(config.lengths.values),
-        "peak_logit": config.peak_logit,
-        "rest_logit": config.rest_logit,
-        "sigmas": list(config.sigmas),
-        "seeds": config.seeds,
-        "seed": config.seed,
-        "target_weight": config.target_weight,
-    }
 
 
 def points(config: Config) -> list[dict[str, Any]]:
@@ -169,3 +154,14 @@ def run_point(config: Config, point: dict[str, Any]) -> list[dict[str, Any]]:
         }
     )
     return records
+
+
+KIND = Kind(
+    name="fading_synthetic",
+    description="max weight, entropy and support vs row length n, on the SSMax Figure 1 row and Gaussian logits",
+    config_type=Config,
+    points=points,
+    run_point=run_point,
+    sweep_fields={"normalizers": "normalizer", "lengths": "n"},
+    figures="attnlab.figures.fading_synthetic",
+)

@@ -30,11 +30,9 @@ import numpy as np
 
 from attnlab.data import eval_batches, load_corpus, train_batches
 from attnlab.experiments import lm
-from attnlab.experiments.config import LayerNormalizer, to_json
+from attnlab.experiments.config import LayerNormalizer
+from attnlab.experiments.kind import Kind
 from attnlab.nn import NormalizerSpec
-
-KIND = "length_generalization"
-DESCRIPTION = "one LM per normalizer trained at length L; loss, max weight, entropy and sparsity vs position to >= 8 L"
 
 DEFAULT_NORMALIZERS = (
     LayerNormalizer(NormalizerSpec("softmax"), "softmax"),
@@ -75,10 +73,6 @@ class Config:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not self.rope_theta_factors or any(f <= 0 for f in self.rope_theta_factors):
             raise ValueError(f"rope_theta_factors must be numbers > 0; got {list(self.rope_theta_factors)}")
-
-
-def config_to_json(config: Config) -> dict[str, Any]:
-    return to_json(config)
 
 
 def points(config: Config) -> list[dict[str, Any]]:
@@ -124,7 +118,10 @@ def run_point(
     length = training.seq_len
 
     batches = train_batches(corpus.train, seq_len=length, batch_size=training.batch_size, seed=training.seed)
-    model, trained = lm.train_model(config.model, training, normalizer, batches, workdir=workdir, progress=progress)
+    data = {"data": lm.corpus_settings(corpus)}
+    model, trained = lm.train_model(
+        config.model, training, normalizer, batches, settings=data, workdir=workdir, progress=progress
+    )
     records = [{"record": "training", **trained, "learned": lm.learned_parameters(model)}]
 
     long_windows = _windows(corpus.validation, config.eval_length, config.eval_windows)
@@ -155,3 +152,16 @@ def run_point(
     if within:
         records[0]["validation_loss"] = within[0]
     return records
+
+
+KIND = Kind(
+    name="length_generalization",
+    description=(
+        "one LM per normalizer trained at length L; loss, max weight, entropy and sparsity vs position to >= 8 L"
+    ),
+    config_type=Config,
+    points=points,
+    run_point=run_point,
+    sweep_fields={"normalizers": "normalizer"},
+    figures="attnlab.figures.length_generalization",
+)

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnlab.experiments.config import LayerNormalizer
+from attnlab.experiments.config import LayerNormalizer, to_json
+from attnlab.experiments.kind import settings_key
 from attnlab.nn import ModelConfig, TransformerLM, alpha_from_logit
 from attnlab.train import (
     EvalResult,
@@ -132,7 +133,40 @@ class TrainingSetting:
 
 
 def _file_name(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:60]
+
+
+# TrainingSetting fields that do not change the trained model or its record.
+UNKEYED_TRAINING = ("checkpoint_every",)
+
+
+def model_settings(
+    model_setting: ModelSetting,
+    training: TrainingSetting,
+    normalizer: LayerNormalizer,
+    output: Any = "softmax",
+    settings: dict[str, Any] | None = None,
+    eval_every: int = 0,
+) -> dict[str, Any]:
+    """Everything that determines a trained model and its training record: the shape, the
+    training (less `UNKEYED_TRAINING`), the normalizer (less its display label), the output, the
+    evaluation period, and the caller's `settings` (its data, objective and evaluation windows)."""
+    training_json = {k: v for k, v in to_json(training).items() if k not in UNKEYED_TRAINING}
+    normalizer_json = {k: v for k, v in normalizer.to_json().items() if k != "label"}
+    output_json = output.to_json() if hasattr(output, "to_json") else output
+    return {
+        "model": to_json(model_setting),
+        "training": training_json,
+        "normalizer": normalizer_json,
+        "output": output_json,
+        "eval_every": eval_every,
+        **(settings or {}),
+    }
+
+
+def corpus_settings(corpus: Any, split: str = "train") -> dict[str, Any]:
+    """What a model key records of a corpus split: its source and a hash of its bytes."""
+    return {"source": corpus.source, "digest": corpus.digest, "split": split}
 
 
 def train_model(
@@ -141,6 +175,7 @@ def train_model(
     normalizer: LayerNormalizer,
     batches: Iterable[Any],
     *,
+    settings: dict[str, Any] | None = None,
     eval_batches: Callable[[], Iterable[Any]] | None = None,
     workdir: Path | None = None,
     progress: Progress | None = None,
@@ -151,24 +186,31 @@ def train_model(
 ) -> tuple[TransformerLM, dict[str, Any]]:
     """Build and train one model; returns it and a record of the training.
 
-    With `workdir`, the state is checkpointed there every training.checkpoint_every steps (as
-    <name>.npz, name defaulting to the normalizer's label), so a point interrupted mid-training
-    resumes from its last checkpoint; `progress(description, completed, total)` is called at
-    every history entry. `output` is the model's output normalizer (its loss is the training
-    loss) unless `objective` replaces the loss (see `attnlab.train.train`). With eval_batches the
-    model is evaluated at the end and, with eval_every > 0, every eval_every steps too.
+    `settings` describes what else determines the model besides its shape, training, normalizer
+    and output: the data `batches` come from, the objective, the evaluation windows (JSON
+    values). With `workdir`, the state is checkpointed in the folder workdir/<name>-<key>, the key
+    a hash of `model_settings(...)`, every training.checkpoint_every steps: a point interrupted
+    mid-training resumes from its last checkpoint, a rerun with the same settings restores the
+    finished model, and any changed setting trains a new model in a new folder.
+    `progress(description, completed, total)` is called at every history entry. `output` is the
+    model's output normalizer (its loss is the training loss) unless `objective` replaces the
+    loss (see `attnlab.train.train`). With eval_batches the model is evaluated at the end and,
+    with eval_every > 0, every eval_every steps too.
 
-    The record: parameters, history (one entry per log_every steps: step, loss, accuracy,
-    grad_norm, learning_rate, tokens_per_second, elapsed_seconds), validation_loss (when
-    eval_batches is given) and evaluations (each evaluation: step, loss, token_accuracy, ...; see
-    `attnlab.train.EvalResult.to_json`), train_seconds and tokens_per_second (stepping time over
-    the whole training, across resumptions, compiling excluded), compile_seconds (compiling the
-    train step in this call: 0 when the checkpoint was already finished), wall_seconds (this call).
+    The record: model_key, parameters, history (one entry per log_every steps: step, loss,
+    accuracy, grad_norm, learning_rate, tokens_per_second, elapsed_seconds), validation_loss
+    (when eval_batches is given) and evaluations (each evaluation: step, loss, token_accuracy,
+    ...; see `attnlab.train.EvalResult.to_json`), train_seconds and tokens_per_second (stepping
+    time over the whole training, across resumptions, compiling excluded), compile_seconds
+    (compiling the train step in this call: 0 when the checkpoint was already finished),
+    wall_seconds (this call).
     """
     started = time.perf_counter()
     model = model_setting.build(normalizer, training.seed, output)
     name = normalizer.label if name is None else name
-    checkpoint = None if workdir is None else Path(workdir) / f"{_file_name(name)}.npz"
+    determined = model_settings(model_setting, training, normalizer, output, settings, eval_every)
+    key = settings_key(determined)
+    checkpoint = None if workdir is None else Path(workdir) / f"{_file_name(name)}-{key}"
 
     def report(entry: dict[str, Any]) -> None:
         if progress is not None:
@@ -183,8 +225,9 @@ def train_model(
         config,
         eval_batches=eval_batches,
         checkpoint=checkpoint,
-        metadata={"model_config": model.config.to_json()},
+        metadata={"settings": determined, "model_config": model.config.to_json()},
         progress=False,
+        description=name,
         on_record=report,
         objective=objective,
     )
@@ -192,6 +235,7 @@ def train_model(
     train_seconds = result.history[-1]["elapsed_seconds"]
     tokens = training.steps * training.batch_size * training.seq_len
     record = {
+        "model_key": key,
         "parameters": model.num_params(),
         "history": result.history,
         "tokens_per_second": tokens / train_seconds,

@@ -24,10 +24,8 @@ from typing import Any
 from attnlab.data import NeedleConfig, load_corpus, needle_batch, needle_train_batches
 from attnlab.experiments import lm
 from attnlab.experiments.config import LayerNormalizer, to_json
+from attnlab.experiments.kind import Kind
 from attnlab.nn import NormalizerSpec
-
-KIND = "needle"
-DESCRIPTION = "one LM per normalizer trained on passkey retrieval at L; accuracy over length (to >= 8 L) x depth"
 
 DEFAULT_NORMALIZERS = (
     LayerNormalizer(NormalizerSpec("softmax"), "softmax"),
@@ -85,10 +83,6 @@ class Config:
         )
 
 
-def config_to_json(config: Config) -> dict[str, Any]:
-    return to_json(config)
-
-
 def points(config: Config) -> list[dict[str, Any]]:
     """One point per normalizer: train, then test every (theta, length, depth) cell."""
     return [{"normalizer": spec.label} for spec in config.normalizers]
@@ -111,7 +105,12 @@ def run_point(
     batches = needle_train_batches(
         config.task(training.seq_len, 0.0), batch_size=training.batch_size, seed=training.seed, corpus=corpus
     )
-    model, trained = lm.train_model(config.model, training, normalizer, batches, workdir=workdir, progress=progress)
+    data = {"data": {"task": to_json(config.task(training.seq_len, 0.0))}}
+    if corpus is not None:
+        data["data"]["filler_corpus"] = lm.corpus_settings(load_corpus(), "validation")
+    model, trained = lm.train_model(
+        config.model, training, normalizer, batches, settings=data, workdir=workdir, progress=progress
+    )
     records = [{"record": "training", **trained, "learned": lm.learned_parameters(model)}]
 
     probe = lm.Probe(model)
@@ -140,3 +139,14 @@ def run_point(
             }
         )
     return records
+
+
+KIND = Kind(
+    name="needle",
+    description="one LM per normalizer trained on passkey retrieval at L; accuracy over length (to >= 8 L) x depth",
+    config_type=Config,
+    points=points,
+    run_point=run_point,
+    sweep_fields={"normalizers": "normalizer"},
+    figures="attnlab.figures.needle",
+)

@@ -1,21 +1,41 @@
-"""Load experiment configs, check them all, and run their sweeps with a progress bar."""
+"""Load experiment configs, check them all, and run their sweeps: keyed points, one writer per folder.
+
+A run of `experiment` into `out`:
+  - holds `out/.lock` (an exclusive `flock`) for as long as it writes there; a second run on the
+    same folder waits for it, saying which process it waits for;
+  - computes every point's key (`Kind.point_key`) and reuses the records of each point whose key
+    is in `out/<name>.json` or one of its archived versions; the others run, in order, and each
+    finished point is saved at once (an interrupted run loses only the point in flight);
+  - trains models under `out/checkpoints/`, each model in a folder keyed by its settings
+    (see `attnlab.experiments.lm.train_model`), so a point interrupted mid-training resumes and a
+    changed setting trains anew.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import inspect
+import os
+import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from attnlab.experiments.config import ConfigError, apply_overrides, parse_dataclass, read_toml
-from attnlab.experiments.results import ResultsFile
+from attnlab.experiments.kind import Kind
+from attnlab.experiments.results import ResultsFile, device, now
 
 NAME_KEYS = ("kind", "name")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE = "1 to 100 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+LOCK_FILE = ".lock"
+CHECKPOINTS = "checkpoints"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +49,19 @@ class Experiment:
     command: str = ""
 
     @property
-    def module(self) -> ModuleType:
+    def spec(self) -> Kind:
         from attnlab.experiments import KINDS
 
         return KINDS[self.kind]
+
+
+def check_name(name: Any, where: str) -> str | None:
+    """A problem with a results name (it becomes a file name), or None when it is fine."""
+    if isinstance(name, str) and NAME_PATTERN.fullmatch(name):
+        return None
+    shown = repr(name) if not isinstance(name, str) or len(name) <= 60 else repr(name[:60] + "...")
+    length = f" ({len(name)} characters)" if isinstance(name, str) and len(name) > 100 else ""
+    return f"{where}: name = {shown}{length} is not a plain file name; accepted: {NAME_RULE}"
 
 
 def from_table(table: dict[str, Any], source: str, default_name: str) -> Experiment:
@@ -41,15 +70,18 @@ def from_table(table: dict[str, Any], source: str, default_name: str) -> Experim
 
     problems: list[str] = []
     kind = table.get("kind")
-    name = table.get("name", default_name)
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         problems.append(f"{source}: kind = {kind!r} is not an experiment kind; available: {', '.join(KINDS)}")
-    if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name.startswith("."):
-        problems.append(f"{source}: name = {name!r} must be a plain file name (no slashes)")
-    if problems:
-        raise ConfigError(problems)
+    explicit = "name" in table
+    name = table.get("name", default_name)
+    problem = check_name(name, source)
+    if problem:
+        hint = "" if explicit else ' (it defaults to the file\'s stem: set name = "..." in the config)'
+        problems.append(problem + hint)
     body = {k: v for k, v in table.items() if k not in NAME_KEYS}
-    config = parse_dataclass(KINDS[kind].Config, body, source, problems)
+    config = None
+    if isinstance(kind, str) and kind in KINDS:
+        config = parse_dataclass(KINDS[kind].config_type, body, source, problems)
     if problems:
         raise ConfigError(problems)
     return Experiment(kind, name, config, source)
@@ -65,16 +97,55 @@ def load(path: str | Path, overrides: list[str] = ()) -> Experiment:
 
 
 def load_all(paths: list[str | Path], overrides: list[str] = ()) -> list[Experiment]:
-    """Check every config before any work; one ConfigError lists the problems of all files."""
+    """Check every config before any work; one ConfigError lists the problems of all files,
+    including two configs that would write the same results name."""
     experiments, problems = [], []
     for path in paths:
         try:
             experiments.append(load(path, overrides))
         except ConfigError as err:
             problems.extend(err.problems)
+    sources: dict[str, list[str]] = {}
+    for experiment in experiments:
+        sources.setdefault(experiment.name, []).append(experiment.source)
+    for name, where in sources.items():
+        if len(where) > 1:
+            problems.append(
+                f"{', '.join(where)}: all write results name {name!r} (one would overwrite the other); "
+                'give each a distinct name = "..."'
+            )
     if problems:
         raise ConfigError(problems)
     return experiments
+
+
+@contextlib.contextmanager
+def lock(out_dir: str | Path, *, wait: bool = True) -> Iterator[Path]:
+    """Hold `out_dir/.lock` exclusively (one writer per results folder). A second holder waits
+    (wait=True), saying on stderr which process holds it, or gets RuntimeError (wait=False).
+    The lock is the kernel's (`flock`): it is released when the holder exits, however it exits."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_FILE
+    handle = open(path, "a+")  # noqa: SIM115 (held for the duration of the context)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            message = f"{out_dir} is being written by {holder}"
+            if not wait:
+                raise RuntimeError(f"{message}; wait for it to finish or use another --out") from None
+            print(f"{message}; waiting for it to finish (Ctrl-C to stop)", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} ({' '.join(sys.argv)[:200]}), since {now()}\n")
+        handle.flush()
+        yield path
+    finally:
+        handle.close()
 
 
 def _point_keywords(run_point: Any, update: Any, workdir: Path) -> dict[str, Any]:
@@ -85,23 +156,39 @@ def _point_keywords(run_point: Any, update: Any, workdir: Path) -> dict[str, Any
     return {name: value for name, value in offered.items() if name in accepted}
 
 
-def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True) -> Path:
-    """Run every sweep point not already in out_dir/<name>.json; returns that path.
+def _describe(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in point.items())
 
-    The file is rewritten atomically after each point, so Ctrl-C loses only the point in flight
-    and a rerun resumes where it stopped. Kinds that train models checkpoint inside a point
-    (under out_dir/checkpoints/<name>/), so they resume mid-point too.
-    """
-    module = experiment.module
-    config_json = module.config_to_json(experiment.config)
+
+def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True) -> Path:
+    """Run every sweep point whose key is not in out_dir/<name>.json (or an archived version of
+    it); returns that path. The caller holds `lock(out_dir)` (the CLI does); see the module
+    docstring for what is reused, saved and kept."""
+    kind = experiment.spec
+    out_dir = Path(out_dir)
     results = ResultsFile(
-        Path(out_dir) / f"{experiment.name}.json", name=experiment.name, kind=experiment.kind, config=config_json
+        out_dir / f"{experiment.name}.json",
+        name=experiment.name,
+        kind=kind.name,
+        config=kind.config_json(experiment.config),
+        command=experiment.command,
     )
-    if results.previous is not None:
-        print(f"{results.path}: config changed; previous results kept in {results.previous}", file=sys.stderr)
-    results.payload["command"] = experiment.command
-    todo = [point for point in module.points(experiment.config) if not results.done(point)]
-    total = len(module.points(experiment.config))
+    points = kind.points(experiment.config)
+    here = device()
+    keyed = [(point, kind.point_key(experiment.config, point, here)) for point in points]
+    todo = [(point, key) for point, key in keyed if not results.done(key)]
+    reused = [(point, key) for point, key in todo if results.reusable(key)]
+    if results.replaces is not None:
+        print(
+            f"{results.path}: another config wrote it; it is kept as {results.replaces} "
+            "once this run finishes its first point",
+            file=sys.stderr,
+        )
+    if reused:
+        print(f"{experiment.name}: {len(reused)} of {len(points)} points reused from earlier results", file=sys.stderr)
+    for _, key in reused:
+        results.reuse(key)
+    todo = [(point, key) for point, key in todo if not results.done(key)]
     started = time.perf_counter()
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -113,18 +200,20 @@ def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True) -
         disable=not progress,
         transient=False,
     ) as bar:
-        task = bar.add_task(experiment.name, total=total, completed=total - len(todo), point="")
+        task = bar.add_task(experiment.name, total=len(points), completed=len(points) - len(todo), point="")
         inner = bar.add_task("", total=None, visible=False, point="")
 
         def update(description: str, completed: int, total: int) -> None:
             bar.update(inner, description=f"  {description}", completed=completed, total=total, visible=True)
 
-        keywords = _point_keywords(module.run_point, update, Path(out_dir) / "checkpoints" / experiment.name)
-        for point in todo:
-            bar.update(task, point=", ".join(f"{k}={v}" for k, v in point.items()))
-            results.add(point, module.run_point(experiment.config, point, **keywords))
+        keywords = _point_keywords(kind.run_point, update, out_dir / CHECKPOINTS)
+        for point, key in todo:
+            bar.update(task, point=_describe(point))
+            results.add(point, key, kind.run_point(experiment.config, point, **keywords))
             bar.update(inner, visible=False)
             bar.advance(task)
-    results.payload["run_seconds"] = round(results.payload.get("run_seconds", 0.0) + time.perf_counter() - started, 2)
-    results.finish()
+    results.finish(time.perf_counter() - started)
     return results.path
+
+
+__all__ = ["Experiment", "check_name", "load", "load_all", "lock", "run"]

@@ -52,15 +52,14 @@ from flax import nnx
 
 from attnlab.data import Batch, eval_batches, load_corpus, train_batches
 from attnlab.experiments import lm
-from attnlab.experiments.config import LayerNormalizer, Lengths, NormalizerSpec, to_json
+from attnlab.experiments.config import LayerNormalizer, Lengths, NormalizerSpec
+from attnlab.experiments.kind import Kind
 from attnlab.nn import NormalizerSpec as LayerSpec
 from attnlab.nn import TransformerLM
 from attnlab.nn.inspect import attention_logits
 from attnlab.normalizers import Normalizer, stats
 from attnlab.train.step import token_losses
 
-KIND = "sparsity"
-DESCRIPTION = "exact-zero fraction and support size vs row length and logit scale, on Gaussian and trained-model rows"
 INPUTS = ("synthetic", "model")
 SOFTMAX = LayerNormalizer(LayerSpec("softmax"), "softmax")
 CACHE_SIZE = 2
@@ -126,10 +125,9 @@ class Config:
                 raise ValueError(f"{field} must be >= 1; got {getattr(self, field)}")
 
 
-def config_to_json(config: Config) -> dict[str, Any]:
-    out = to_json(config)
-    out["model_row_lengths"] = list(model_row_lengths(config.training.seq_len, config.model_positions))
-    return out
+def derived_values(config: Config) -> dict[str, Any]:
+    """The model row lengths the config implies, recorded with it."""
+    return {"model_row_lengths": list(model_row_lengths(config.training.seq_len, config.model_positions))}
 
 
 def points(config: Config) -> list[dict[str, Any]]:
@@ -314,3 +312,17 @@ def run_point(config: Config, point: dict[str, Any], *, progress: lm.Progress | 
     if point["input"] == "synthetic":
         return _synthetic(config, normalizer, int(point["n"]))
     return _model(config, normalizer, progress)
+
+
+KIND = Kind(
+    name="sparsity",
+    description=(
+        "exact-zero fraction and support size vs row length and logit scale, on Gaussian and trained-model rows"
+    ),
+    config_type=Config,
+    points=points,
+    run_point=run_point,
+    sweep_fields={"normalizers": "normalizer", "lengths": "n", "inputs": "input"},
+    figures="attnlab.figures.sparsity",
+    derived=derived_values,
+)

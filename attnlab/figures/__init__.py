@@ -6,53 +6,55 @@
 
 from __future__ import annotations
 
+import importlib
+import re
 from pathlib import Path
+from typing import Any
 
-from attnlab.experiments.results import read_json
-from attnlab.figures import (
-    calibration,
-    distillation,
-    fading_synthetic,
-    length_generalization,
-    needle,
-    sparsity,
-    throughput,
-    throughput_experiment,
-    training,
-)
+from attnlab.atomic import write_atomic
+from attnlab.experiments.results import ResultsError, read_json
 
-RENDERERS = {
-    "calibration": calibration.render,
-    "distillation": distillation.render,
-    "fading_synthetic": fading_synthetic.render,
-    "length_generalization": length_generalization.render,
-    "needle": needle.render,
-    "sparsity": sparsity.render,
-    "throughput": throughput_experiment.render,
-    "throughput_benchmark": throughput.render,
-    "train_lm_benchmark": training.render,
-}
+FIGURES = "figures"
+
+
+def renderers() -> dict[str, Any]:
+    """kind -> its figure module's render(payload, out_dir), from the one registry of kinds."""
+    from attnlab.experiments import KINDS
+
+    return {name: importlib.import_module(kind.figures).render for name, kind in KINDS.items() if kind.figures}
+
+
+def figure_name(json_path: Path) -> str:
+    """The stem every figure of a results file starts with: the file's own stem, reduced to
+    A-Z a-z 0-9 . _ - (a results file's `experiment` field is not trusted for file names)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(json_path).stem).lstrip(".")[:100]
+    return name or "results"
 
 
 def render(json_path: str | Path) -> list[Path]:
-    """Draw the figures of one results file; returns the paths written (PNG and SVG)."""
+    """Draw the figures of one results file into <its folder>/figures/; returns the paths written
+    (PNG and SVG, each written atomically)."""
     json_path = Path(json_path)
     payload = read_json(json_path)
     kind = payload.get("kind")
-    if kind not in RENDERERS:
-        raise ValueError(f"{json_path}: kind {kind!r} has no figures; kinds with figures: {', '.join(RENDERERS)}")
-    return RENDERERS[kind](payload, json_path.parent / "figures")
+    drawers = renderers()
+    if not isinstance(kind, str) or kind not in drawers:
+        raise ValueError(f"{json_path}: kind {kind!r} has no figures; kinds with figures: {', '.join(drawers)}")
+    if not isinstance(payload.get("records"), list) or not isinstance(payload.get("config"), dict):
+        raise ResultsError(f"{json_path}: not a results file (it needs a config object and a records list)")
+    out_dir = json_path.parent / FIGURES
+    return drawers[kind]({**payload, "experiment": figure_name(json_path)}, out_dir)
 
 
 def render_all(results_dir: str | Path) -> dict[Path, list[Path]]:
-    """Render every results JSON in `results_dir` and rewrite its README.md index."""
+    """Render every results JSON of a known kind in `results_dir` (archived versions are not
+    redrawn) and rewrite its README.md index."""
     results_dir = Path(results_dir)
+    drawers = renderers()
     rendered = {}
     for json_path in sorted(results_dir.glob("*.json")):
-        if json_path.name.endswith(".previous.json"):
-            continue
         payload = read_json(json_path)
-        if payload.get("kind") in RENDERERS:
+        if payload.get("kind") in drawers:
             rendered[json_path] = render(json_path)
     write_index(results_dir, rendered)
     return rendered
@@ -76,7 +78,7 @@ def write_index(results_dir: Path, rendered: dict[Path, list[Path]]) -> Path:
     for json_path, figures in rendered.items():
         payload = read_json(json_path)
         env = payload.get("environment", {})
-        name = payload["experiment"]
+        name = figure_name(json_path)
         lines += [
             f"## {name}",
             "",
@@ -90,6 +92,4 @@ def write_index(results_dir: Path, rendered: dict[Path, list[Path]]) -> Path:
         for fig in figures:
             if fig.suffix == ".png":
                 lines += [f"![{fig.stem}](figures/{fig.name})", ""]
-    index = results_dir / "README.md"
-    index.write_text("\n".join(lines))
-    return index
+    return write_atomic(results_dir / "README.md", lambda handle: handle.write("\n".join(lines)))

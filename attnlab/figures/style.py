@@ -6,6 +6,8 @@ from pathlib import Path
 
 import matplotlib
 
+from attnlab.atomic import write_atomic
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
@@ -84,10 +86,23 @@ def setup() -> None:
 
 
 def save(fig: plt.Figure, stem: Path) -> list[Path]:
-    """Write stem.png and stem.svg with no timestamps, so the same JSON gives the same files."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    """Write stem.png and stem.svg with no timestamps, so the same JSON gives the same files.
+    Each is written atomically (a killed run or a full disk leaves the previous file, never a
+    truncated one); `stem` must not climb out of its folder."""
+    stem = Path(stem)
+    if ".." in stem.parts:
+        raise ValueError(f"figure path {str(stem)!r} climbs out of its folder (a '..' part)")
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    fig.savefig(paths[0], metadata={"Software": None}, bbox_inches="tight")
-    fig.savefig(paths[1], metadata={"Date": None, "Creator": None}, bbox_inches="tight")
-    plt.close(fig)
+    metadata = {".png": {"Software": None}, ".svg": {"Date": None, "Creator": None}}
+    try:
+        for path in paths:
+            write_atomic(
+                path,
+                lambda handle, path=path: fig.savefig(
+                    handle, format=path.suffix[1:], metadata=metadata[path.suffix], bbox_inches="tight"
+                ),
+                binary=True,
+            )
+    finally:
+        plt.close(fig)
     return paths
