@@ -1,4 +1,5 @@
-"""Shared fixtures for the normalizer tests (tests/test_normalizers_*.py).
+"""Shared fixtures: the normalizer tests' jit caches (tests/test_normalizers_*.py), and
+`replace_run_point` for the experiment tests.
 
 Compilation dominates the cost of these tests, so they go through `normalize`, which jits each
 (name, axis, static parameters) once per session; jit then re-traces only for a new shape or
@@ -82,3 +83,17 @@ def _value_and_grad(config, x, where=None):
 @pytest.fixture(scope="session")
 def value_and_grad():
     return _value_and_grad
+
+
+@pytest.fixture
+def replace_run_point(monkeypatch):
+    """replace_run_point(kind_name, fn): the registry's kind runs its points with fn for this test."""
+    import dataclasses
+
+    from attnlab import experiments
+
+    def replace(kind_name, fn):
+        kind = experiments.KINDS[kind_name]
+        monkeypatch.setitem(experiments.KINDS, kind_name, dataclasses.replace(kind, run_point=fn))
+
+    return replace

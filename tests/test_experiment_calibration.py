@@ -58,7 +58,7 @@ def test_records_hold_the_scores_before_and_after(quick_run):
         assert set(before) == set(after) == SCORE_KEYS
         # A temperature never changes the argmax.
         assert before["accuracy"] == after["accuracy"]
-        for report in (before, after):
+        for when, report in (("before", before), ("after", after)):
             for scheme in ("width", "mass"):
                 bins = report["reliability"][scheme]
                 assert sum(bins["count"]) == r["test_examples"] and len(bins["edges"]) == config.bins + 1
@@ -67,13 +67,17 @@ def test_records_hold_the_scores_before_and_after(quick_run):
             if report["zero_target_fraction"] == 0:
                 assert report["nll"] == pytest.approx(report["nll_nonzero"])
             else:
-                assert report["nll"] == math.inf and math.isfinite(report["nll_nonzero"])
+                # +inf (a target at p = 0) is written as null, the record naming it (strict JSON).
+                assert report["nll"] is None and r["nonfinite"][f"{when}.nll"] == "inf"
+                assert math.isfinite(report["nll_nonzero"])
     softmax = scored[0]
     assert softmax["before"]["support"] == vocab and softmax["before"]["zero_target_fraction"] == 0
     assert softmax["before"]["loss"] == pytest.approx(softmax["before"]["nll"], rel=1e-5)  # cross-entropy
     assert scored[1]["before"]["support"] < vocab  # sparsemax gives exact zeros
-    checkpoints = sorted(p.name for p in (quick_run / "checkpoints" / "calibration_quick").iterdir())
-    assert checkpoints == ["output_softmax.npz", "output_sparsemax.npz"]
+    # One checkpoint folder per model, named by its label and keyed by its settings.
+    keys = {r["output"]: r["model_key"] for r in _records(quick_run, "training")}
+    checkpoints = sorted(p.name for p in (quick_run / "checkpoints").iterdir())
+    assert checkpoints == sorted(f"output_{output}-{key}" for output, key in keys.items())
 
 
 def test_training_records_follow_each_outputs_own_loss(quick_run):

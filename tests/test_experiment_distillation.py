@@ -105,8 +105,12 @@ def test_the_teacher_is_trained_once_and_restored_by_every_student(quick_run):
     assert teacher[0] > 0 and teacher[1:] == [0, 0]
     students = [name for name, tokens in calls if name != "teacher" and tokens > 0]
     assert students == ["baseline", "student_T1_w0.5", "student_T4_w0.5"]
-    saved = sorted(p.name for p in (out / "checkpoints" / "distillation_quick").iterdir())
-    assert saved == ["baseline.npz", "student_T1_w0.5.npz", "student_T4_w0.5.npz", "teacher.npz"]
+    saved = sorted(p.name.rsplit("-", 1)[0] for p in (out / "checkpoints").iterdir())
+    assert saved == ["baseline", "student_T1_w0.5", "student_T4_w0.5", "teacher"]
+    # A student's key holds its teacher's: a retrained teacher could never be paired with old students.
+    keys = {p.name.rsplit("-", 1)[0]: p.name.rsplit("-", 1)[1] for p in (out / "checkpoints").iterdir()}
+    assert len(set(keys.values())) == 4
+    assert {r["model_key"] for r in _records(out)} == set(keys.values())
 
 
 def test_a_rerun_without_the_json_restores_everything_and_trains_nothing(quick_run, tmp_path):
