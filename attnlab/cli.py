@@ -71,6 +71,9 @@ def _run(args: argparse.Namespace) -> int:
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"attnlab run: --out {args.out} is a file; give a folder for the results", file=sys.stderr)
+        return 2
     with experiments.lock(args.out):
         for experiment in to_run:
             started = time.perf_counter()
@@ -92,12 +95,17 @@ def _run(args: argparse.Namespace) -> int:
 
 def _figures(args: argparse.Namespace) -> int:
     from attnlab import figures
+    from attnlab.experiments import ResultsError
 
     results_dir = Path(args.results_dir)
     if not results_dir.is_dir():
         print(f"attnlab figures: {results_dir} is not a folder of results JSON", file=sys.stderr)
         return 2
-    rendered = figures.render_all(results_dir)
+    try:
+        rendered = figures.render_all(results_dir)
+    except (ResultsError, OSError) as err:
+        print(f"attnlab figures: {err}", file=sys.stderr)
+        return 1
     for json_path, paths in rendered.items():
         print(f"{json_path}: {len(paths)} files")
     print(f"index: {results_dir / 'README.md'}")

@@ -240,7 +240,10 @@ def test_the_results_folder_has_one_writer_at_a_time(tmp_path):
 def test_two_concurrent_runs_on_one_folder_both_finish_and_lose_nothing(tmp_path):
     out = tmp_path / "out"
     configs = [
-        _write(tmp_path / f"run{i}.toml", f'kind = "fading_synthetic"\nnormalizers = ["softmax"]\nlengths = [{10 * (i + 1)}, 50]\nseeds = 1\n')
+        _write(
+            tmp_path / f"run{i}.toml",
+            f'kind = "fading_synthetic"\nnormalizers = ["softmax"]\nlengths = [{10 * (i + 1)}, 50]\nseeds = 1\n',
+        )
         for i in range(2)
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -291,6 +294,14 @@ def test_a_corrupt_results_file_stops_the_run_naming_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{out / 'fading_synthetic_quick.json'}: not valid JSON" in err and "Traceback" not in err
     assert (out / "fading_synthetic_quick.json").read_text() == '{"records": ['  # left for the user to inspect
+
+
+def test_figures_stop_on_a_corrupt_results_file_naming_it_and_out_must_be_a_folder(tmp_path, capsys):
+    _write(tmp_path / "broken.json", b"\x00\xff not json")
+    assert cli.main(["figures", str(tmp_path)]) == 1
+    assert f"{tmp_path / 'broken.json'}: not a results file (not UTF-8 text" in capsys.readouterr().err
+    assert _run(str(FADING_QUICK), "--out", str(tmp_path / "broken.json")) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ figures
