@@ -264,20 +264,22 @@ class ResultsFile:
     def reusable(self, key: str) -> bool:
         return key in self.earlier
 
-    def reuse(self, key: str) -> None:
-        """Copy an earlier version's records of the point `key` into this file and save."""
-        self._append(key, [dict(r) for r in self.earlier[key]])
+    def reuse(self, keys: list[str]) -> None:
+        """Copy an earlier version's records of the points `keys` into this file and save (once)."""
+        if keys:
+            self._append({key: [dict(r) for r in self.earlier[key]] for key in keys})
 
     def add(self, point: dict[str, Any], key: str, records: list[dict[str, Any]]) -> None:
         """Append the records of one finished point (each tagged with the point and its key) and save."""
-        self._append(key, [strict_record({**point, **r, "point_key": key}) for r in records])
+        self._append({key: [strict_record({**point, **r, "point_key": key}) for r in records]})
 
-    def _append(self, key: str, records: list[dict[str, Any]]) -> None:
+    def _append(self, by_key: dict[str, list[dict[str, Any]]]) -> None:
         if self._to_archive is not None:
             archive(self.path, self._to_archive, self.out_dir, self.name)
             self._to_archive = None
-        self.records.extend(records)
-        self._keys.add(key)
+        for key, records in by_key.items():
+            self.records.extend(records)
+            self._keys.add(key)
         self.payload["updated_at"] = now()
         write_json_atomic(self.path, self.payload)
 

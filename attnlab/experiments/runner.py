@@ -186,8 +186,7 @@ def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True) -
         )
     if reused:
         print(f"{experiment.name}: {len(reused)} of {len(points)} points reused from earlier results", file=sys.stderr)
-    for _, key in reused:
-        results.reuse(key)
+    results.reuse([key for _, key in reused])
     todo = [(point, key) for point, key in todo if not results.done(key)]
     started = time.perf_counter()
     with Progress(
