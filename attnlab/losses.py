@@ -52,6 +52,7 @@ import numpy as np
 
 from attnlab.normalizers._rows import align_param, check_param, concrete_values, output_dtype, prepare_rows
 from attnlab.normalizers.mappings import entmax_rows, softmax_rows
+from attnlab.normalizers.registry import check_finite
 
 MAPPINGS = ("softmax", "sparsemax", "entmax15", "entmax")
 
@@ -169,6 +170,7 @@ def fenchel_young_loss(
     if mapping == "entmax":
         if alpha is None:
             raise ValueError('fenchel_young_loss: mapping="entmax" needs alpha (>= 1)')
+        check_finite("alpha", alpha, where="fenchel_young_loss")
         check_param("alpha", alpha, minimum=1.0, inclusive=True, where="fenchel_young_loss")
     elif alpha is not None:
         raise ValueError(f"fenchel_young_loss: alpha is only accepted with mapping='entmax'; got mapping={mapping!r}")
@@ -292,7 +294,7 @@ class OutputNormalizer:
 
     Fields:
       mapping: one of MAPPINGS ("softmax", "sparsemax", "entmax15", "entmax").
-      alpha: mapping="entmax" only: a number >= 1.
+      alpha: mapping="entmax" only: a finite number >= 1.
       label_smoothing: eps in [0, 1) for the training loss.
 
     `loss` is the cross-entropy for softmax (the softmax Fenchel-Young loss plus the target's
@@ -306,6 +308,8 @@ class OutputNormalizer:
     def __post_init__(self):
         if self.mapping not in MAPPINGS:
             raise ValueError(f"OutputNormalizer.mapping={self.mapping!r}; accepted: {', '.join(MAPPINGS)}")
+        for field in ("alpha", "label_smoothing"):
+            check_finite(field, getattr(self, field), where="OutputNormalizer")
         if self.mapping == "entmax":
             if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 1:
                 raise ValueError(f'OutputNormalizer: mapping="entmax" needs alpha, a number >= 1; got {self.alpha!r}')

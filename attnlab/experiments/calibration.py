@@ -21,6 +21,7 @@ Records (per output): see `run_point`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import numpy as np
 from attnlab import calibration
 from attnlab.data import load_corpus, spread_batches, train_batches
 from attnlab.experiments import lm
+from attnlab.experiments.checks import at_least, check, multiple_of, setting
 from attnlab.experiments.config import LayerNormalizer
 from attnlab.experiments.kind import Kind
 from attnlab.losses import OutputNormalizer
@@ -58,20 +60,16 @@ class Config:
     outputs: tuple[OutputNormalizer, ...] = DEFAULT_OUTPUTS
     model: lm.ModelSetting = dataclasses.field(default_factory=lm.ModelSetting)
     training: lm.TrainingSetting = dataclasses.field(default_factory=lm.TrainingSetting)
-    eval_windows: int = 256
-    fit_windows: int = 64
-    bins: int = 15
+    eval_windows: int = setting(256, multiple_of(EVAL_BATCH))
+    fit_windows: int = setting(64, at_least(1))
+    bins: int = setting(15, at_least(1))
+
+    def relations(self) -> Iterator[str]:
+        if self.fit_windows >= self.eval_windows:
+            yield "{fit_windows} must be in [1, {eval_windows}) (the rest of the windows are the test set)"
 
     def __post_init__(self):
-        if self.bins < 1:
-            raise ValueError(f"bins must be >= 1; got {self.bins}")
-        if not 1 <= self.fit_windows < self.eval_windows:
-            raise ValueError(
-                f"fit_windows={self.fit_windows} must be in [1, eval_windows={self.eval_windows}) "
-                "(the rest of the windows are the test set)"
-            )
-        if self.eval_windows % EVAL_BATCH:
-            raise ValueError(f"eval_windows={self.eval_windows} must be a multiple of {EVAL_BATCH}")
+        check(self)
 
 
 def points(config: Config) -> list[dict[str, Any]]:

@@ -3,8 +3,9 @@
 A config file is a TOML table whose `kind` names an experiment (see
 :mod:`attnlab.experiments`); the other keys are the fields of that kind's config dataclass.
 Checking collects every problem in the file (unknown key, wrong type, bad normalizer name or
-parameter, bad length sweep) and raises them together in one :class:`ConfigError`, each naming
-the file, the key and what is accepted.
+parameter, a value outside what a field's rules accept, see :mod:`attnlab.experiments.checks`)
+in every table, outer and nested, and raises them together in one :class:`ConfigError`, each
+naming the file, the dotted key, the value and what is accepted.
 
 Field types understood by the checker: bool, int, float, str, tuple[int, ...],
 tuple[float, ...], tuple[str, ...], :class:`NormalizerSpec` tuples, :class:`LayerNormalizer`
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from attnlab import normalizers
+from attnlab.experiments import checks
+from attnlab.experiments.checks import at_least, distinct, each, nonempty
 from attnlab.losses import MAPPINGS, OutputNormalizer
 from attnlab.nn import spec as layer_spec
 
@@ -44,6 +47,8 @@ class NormalizerSpec:
     """A registry name with bound parameters and the label figures show.
 
     In TOML either a bare name, "ssmax", or a table, {name = "ssmax", s = 0.3, label = "SSMax s=0.3"}.
+    Construction builds the normalizer once, so the registry's checks (known name and parameters,
+    each parameter finite and in its range) reject a bad spec before any work.
     """
 
     name: str
@@ -53,6 +58,7 @@ class NormalizerSpec:
     def __post_init__(self):
         if not self.label:
             object.__setattr__(self, "label", self.name)
+        self.build()
 
     def build(self) -> normalizers.Normalizer:
         return normalizers.get(self.name, **dict(self.params))
@@ -95,11 +101,20 @@ LAYER_SPEC_FIELDS = tuple(
 )
 
 
+LENGTH_RULES = (nonempty, each(at_least(1)), distinct)
+
+
 @dataclasses.dataclass(frozen=True)
 class Lengths:
-    """Sequence lengths: an explicit list, or {start, stop, num} spaced evenly in log n."""
+    """Sequence lengths: an explicit list, or {start, stop, num} spaced evenly in log n; a
+    non-empty sweep of distinct integers >= 1 (`LENGTH_RULES`)."""
 
     values: tuple[int, ...]
+
+    def __post_init__(self):
+        problem = checks.value_problem("lengths", self.values, LENGTH_RULES)
+        if problem:
+            raise checks.SettingError([problem], self)
 
     @staticmethod
     def log_spaced(start: int, stop: int, num: int) -> Lengths:
@@ -123,10 +138,12 @@ def _describe(annotation: Any) -> str:
         return f"a table with keys {', '.join(f.name for f in dataclasses.fields(annotation))}"
     origin = typing.get_origin(annotation)
     if origin is tuple:
-        return f"a list of {typing.get_args(annotation)[0].__name__}"
+        item = typing.get_args(annotation)[0]
+        plural = {bool: "true or false values", int: "integers", float: "finite numbers", str: "strings"}
+        return f"a list of {plural.get(item, item.__name__)}"
     if isinstance(annotation, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(annotation))
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(
         annotation, str(annotation)
     )
 
@@ -165,13 +182,11 @@ def _parse_normalizer(value: Any, where: str, problems: list[str]) -> Normalizer
     if not isinstance(label, str):
         problems.append(f"{where}.label: expected a string, got {label!r}")
         return None
-    spec = NormalizerSpec(name, tuple(sorted(table.items())), label)
     try:
-        spec.build()
+        return NormalizerSpec(name, tuple(sorted(table.items())), label)
     except (ValueError, TypeError) as err:
         problems.append(f"{where}: {err}")
         return None
-    return spec
 
 
 def _parse_layer_normalizer(value: Any, where: str, problems: list[str]) -> LayerNormalizer | None:
@@ -228,7 +243,11 @@ def _parse_outputs(value: Any, where: str, problems: list[str]) -> tuple[OutputN
 
 def _parse_lengths(value: Any, where: str, problems: list[str]) -> Lengths | None:
     if isinstance(value, list):
-        if value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            problem = checks.value_problem(where, tuple(value), LENGTH_RULES)
+            if problem:
+                problems.append(problem)
+                return None
             return Lengths(tuple(value))
     elif isinstance(value, dict):
         keys = {"start", "stop", "num"}
@@ -245,7 +264,10 @@ def _parse_lengths(value: Any, where: str, problems: list[str]) -> Lengths | Non
     return None
 
 
-def _parse_field(value: Any, annotation: Any, where: str, problems: list[str], base: Any = None) -> Any:
+def _parse_field(value: Any, annotation: Any, source: str, key: str, problems: list[str], base: Any = None) -> Any:
+    """The value of the field at dotted `key` of the file `source`, parsed to `annotation`; on a
+    problem, appends it and returns None."""
+    where = f"{source}: {key}"
     if annotation is Lengths:
         return _parse_lengths(value, where, problems)
     if annotation in (tuple[NormalizerSpec, ...], tuple[LayerNormalizer, ...]):
@@ -256,7 +278,7 @@ def _parse_field(value: Any, annotation: Any, where: str, problems: list[str], b
         if not isinstance(value, dict):
             problems.append(f"{where}: expected {_describe(annotation)}; got {value!r}")
             return None
-        return parse_dataclass(annotation, value, where, problems, base)
+        return parse_dataclass(annotation, value, source, problems, base, key)
     origin = typing.get_origin(annotation)
     try:
         if origin is tuple:
@@ -284,31 +306,76 @@ def _default(field: dataclasses.Field) -> Any:
     return None if field.default is dataclasses.MISSING else field.default
 
 
-def parse_dataclass(cls: type, table: dict[str, Any], source: str, problems: list[str], base: Any = None) -> Any:
-    """Build `cls` from a TOML table, appending every problem found to `problems`. Keys the table
-    leaves out come from `base` (an instance of cls) when given, else from cls's defaults; a
-    nested table starts from its field's default (so `[student] layers = 3` keeps the kind's
-    default student width, not the class's)."""
+def parse_dataclass(
+    cls: type, table: dict[str, Any], source: str, problems: list[str], base: Any = None, key: str = ""
+) -> Any:
+    """Build `cls` from a TOML table, appending every problem found to `problems`, each starting
+    with `source` (the file) and the field's dotted key (`key` is this table's, "" at the top).
+
+    Keys the table leaves out come from `base` (an instance of cls) when given, else from cls's
+    defaults; a nested table starts from its field's default (so `[student] layers = 3` keeps the
+    kind's default student width, not the class's). Every table is checked in full, here and in
+    every nested table: types, then the rules of `attnlab.experiments.checks` (each field's, and
+    those relating fields); a value that could not be parsed is judged by nothing else.
+    """
     before = len(problems)
+    at = f"{source}: {key}" if key else source
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(table) - set(fields))
-    for key in unknown:
-        problems.append(f"{source}: unknown key {key!r}; accepted keys: {', '.join(fields)}")
+    for name in sorted(set(table) - set(fields)):
+        problems.append(f"{at}: unknown key {name!r}; accepted keys: {', '.join(fields)}")
     values: dict[str, Any] = {}
     for name, field in fields.items():
         if name in table:
             nested = _default(field) if dataclasses.is_dataclass(hints[name]) else None
-            values[name] = _parse_field(table[name], hints[name], f"{source}: {name}", problems, nested)
-        elif base is None and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            problems.append(f"{source}: missing required key {name!r} ({_describe(hints[name])})")
-    if len(problems) > before:
+            count = len(problems)
+            value = _parse_field(table[name], hints[name], source, _dotted(key, name), problems, nested)
+            if len(problems) == count:
+                values[name] = value
+        elif base is None and not _has_default(field):
+            problems.append(f"{at}: missing required key {name!r} ({_describe(hints[name])})")
+    if base is None and not all(_has_default(f) for name, f in fields.items() if name not in values):
+        problems.extend(f"{source}: {p}" for p in checks.field_problems(cls, values, _prefix(key)))
         return None
+    # A value that could not be parsed is replaced by its default (or base's), to judge the others.
+    unparsed = {name for name in table if name in fields and name not in values}
+    values.update((name, _default(fields[name])) for name in unparsed if base is None)
+    instance = _build(cls, values, base, unparsed, source, key, problems)
+    return instance if len(problems) == before else None
+
+
+def _dotted(key: str, name: str) -> str:
+    """`name` under the table at dotted `key` ("model" + "width" -> "model.width")."""
+    return f"{key}.{name}" if key else name
+
+
+def _prefix(key: str) -> str:
+    """What goes before a field's name under the table at dotted `key` ("model" -> "model.")."""
+    return f"{key}." if key else ""
+
+
+def _has_default(field: dataclasses.Field) -> bool:
+    return field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+
+
+def _build(
+    cls: type, values: dict[str, Any], base: Any, unparsed: set[str], source: str, key: str, problems: list[str]
+) -> Any:
+    """`cls(**values)` (over `base` when given), or None with its problems appended; the fields in
+    `unparsed` hold stand-ins, and nothing is reported about them."""
     try:
         return cls(**values) if base is None else dataclasses.replace(base, **values)
+    except checks.SettingError as err:
+        if isinstance(err.setting, cls):
+            found = checks.problems(err.setting, _prefix(key), unjudged=unparsed)
+        else:
+            found = [] if unparsed else err.problems
+        problems.extend(f"{source}: {p}" for p in found)
     except ValueError as err:
-        problems.append(f"{source}: {err}")
-        return None
+        if not unparsed:  # else it may be about a stand-in
+            at = f"{source}: {key}" if key else source
+            problems.extend(f"{at}: {p}" for p in getattr(err, "problems", [str(err)]))
+    return None
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -26,12 +26,24 @@ Records (one per model): see `run_point`.
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from attnlab.data import load_corpus, spread_batches, train_batches
 from attnlab.experiments import lm
+from attnlab.experiments.checks import (
+    at_least,
+    between,
+    check,
+    distinct,
+    each,
+    multiple_of,
+    nonempty,
+    noted,
+    positive,
+    setting,
+)
 from attnlab.experiments.config import LayerNormalizer
 from attnlab.experiments.kind import Kind
 from attnlab.nn import NormalizerSpec
@@ -63,32 +75,22 @@ class Config:
     student: lm.ModelSetting = dataclasses.field(default_factory=_default_student)
     teacher_training: lm.TrainingSetting = dataclasses.field(default_factory=lm.TrainingSetting)
     student_training: lm.TrainingSetting = dataclasses.field(default_factory=lm.TrainingSetting)
-    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
-    weights: tuple[float, ...] = (0.5,)
-    eval_windows: int = 64
-    eval_every: int = 50
+    temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0), nonempty, each(positive), distinct)
+    weights: tuple[float, ...] = setting(
+        (0.5,), nonempty, each(noted(between(0, 1, "(]"), "w = 0 is the baseline, always run")), distinct
+    )
+    eval_windows: int = setting(64, multiple_of(EVAL_BATCH))
+    eval_every: int = setting(50, noted(at_least(0), "0: only at the end"))
+
+    def relations(self) -> Iterator[str]:
+        if self.teacher_training.seq_len < self.student_training.seq_len:
+            yield (
+                "{teacher_training.seq_len} must be >= {student_training.seq_len} "
+                "(the teacher reads the students' windows)"
+            )
 
     def __post_init__(self):
-        temperatures, weights = list(self.temperatures), list(self.weights)
-        if not temperatures or any(not math.isfinite(t) or t <= 0 for t in temperatures):
-            raise ValueError(f"temperatures must be a non-empty list of numbers > 0; got {temperatures}")
-        if not weights or any(not 0 < w <= 1 for w in weights):
-            raise ValueError(
-                f"weights must be a non-empty list of numbers in (0, 1] (w = 0 is the baseline, always run); "
-                f"got {weights}"
-            )
-        for name, values in (("temperatures", temperatures), ("weights", weights)):
-            if len(set(values)) != len(values):
-                raise ValueError(f"{name} must not repeat a value; got {values}")
-        if self.eval_windows < 1 or self.eval_windows % EVAL_BATCH:
-            raise ValueError(f"eval_windows must be a positive multiple of {EVAL_BATCH}; got {self.eval_windows}")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0 (0: only at the end); got {self.eval_every}")
-        if self.teacher_training.seq_len < self.student_training.seq_len:
-            raise ValueError(
-                f"teacher_training.seq_len={self.teacher_training.seq_len} must be >= "
-                f"student_training.seq_len={self.student_training.seq_len} (the teacher reads the students' windows)"
-            )
+        check(self)
 
 
 def points(config: Config) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnlab.experiments import theory
+from attnlab.experiments.checks import at_least, between, check, distinct, each, finite, nonempty, positive, setting
 from attnlab.experiments.config import Lengths, NormalizerSpec
 from attnlab.experiments.kind import Kind
 from attnlab.normalizers import Normalizer, Softmax, stats
@@ -43,22 +45,19 @@ class Config:
         NormalizerSpec("entmax15"),
     )
     lengths: Lengths = dataclasses.field(default_factory=lambda: Lengths((10, 100, 1_000, 10_000, 100_000, 1_000_000)))
-    peak_logit: float = 3.0
-    rest_logit: float = -2.0
-    sigmas: tuple[float, ...] = (0.5, 1.0, 2.0)
-    seeds: int = 8
-    seed: int = 0
-    target_weight: float = 0.5
+    peak_logit: float = setting(3.0, finite)
+    rest_logit: float = setting(-2.0, finite)
+    sigmas: tuple[float, ...] = setting((0.5, 1.0, 2.0), nonempty, each(positive), distinct)
+    seeds: int = setting(8, at_least(1))
+    seed: int = setting(0, at_least(0))
+    target_weight: float = setting(0.5, between(0, 1, "()"))
+
+    def relations(self) -> Iterator[str]:
+        if self.peak_logit <= self.rest_logit:
+            yield "{peak_logit} must be above {rest_logit}"
 
     def __post_init__(self):
-        if not 0.0 < self.target_weight < 1.0:
-            raise ValueError(f"target_weight must be in (0, 1); got {self.target_weight}")
-        if self.peak_logit <= self.rest_logit:
-            raise ValueError(f"peak_logit ({self.peak_logit}) must be above rest_logit ({self.rest_logit})")
-        if self.seeds < 1:
-            raise ValueError(f"seeds must be >= 1; got {self.seeds}")
-        if any(s <= 0 for s in self.sigmas):
-            raise ValueError(f"sigmas must all be > 0; got {list(self.sigmas)}")
+        check(self)
 
 
 def points(config: Config) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ see `run_point`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from attnlab.data import eval_batches, load_corpus, train_batches
 from attnlab.experiments import lm
+from attnlab.experiments.checks import at_least, check, distinct, each, nonempty, positive, setting
 from attnlab.experiments.config import LayerNormalizer
 from attnlab.experiments.kind import Kind
 from attnlab.nn import NormalizerSpec
@@ -57,22 +59,17 @@ class Config:
     normalizers: tuple[LayerNormalizer, ...] = DEFAULT_NORMALIZERS
     model: lm.ModelSetting = dataclasses.field(default_factory=lm.ModelSetting)
     training: lm.TrainingSetting = dataclasses.field(default_factory=lm.TrainingSetting)
-    eval_length: int = 1024
-    eval_windows: int = 32
-    rope_theta_factors: tuple[float, ...] = (1.0, 50.0)
-    position_bins: int = 24
+    eval_length: int = setting(1024, at_least(2))
+    eval_windows: int = setting(32, at_least(1))
+    rope_theta_factors: tuple[float, ...] = setting((1.0, 50.0), nonempty, each(positive), distinct)
+    position_bins: int = setting(24, at_least(1))
+
+    def relations(self) -> Iterator[str]:
+        if self.eval_length < self.training.seq_len:
+            yield "{eval_length} must be >= {training.seq_len} (the point is to evaluate beyond the training length)"
 
     def __post_init__(self):
-        if self.eval_length < self.training.seq_len:
-            raise ValueError(
-                f"eval_length={self.eval_length} must be >= training.seq_len={self.training.seq_len} "
-                "(the point is to evaluate beyond the training length)"
-            )
-        for name in ("eval_windows", "position_bins"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if not self.rope_theta_factors or any(f <= 0 for f in self.rope_theta_factors):
-            raise ValueError(f"rope_theta_factors must be numbers > 0; got {list(self.rope_theta_factors)}")
+        check(self)
 
 
 def points(config: Config) -> list[dict[str, Any]]:

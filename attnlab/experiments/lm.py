@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnlab.experiments.checks import at_least, check, positive, setting
 from attnlab.experiments.config import LayerNormalizer, to_json
 from attnlab.experiments.kind import settings_key
 from attnlab.nn import ModelConfig, TransformerLM, alpha_from_logit
@@ -45,27 +46,21 @@ from attnlab.train.step import eval_sums, model_objective
 Progress = Callable[[str, int, int], None]
 
 
-def _check_positive(owner: str, **values: Any) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{owner}.{name} must be > 0; got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelSetting:
     """A byte-level `TransformerLM`: layers, width, heads (head_dim = width / heads) and the RoPE base."""
 
-    layers: int = 4
-    width: int = 128
-    heads: int = 4
-    rope_theta: float = 10_000.0
+    layers: int = setting(4, positive)
+    width: int = setting(128, positive)
+    heads: int = setting(4, positive)
+    rope_theta: float = setting(10_000.0, positive)
+
+    def relations(self) -> Iterator[str]:
+        if self.width % self.heads or (self.width // self.heads) % 2:
+            yield "{width} must be a multiple of {heads} with an even head_dim (RoPE)"
 
     def __post_init__(self):
-        _check_positive("model", layers=self.layers, width=self.width, heads=self.heads, rope_theta=self.rope_theta)
-        if self.width % self.heads or (self.width // self.heads) % 2:
-            raise ValueError(
-                f"model.width={self.width} must be a multiple of model.heads={self.heads} with an even head_dim (RoPE)"
-            )
+        check(self)
 
     def build(self, normalizer: LayerNormalizer, seed: int, output: Any = "softmax") -> TransformerLM:
         """A fresh model with this shape and `normalizer` in every layer, initialised from `seed`;
@@ -91,34 +86,22 @@ class TrainingSetting:
     initialisation and the data order; the same for every normalizer).
     """
 
-    seq_len: int = 128
-    batch_size: int = 16
-    steps: int = 300
-    learning_rate: float = 2e-3
-    warmup: int = 30
-    weight_decay: float = 0.1
-    log_every: int = 10
-    checkpoint_every: int = 100
-    seed: int = 0
+    seq_len: int = setting(128, at_least(2))
+    batch_size: int = setting(16, positive)
+    steps: int = setting(300, positive)
+    learning_rate: float = setting(2e-3, positive)
+    warmup: int = setting(30, at_least(0))
+    weight_decay: float = setting(0.1, at_least(0))
+    log_every: int = setting(10, positive)
+    checkpoint_every: int = setting(100, positive)
+    seed: int = setting(0, at_least(0))
+
+    def relations(self) -> Iterator[str]:
+        if self.warmup >= self.steps:
+            yield "{warmup} must be < {steps}"
 
     def __post_init__(self):
-        _check_positive(
-            "training",
-            seq_len=self.seq_len,
-            batch_size=self.batch_size,
-            steps=self.steps,
-            learning_rate=self.learning_rate,
-            log_every=self.log_every,
-            checkpoint_every=self.checkpoint_every,
-        )
-        if self.seq_len < 2:
-            raise ValueError(f"training.seq_len must be >= 2; got {self.seq_len}")
-        if not 0 <= self.warmup < self.steps:
-            raise ValueError(f"training.warmup must be in [0, steps={self.steps}); got {self.warmup}")
-        if self.weight_decay < 0:
-            raise ValueError(f"training.weight_decay must be >= 0; got {self.weight_decay}")
-        if self.seed < 0:
-            raise ValueError(f"training.seed must be >= 0; got {self.seed}")
+        check(self)
 
     def train_config(self) -> TrainConfig:
         optimizer = OptimizerConfig(
@@ -227,7 +210,7 @@ def train_model(
         checkpoint=checkpoint,
         metadata={"settings": determined, "model_config": model.config.to_json()},
         progress=False,
-        description=name,
+        name=name,
         on_record=report,
         objective=objective,
     )

@@ -18,11 +18,25 @@ at L = training.seq_len. Then, for every RoPE base model.rope_theta * f (f in
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from attnlab.data import NeedleConfig, load_corpus, needle_batch, needle_train_batches
+from attnlab.data.tasks import FILLERS
 from attnlab.experiments import lm
+from attnlab.experiments.checks import (
+    at_least,
+    between,
+    check,
+    distinct,
+    each,
+    increasing,
+    nonempty,
+    one_of,
+    positive,
+    setting,
+)
 from attnlab.experiments.config import LayerNormalizer, to_json
 from attnlab.experiments.kind import Kind
 from attnlab.nn import NormalizerSpec
@@ -49,29 +63,24 @@ class Config:
     training: lm.TrainingSetting = dataclasses.field(
         default_factory=lambda: lm.TrainingSetting(batch_size=32, steps=1500, learning_rate=3e-3, warmup=50)
     )
-    key_length: int = 4
-    value_length: int = 4
-    filler: str = "random"
-    eval_lengths: tuple[int, ...] = (128, 256, 512, 1024)
-    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    eval_examples: int = 32
-    rope_theta_factors: tuple[float, ...] = (1.0, 50.0)
+    key_length: int = setting(4, at_least(1))
+    value_length: int = setting(4, at_least(1))
+    filler: str = setting("random", one_of(FILLERS))
+    eval_lengths: tuple[int, ...] = setting((128, 256, 512, 1024), nonempty, each(at_least(1)), increasing, distinct)
+    depths: tuple[float, ...] = setting((0.0, 0.25, 0.5, 0.75, 1.0), nonempty, each(between(0, 1)), distinct)
+    eval_examples: int = setting(32, at_least(1))
+    rope_theta_factors: tuple[float, ...] = setting((1.0, 50.0), nonempty, each(positive), distinct)
+
+    def relations(self) -> Iterator[str]:
+        for n in (self.training.seq_len, *self.eval_lengths):
+            try:
+                self.task(n, 0.0)
+            except ValueError as err:
+                yield f"the needle does not fit: {err}"
+                return
 
     def __post_init__(self):
-        try:
-            self.task(self.training.seq_len, 0.0)
-            for n in self.eval_lengths:
-                self.task(n, 0.0)
-        except ValueError as err:
-            raise ValueError(f"the needle does not fit: {err}") from None
-        if not self.eval_lengths or list(self.eval_lengths) != sorted(set(self.eval_lengths)):
-            raise ValueError(f"eval_lengths must be increasing and distinct; got {list(self.eval_lengths)}")
-        if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"depths must be numbers in [0, 1]; got {list(self.depths)}")
-        if self.eval_examples < 1:
-            raise ValueError(f"eval_examples must be >= 1; got {self.eval_examples}")
-        if not self.rope_theta_factors or any(f <= 0 for f in self.rope_theta_factors):
-            raise ValueError(f"rope_theta_factors must be numbers > 0; got {list(self.rope_theta_factors)}")
+        check(self)
 
     def task(self, seq_len: int, depth: float) -> NeedleConfig:
         return NeedleConfig(

@@ -52,6 +52,7 @@ from flax import nnx
 
 from attnlab.data import Batch, eval_batches, load_corpus, train_batches
 from attnlab.experiments import lm
+from attnlab.experiments.checks import at_least, check, distinct, each, nonempty, one_of, positive, setting
 from attnlab.experiments.config import LayerNormalizer, Lengths, NormalizerSpec
 from attnlab.experiments.kind import Kind
 from attnlab.nn import NormalizerSpec as LayerSpec
@@ -95,34 +96,19 @@ class Config:
         NormalizerSpec("logn_entmax15"),
         *(NormalizerSpec(name) for name in ("softmax1", "sigmoid", "stablemax", "softpick", "multimax")),
     )
-    inputs: tuple[str, ...] = INPUTS
+    inputs: tuple[str, ...] = setting(INPUTS, nonempty, each(one_of(INPUTS)), distinct)
     lengths: Lengths = dataclasses.field(default_factory=lambda: Lengths.log_spaced(10, 100_000, 13))
-    scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    seeds: int = 8
-    seed: int = 0
-    model_windows: int = 8
-    model_positions: int = 12
-    model_scales: tuple[float, ...] = (1.0,)
+    scales: tuple[float, ...] = setting((0.5, 1.0, 2.0, 4.0), nonempty, each(positive), distinct)
+    seeds: int = setting(8, at_least(1))
+    seed: int = setting(0, at_least(0))
+    model_windows: int = setting(8, at_least(1))
+    model_positions: int = setting(12, at_least(1))
+    model_scales: tuple[float, ...] = setting((1.0,), nonempty, each(positive), distinct)
     model: lm.ModelSetting = dataclasses.field(default_factory=default_model)
     training: lm.TrainingSetting = dataclasses.field(default_factory=default_training)
 
     def __post_init__(self):
-        unknown = [i for i in self.inputs if i not in INPUTS]
-        if not self.inputs or unknown or len(set(self.inputs)) != len(self.inputs):
-            raise ValueError(
-                f"inputs must be a non-empty list of distinct values from {list(INPUTS)}; got {list(self.inputs)}"
-            )
-        if self.seeds < 1:
-            raise ValueError(f"seeds must be >= 1; got {self.seeds}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0; got {self.seed}")
-        for field in ("scales", "model_scales"):
-            values = getattr(self, field)
-            if not values or any(c <= 0 for c in values):
-                raise ValueError(f"{field} must be a non-empty list of numbers > 0; got {list(values)}")
-        for field in ("model_windows", "model_positions"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be >= 1; got {getattr(self, field)}")
+        check(self)
 
 
 def derived_values(config: Config) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import numpy as np
 
 from attnlab import normalizers
 from attnlab.normalizers import Normalizer, Softmax
+from attnlab.normalizers.registry import check_finite
 
 LOGN_NAMES = ("ssmax", "logn_sparsemax", "logn_entmax15", "logn_entmax")
 ALPHA_NAMES = ("entmax", "logn_entmax")
@@ -85,8 +86,9 @@ class NormalizerSpec:
       learn_multimax: multimax: learn its b_low, b_high and (as logs) slope_low, slope_high per
         head, initialised at params (or the registry defaults). Learned bends are not kept ordered.
 
-    Bad values raise ValueError naming the field and what is accepted. A plain string is
-    accepted wherever a spec is, meaning `NormalizerSpec(name=...)`.
+    Bad values (including inf or nan in s_init, bias_init, alpha_init or params) raise ValueError
+    naming the field and what is accepted. A plain string is accepted wherever a spec is, meaning
+    `NormalizerSpec(name=...)`.
     """
 
     name: str = "softmax"
@@ -107,6 +109,8 @@ class NormalizerSpec:
         for flag in ("learn_s", "learn_bias", "learn_alpha", "learn_temperature", "learn_multimax"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"NormalizerSpec.{flag} must be True or False; got {getattr(self, flag)!r}")
+        for field in ("s_init", "bias_init", "alpha_init"):
+            check_finite(field, getattr(self, field), where="NormalizerSpec")
         object.__setattr__(self, "params", self._check_params(self.params))
         self._check_applicable()
         self._check_s()
@@ -141,6 +145,7 @@ class NormalizerSpec:
                 raise ValueError(f"NormalizerSpec.params: {key!r} is not accepted here; {governed[key]}")
             if not _is_number(value):
                 raise ValueError(f"NormalizerSpec.params[{key!r}] must be a number; got {value!r}")
+            check_finite(key, value, where="NormalizerSpec.params")
         return tuple(sorted((key, float(value)) for key, value in items))
 
     def _check_applicable(self) -> None:
