@@ -106,7 +106,7 @@ def test_figures_are_drawn_and_stable(quick_run, tmp_path):
         ('outputs = ["softmax", "softmax"]', "each output must appear once"),
         ('outputs = [{ mapping = "entmax" }]', r"outputs\[0\]: .*needs alpha"),
         ("eval_windows = 16\nfit_windows = 16", r"fit_windows=16 must be in \[1, eval_windows=16\)"),
-        ("eval_windows = 20\nfit_windows = 8", "eval_windows=20 must be a multiple of 8"),
+        ("eval_windows = 20\nfit_windows = 8", "eval_windows must be a positive multiple of 8; got 20"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, text, match):

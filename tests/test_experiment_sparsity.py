@@ -36,6 +36,7 @@ RECORD_KEYS = {
     "max_weight_std",
 }
 MODEL_KEYS = {"model_train_loss", "model_validation_loss"}
+RECORD_KEYS |= {"point_key"}  # every record carries its sweep point's key
 
 
 @pytest.fixture(scope="module")
