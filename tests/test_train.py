@@ -1,5 +1,6 @@
-"""Training: optimizer, overfitting every normalizer, determinism, checkpoints and resumption,
-evaluation, and data parallelism on 4 forced CPU devices (in a subprocess)."""
+"""Training: optimizer, overfitting every normalizer, determinism, checkpoints and resumption (from
+the saved data position, refusing other settings), divergence, evaluation, and data parallelism on 4
+forced CPU devices (in a subprocess). The checkpoint folder itself: tests/test_checkpoint.py."""
 
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,6 +20,8 @@ from attnlab.train import (
     CheckpointError,
     OptimizerConfig,
     TrainConfig,
+    TrainingDiverged,
+    TrainState,
     checkpoint,
     decay_mask,
     evaluate,
@@ -49,6 +53,14 @@ def _model(normalizer="softmax", seed=0):
 
 def _losses(result):
     return [record["loss"] for record in result.history]
+
+
+def _fresh_state(model, config):
+    """The state `train` starts from (step 0), to write checkpoints without training."""
+    _, params = split_model(model)
+    return TrainState(
+        jnp.zeros((), jnp.int32), params, make_optimizer(config.optimizer, config.steps, params).init(params)
+    )
 
 
 # --- optimizer -------------------------------------------------------------------------------
@@ -137,6 +149,8 @@ def test_optimizer_config_errors_name_the_field(kwargs, match):
 def test_train_config_errors_name_the_field():
     with pytest.raises(ValueError, match=r"TrainConfig.steps must be an int >= 1; got 0"):
         TrainConfig(steps=0)
+    with pytest.raises(ValueError, match=r"TrainConfig.keep_checkpoints must be an int >= 1; got 0"):
+        TrainConfig(keep_checkpoints=0)
 
 
 # --- training --------------------------------------------------------------------------------
@@ -187,15 +201,18 @@ def _interrupting(stream, after):
 def test_a_run_interrupted_and_resumed_from_its_checkpoint_gives_identical_losses(tmp_path):
     config = TrainConfig(steps=8, optimizer=FAST, log_every=1, checkpoint_every=3)
     straight = train(_model("ssmax"), _stream(3), config, progress=False)
-    path = tmp_path / "run.npz"
+    path = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(_model("ssmax"), _interrupting(_stream(3), 4), config, checkpoint=path, progress=False)
-    assert checkpoint.read_metadata(path)["history"][-1]["step"] == 3
+    saved = checkpoint.read_metadata(path)
+    assert saved["history"][-1]["step"] == 3 and saved["data_position"] == 3
     resumed_model = _model("ssmax", seed=7)  # a different init: everything must come from the checkpoint
     resumed = train(resumed_model, _stream(3), config, checkpoint=path, metadata={"note": "x"}, progress=False)
     assert [r["step"] for r in resumed.history] == list(range(1, 9))
     assert _losses(resumed) == _losses(straight)
     assert int(resumed.state.step) == 8 and checkpoint.read_metadata(path)["note"] == "x"
+    assert sorted(int(p.name) for p in path.iterdir()) == [6, 8]  # saved at 3, 6, 8; keep_checkpoints=2
+    assert checkpoint.read_metadata(path)["data_position"] == 8
     restored, _ = checkpoint.restore(path, resumed.state)  # the final save holds the final state
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(resumed.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -204,18 +221,92 @@ def test_a_run_interrupted_and_resumed_from_its_checkpoint_gives_identical_losse
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_resuming_skips_the_batches_the_checkpoint_consumed_not_its_step_count(tmp_path):
+    config = TrainConfig(steps=1, optimizer=FAST, log_every=1)
+    model, folder = _model(), tmp_path / "run"
+    checkpoint.save(folder, _fresh_state(model, config), {"data_position": 5})  # step 0, 5 batches consumed
+    pulled = []
+
+    def counted():
+        for index, batch in enumerate(_stream(2)):
+            pulled.append(index)
+            yield batch
+
+    train(model, counted(), config, checkpoint=folder, progress=False)
+    assert pulled == [0, 1, 2, 3, 4, 5]  # five skipped, the sixth trained on
+    assert checkpoint.latest_step(folder) == 1 and checkpoint.read_metadata(folder)["data_position"] == 6
+
+
+def test_train_refuses_a_checkpoint_of_other_settings_or_another_model(tmp_path):
+    config = TrainConfig(steps=1, optimizer=FAST)
+    folder = tmp_path / "run"
+    checkpoint.save(folder, _fresh_state(_model(), config), {"data_position": 0, "settings": {"seed": 0}})
+    with pytest.raises(CheckpointError, match=r"was saved with other settings \(seed: saved 0, given 1\)"):
+        train(_model(), _stream(), config, checkpoint=folder, metadata={"settings": {"seed": 1}}, progress=False)
+    with pytest.raises(CheckpointError, match=r"does not match the model: missing 3 arrays"):
+        train(_model("ssmax"), _stream(), config, checkpoint=folder, progress=False)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CheckpointError, match=r"'.*file' is a file, not a folder"):
+        train(_model(), _stream(), config, checkpoint=tmp_path / "file", progress=False)
+
+
 def test_restoring_into_another_model_names_the_differences(tmp_path):
     model = _model("softmax")
     _, params = split_model(model)
-    path = checkpoint.save(tmp_path / "p.npz", params, {"step": 0})
+    path = checkpoint.save(tmp_path / "p", params, {"step": 0}, step=0)
     _, other = split_model(_model("ssmax"))
     with pytest.raises(
         CheckpointError, match=r"missing 1 arrays, e.g. \['blocks'\]\[0\]\['attention'\]\['normalizer'\]"
     ):
         checkpoint.restore(path, other)
     with pytest.raises(CheckpointError, match=r"does not exist"):
-        checkpoint.restore(tmp_path / "none.npz", params)
-    assert not list(tmp_path.glob("*.tmp"))
+        checkpoint.restore(tmp_path / "none", params)
+
+
+# --- divergence ------------------------------------------------------------------------------
+
+HUGE = OptimizerConfig(learning_rate=1e6, warmup_steps=0, schedule="constant", weight_decay=0.0)
+
+
+def test_a_huge_learning_rate_stops_training_before_a_diverged_state_is_saved(tmp_path):
+    folder = tmp_path / "run"
+    config = TrainConfig(steps=20, optimizer=HUGE, log_every=100, checkpoint_every=1)
+    with pytest.raises(TrainingDiverged) as caught:
+        train(_model("ssmax"), _stream(4), config, checkpoint=folder, name="ssmax", progress=False)
+    error = caught.value
+    assert 1 < error.step < 20  # the initial parameters give a finite loss
+    assert not (np.isfinite(error.loss) and np.isfinite(error.grad_norm))
+    message = str(error)
+    assert message.startswith(f"training 'ssmax' diverged at step {error.step}: loss = "), message
+    assert "lower the learning rate (1000000.0)" in message and "\n" not in message
+    # Every step before the bad one was saved (checkpoint_every=1); the bad one was not, and what
+    # was saved is finite (restore refuses NaN or inf).
+    assert checkpoint.latest_step(folder) == error.step - 1
+    target = _fresh_state(_model("ssmax"), config)
+    for step in {max(1, error.step - 2), error.step - 1}:
+        restored, metadata = checkpoint.restore(folder, target, step=step)
+        assert int(restored.step) == step and metadata["history"][-1]["step"] == step
+
+
+def test_divergence_names_the_first_bad_step_inside_a_log_window():
+    from attnlab.train.step import token_losses
+
+    poisoned_step = 6  # its batch starts with token 31, which the objective turns into a NaN loss
+
+    def stream():
+        for index, batch in enumerate(_stream(5)):
+            if index + 1 == poisoned_step:
+                batch.inputs[0, 0] = 31
+            yield batch
+
+    def objective(logits, batch):
+        return token_losses(logits, batch.targets) * jnp.where(batch.inputs[0, 0] == 31, jnp.nan, 1.0)
+
+    records = []
+    config = TrainConfig(steps=8, optimizer=FAST, log_every=4)
+    with pytest.raises(TrainingDiverged, match=r"^training 'model' diverged at step 6: loss = nan, grad_norm = nan"):
+        train(_model(), stream(), config, objective=objective, on_record=records.append, progress=False)
+    assert [r["step"] for r in records] == [4]  # found at the record of step 8, named as step 6
 
 
 def test_evaluation_metrics_and_validation_during_training():
@@ -264,11 +355,13 @@ def test_running_out_of_batches_is_a_clear_error():
 
 FOUR_DEVICES = textwrap.dedent(
     """
+    import tempfile
     import jax, numpy as np
     from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
     from attnlab.data.batch import Batch
     from attnlab.nn import ModelConfig, TransformerLM
-    from attnlab.train import OptimizerConfig, TrainConfig, make_mesh, shard_batch, train
+    from attnlab.train import OptimizerConfig, TrainConfig, checkpoint, make_mesh, shard_batch, train
 
     assert jax.device_count() == 4, jax.devices()
 
@@ -278,12 +371,13 @@ FOUR_DEVICES = textwrap.dedent(
             yield Batch(data[:, :-1], data[:, 1:], np.ones((8, 16), bool))
 
     config = TrainConfig(steps=4, log_every=1, optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1))
-    losses = {}
+    losses, states = {}, {}
     for devices in (1, 4):
         mesh = make_mesh(devices)
         model = TransformerLM(ModelConfig(num_layers=1, width=32, num_heads=2, normalizer="ssmax"), rngs=nnx.Rngs(0))
         result = train(model, stream(), config, mesh=mesh, progress=False)
         losses[devices] = [r["loss"] for r in result.history]
+        states[devices] = result.state
         assert len(result.state.params["embed"]["embedding"][...].sharding.device_set) == devices
     sharded = shard_batch(next(stream()), make_mesh(4))
     assert len(sharded.inputs.addressable_shards) == 4
@@ -295,12 +389,27 @@ FOUR_DEVICES = textwrap.dedent(
         assert "batch size 6" in str(error) and "4 local devices" in str(error), error
     else:
         raise AssertionError("a batch of 6 over 4 devices was accepted")
+    # A checkpoint saved on the 1-device mesh restores onto the 4-device one: replicated there, or
+    # split over "data".
+    folder = tempfile.mkdtemp() + "/run"
+    checkpoint.save(folder, states[1])
+    restored, _ = checkpoint.restore(folder, states[4])
+    for got, saved in zip(jax.tree.leaves(restored), jax.tree.leaves(states[1]), strict=True):
+        assert len(got.sharding.device_set) == 4, got.sharding
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(saved))
+    split = NamedSharding(make_mesh(4), PartitionSpec("data"))
+    one_device = NamedSharding(make_mesh(1), PartitionSpec())
+    saved = jax.device_put(np.arange(32.0, dtype=np.float32).reshape(8, 4), one_device)
+    checkpoint.save(folder + "2", {"w": saved}, step=0)
+    restored, _ = checkpoint.restore(folder + "2", {"w": jax.device_put(np.zeros((8, 4), np.float32), split)})
+    assert restored["w"].sharding == split and restored["w"].addressable_shards[1].data.shape == (2, 4)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(saved))
     print("LOSSES", losses[1], losses[4])
     """
 )
 
 
-def test_data_parallel_step_on_four_cpu_devices_gives_the_one_device_loss():
+def test_data_parallel_step_on_four_cpu_devices_gives_the_one_device_loss_and_restores_across_meshes():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", FOUR_DEVICES], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,10 +1,15 @@
 """The training loop: compile, step, log, evaluate, checkpoint, resume.
 
 `train(model, batches, config)` trains an NNX language model in place on an iterator of
-`attnlab.data.Batch` and returns its history. With `checkpoint=PATH` the state is saved every
-`checkpoint_every` steps and at the end; calling `train` again with the same path resumes from the
-saved step, skipping the batches already used (the data iterator must be deterministic, as
-`attnlab.data.train_batches` is, for the resumed run to equal an uninterrupted one).
+`attnlab.data.Batch` and returns its history. With `checkpoint=FOLDER` the state is saved (with
+orbax, see `attnlab.train.checkpoint`) every `checkpoint_every` steps and at the end, keeping the
+last `keep_checkpoints`; calling `train` again with the same folder resumes from the newest saved
+step, skipping the batches it had consumed (its saved data position; the data iterator must be
+deterministic, as `attnlab.data.train_batches` is, for the resumed run to equal an uninterrupted one).
+
+A non-finite loss or gradient norm stops training with `TrainingDiverged`, naming the model, the
+step and the values; it is checked at every history record (each syncs the device anyway), so a
+diverged state is never saved.
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ class TrainConfig:
       log_every: record the mean training metrics every this many steps (each record syncs the
         device once).
       eval_every: evaluate on the validation batches every this many steps (0: only at the end).
-      checkpoint_every: save the state every this many steps when a checkpoint path is given
+      checkpoint_every: save the state every this many steps when a checkpoint folder is given
         (0: only at the end).
+      keep_checkpoints: the newest saves kept in the checkpoint folder (older ones are deleted).
     """
 
     steps: int = 1000
@@ -50,17 +56,27 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     checkpoint_every: int = 0
+    keep_checkpoints: int = 2
 
     def __post_init__(self):
         check_count(self.steps, "TrainConfig.steps", 1)
         check_count(self.log_every, "TrainConfig.log_every", 1)
         check_count(self.eval_every, "TrainConfig.eval_every", 0)
         check_count(self.checkpoint_every, "TrainConfig.checkpoint_every", 0)
+        check_count(self.keep_checkpoints, "TrainConfig.keep_checkpoints", 1)
         if not isinstance(self.optimizer, OptimizerConfig):
             raise ValueError(f"TrainConfig.optimizer must be an OptimizerConfig; got {self.optimizer!r}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training produced a non-finite loss or gradient norm at `step` (1-based, as in the history)."""
+
+    def __init__(self, message: str, *, step: int, loss: float, grad_norm: float):
+        super().__init__(message)
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
 
 
 @dataclasses.dataclass
@@ -101,9 +117,41 @@ def _every(done: int, period: int) -> bool:
     return period > 0 and done % period == 0
 
 
-def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
-    stacked = [{k: host_value(v) for k, v in m.items()} for m in pending]
-    return {name: float(np.mean([m[name] for m in stacked])) for name in stacked[0]}
+def _host_metrics(pending: list[dict[str, jax.Array]]) -> list[dict[str, float]]:
+    """Each step's metrics as floats (waits for the device)."""
+    return [{name: float(host_value(value)) for name, value in metrics.items()} for metrics in pending]
+
+
+def _mean_metrics(steps: list[dict[str, float]]) -> dict[str, float]:
+    return {name: float(np.mean([m[name] for m in steps])) for name in steps[0]}
+
+
+def _divergence(name: str, steps: list[dict[str, float]], first: int, config: TrainConfig) -> TrainingDiverged | None:
+    """The error for the first of `steps` (numbered from `first`) whose loss or grad_norm is NaN or inf."""
+    for step, metrics in enumerate(steps, start=first):
+        loss, grad_norm = metrics["loss"], metrics["grad_norm"]
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            optimizer = config.optimizer
+            return TrainingDiverged(
+                f"training {name!r} diverged at step {step}: loss = {loss}, grad_norm = {grad_norm}; lower the "
+                f"learning rate ({optimizer.learning_rate}), lengthen the warmup ({optimizer.warmup_steps} steps) "
+                f"or clip the gradients (clip_norm = {optimizer.clip_norm})",
+                step=step,
+                loss=loss,
+                grad_norm=grad_norm,
+            )
+    return None
+
+
+def _data_position(saved: dict[str, Any], folder: str | Path) -> int:
+    """The batches consumed when the checkpoint was saved (its metadata's data_position)."""
+    position = saved.get("data_position")
+    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+        raise checkpoints.CheckpointError(
+            f"checkpoint folder {str(folder)!r} has no valid data_position (an int >= 0; got {position!r}): "
+            "it was not saved by attnlab.train.train; delete it to train anew"
+        )
+    return position
 
 
 def train(
@@ -116,6 +164,7 @@ def train(
     checkpoint: str | Path | None = None,
     metadata: dict[str, Any] | None = None,
     progress: bool = True,
+    name: str = "model",
     description: str = "train",
     on_record: Callable[[dict[str, Any]], None] | None = None,
     objective: Objective | None = None,
@@ -129,14 +178,23 @@ def train(
       eval_batches: a function returning fresh validation batches, used every eval_every steps
         and at the end.
       mesh: a "data" mesh (default: all devices); the batch is split over it.
-      checkpoint: save here (atomically) and resume from here if it exists.
-      metadata: JSON values saved in the checkpoint (e.g. the model config).
+      checkpoint: a folder: save the state there (atomically, keeping the last
+        config.keep_checkpoints) and resume from its newest step if it holds one.
+      metadata: JSON values saved in the checkpoint (e.g. the model config). Its "settings", if
+        given, must equal those of the checkpoint resumed (else CheckpointError).
       progress: show a progress bar with step, loss and tokens per second.
+      name: the model's name in a `TrainingDiverged` message.
       on_record: called with each history entry ({step, loss, ...}) as it is recorded, e.g. to
         drive a caller's own progress display (with progress=False).
       objective: the per-token training loss, objective(logits [B, T, V], batch) -> [B, T]
         (default: the model's own `token_losses`, cross-entropy for a model without one).
         Evaluation always reports the model's own loss.
+
+    Raises:
+      TrainingDiverged: a loss or gradient norm became NaN or inf (the checkpoint keeps the last
+        finite state).
+      CheckpointError: the checkpoint folder is unreadable, made with other settings or for
+        another model, or holds NaN/inf.
     """
     mesh = make_mesh() if mesh is None else mesh
     split, params = split_model(model)
@@ -146,26 +204,48 @@ def train(
     state = jax.device_put(state, replicated(mesh))
     history: list[dict[str, Any]] = []
     evaluations: list[dict[str, Any]] = []
-    if checkpoint is not None and Path(checkpoint).exists():
-        state, saved = checkpoints.restore(checkpoint, state)
+    position = 0  # batches consumed before this call
+    if checkpoint is not None and checkpoints.latest_step(checkpoint) is not None:
+        state, saved = checkpoints.restore(checkpoint, state, settings=(metadata or {}).get("settings"))
         history, evaluations = saved.get("history", []), saved.get("evaluations", [])
+        position = _data_position(saved, checkpoint)
         if saved.get("train_config") not in (None, config.to_json()):
             print(f"{checkpoint}: resuming with a different TrainConfig than the one saved", file=sys.stderr)
     start = int(host_value(state.step))
     train_step = make_train_step(split, optimizer, mesh, schedule, objective)
     eval_step = make_eval_step(split, mesh) if eval_batches is not None else None
-    iterator: Iterator[Any] = itertools.islice(iter(batches), start, None)
+    iterator: Iterator[Any] = itertools.islice(iter(batches), position, None)
 
-    def save(state: TrainState) -> None:
-        extra = {"history": history, "evaluations": evaluations, "train_config": config.to_json()}
-        checkpoints.save(checkpoint, state, {**(metadata or {}), **extra})
+    def save(state: TrainState, done: int) -> None:
+        bad = checkpoints.first_nonfinite(state)
+        if bad is not None:  # finite metrics but an update that overflowed
+            last = history[-1]
+            raise TrainingDiverged(
+                f"training {name!r} diverged at step {done}: {bad} holds NaN or inf (loss = {last['loss']}, "
+                f"grad_norm = {last['grad_norm']}); lower the learning rate ({config.optimizer.learning_rate})",
+                step=done,
+                loss=last["loss"],
+                grad_norm=last["grad_norm"],
+            )
+        extra = {
+            "history": history,
+            "evaluations": evaluations,
+            "train_config": config.to_json(),
+            "data_position": position + done - start,
+        }
+        checkpoints.save(checkpoint, state, {**(metadata or {}), **extra}, keep=config.keep_checkpoints)
 
     timing = {"compile": 0.0, "train": 0.0, "tokens": 0}
     window: dict[str, Any] = {"start": time.perf_counter(), "tokens": 0, "pending": []}
 
     def record(done: int) -> dict[str, Any]:
-        """Average the metrics since the last record (waiting for the device) and start a new window."""
-        metrics = _mean_metrics(window["pending"])
+        """Average the metrics since the last record (waiting for the device) and start a new window;
+        TrainingDiverged if a step's loss or gradient norm in the window is not finite."""
+        steps = _host_metrics(window["pending"])
+        diverged = _divergence(name, steps, done - len(steps) + 1, config)
+        if diverged is not None:
+            raise diverged
+        metrics = _mean_metrics(steps)
         elapsed = time.perf_counter() - window["start"]
         timing["train"] += elapsed
         timing["tokens"] += window["tokens"]
@@ -203,7 +283,7 @@ def train(
                 result = accumulate(eval_step, state.params, eval_batches(), None, mesh)
                 evaluations.append({"step": done, **result.to_json()})
             if checkpoint_now:
-                save(state)
+                save(state, done)
             if evaluate_now or checkpoint_now:
                 window["start"] = time.perf_counter()  # evaluation and saving are not training time
             bar.advance(task)
