@@ -136,7 +136,9 @@ def _not_run(payload: dict, records: list[dict], key: str) -> list[str]:
         missing = [r for r in rows if r.get(key) is None]
         if not missing:
             continue
-        why = missing[0].get("skipped") or missing[0].get("error") or "?"
+        why = missing[0].get("skipped") or missing[0].get("error")
+        if why is None:
+            why = "run eagerly, nothing compiled" if implementation in PEER_STYLES else f"no {key} recorded"
         name = f"{case} · {implementation}"
         if len(missing) < len(rows):
             name += f" (n ≥ {min(r['n'] for r in missing):,})"
