@@ -50,9 +50,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnlab.normalizers._rows import align_param, check_param, concrete_values, output_dtype, prepare_rows
+from attnlab.normalizers._rows import (
+    align_param,
+    check_finite,
+    check_param,
+    concrete_values,
+    output_dtype,
+    prepare_rows,
+)
 from attnlab.normalizers.mappings import entmax_rows, softmax_rows
-from attnlab.normalizers.registry import check_finite
 
 MAPPINGS = ("softmax", "sparsemax", "entmax15", "entmax")
 
@@ -170,7 +176,6 @@ def fenchel_young_loss(
     if mapping == "entmax":
         if alpha is None:
             raise ValueError('fenchel_young_loss: mapping="entmax" needs alpha (>= 1)')
-        check_finite("alpha", alpha, where="fenchel_young_loss")
         check_param("alpha", alpha, minimum=1.0, inclusive=True, where="fenchel_young_loss")
     elif alpha is not None:
         raise ValueError(f"fenchel_young_loss: alpha is only accepted with mapping='entmax'; got mapping={mapping!r}")

@@ -21,6 +21,8 @@ from attnlab.experiments.config import ConfigError
 REPO = Path(__file__).resolve().parent.parent
 QUICK = REPO / "experiments" / "distillation_quick.toml"
 FIELDS = {
+    "point_key",
+    "model_key",
     "model",
     "record",
     "temperature",
@@ -41,13 +43,13 @@ FIELDS = {
 
 
 def _run_watched(args: list[str]) -> list[tuple[str, int]]:
-    """Run the CLI; returns (checkpoint name, tokens trained in that call) per training-loop call."""
+    """Run the CLI; returns (model name, tokens trained in that call) per training-loop call."""
     calls = []
     real = lm.train
 
     def watched(*positional, **keywords):
         result = real(*positional, **keywords)
-        calls.append((Path(keywords["checkpoint"]).stem, result.tokens))
+        calls.append((keywords["name"], result.tokens))
         return result
 
     with pytest.MonkeyPatch.context() as patch:

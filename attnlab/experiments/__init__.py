@@ -20,16 +20,8 @@ from attnlab.experiments.kind import Kind
 from attnlab.experiments.results import ResultsError
 from attnlab.experiments.runner import Experiment, load, load_all, lock, run
 
-
-def _declared(module) -> Kind:
-    # Transitional: a kind module not yet converted to a `Kind` declaration (throughput).
-    if isinstance(module.KIND, Kind):
-        return module.KIND
-    return Kind(module.KIND, module.DESCRIPTION, module.Config, module.points, module.run_point, {}, None)
-
-
 KINDS: dict[str, Kind] = {
-    _declared(module).name: _declared(module)
+    module.KIND.name: module.KIND
     for module in (fading_synthetic, sparsity, throughput, length_generalization, needle, calibration, distillation)
 }
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from attnlab import normalizers
 from attnlab.normalizers import Normalizer, Softmax
-from attnlab.normalizers.registry import check_finite
+from attnlab.normalizers._rows import check_finite
 
 LOGN_NAMES = ("ssmax", "logn_sparsemax", "logn_entmax15", "logn_entmax")
 ALPHA_NAMES = ("entmax", "logn_entmax")

@@ -122,19 +122,36 @@ def concrete_values(value: Any) -> np.ndarray | None:
     return None
 
 
+def _reject(where: str, name: str, requirement: str, bad: np.ndarray) -> ValueError:
+    return ValueError(
+        f"{where}: parameter {name!r} must be {requirement}; got {bad.ravel()[:4].tolist()}"
+        + (" (showing the first 4 bad entries)" if np.size(bad) > 4 else "")
+    )
+
+
+def check_finite(name: str, value: Any, *, where: str) -> None:
+    """Raise ValueError unless every concrete entry of `value` is finite (not inf, not nan).
+
+    The message has the range checks' form, `{where}: parameter {name!r} must be finite; got
+    [...]`. None (a parameter's "use the default") and traced values pass: inside jit there is
+    nothing to check. The library's argument checks (`check_param`, `get`,
+    `attnlab.nn.NormalizerSpec`, `attnlab.losses`) share this one helper.
+    """
+    values = concrete_values(value)
+    if values is None or np.all(np.isfinite(values)):
+        return
+    raise _reject(where, name, "finite", values[~np.isfinite(values)] if values.ndim else values)
+
+
 def check_param(name: str, value: Any, *, minimum: float, inclusive: bool, where: str) -> None:
-    """Raise ValueError unless every concrete entry of `value` is > (or >=) `minimum`."""
+    """Raise ValueError unless every concrete entry of `value` is finite and > (or >=) `minimum`."""
+    check_finite(name, value, where=where)
     values = concrete_values(value)
     if values is None:
         return
     ok = values >= minimum if inclusive else values > minimum
     if not np.all(ok):
-        bad = values[~ok] if values.ndim else values
-        relation = ">=" if inclusive else ">"
-        raise ValueError(
-            f"{where}: parameter {name!r} must be {relation} {minimum:g}; got {bad.ravel()[:4].tolist()}"
-            + (" (showing the first 4 bad entries)" if np.size(bad) > 4 else "")
-        )
+        raise _reject(where, name, f"{'>=' if inclusive else '>'} {minimum:g}", values[~ok] if values.ndim else values)
 
 
 def register_pytree_dataclass(cls: type, data_fields: list[str], meta_fields: list[str]) -> type:

@@ -7,9 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
-from attnlab.normalizers._rows import concrete_values
+from attnlab.normalizers._rows import check_finite
 from attnlab.normalizers.mappings import Entmax, Entmax15, Softmax, Sparsemax
 from attnlab.normalizers.normalizer import Normalizer
 from attnlab.normalizers.recent import MultiMax, Sigmoid, Softmax1, Softpick, StableMax
@@ -112,24 +111,6 @@ def parameters(name: str) -> dict[str, Any]:
 def summary(name: str) -> str:
     """One line of math describing the normalizer `name`."""
     return _entry(name).summary
-
-
-def check_finite(name: str, value: Any, *, where: str) -> None:
-    """Raise ValueError unless every concrete entry of `value` is finite (not inf, not nan).
-
-    The message has the range checks' form, `{where}: parameter {name!r} must be finite; got
-    [...]`. None (a parameter's "use the default") and traced values pass: inside jit there is
-    nothing to check. The library's argument checks (`get`, `attnlab.nn.NormalizerSpec`,
-    `attnlab.losses`) share this one helper.
-    """
-    values = concrete_values(value)
-    if values is None or np.all(np.isfinite(values)):
-        return
-    bad = values[~np.isfinite(values)] if values.ndim else values
-    raise ValueError(
-        f"{where}: parameter {name!r} must be finite; got {bad.ravel()[:4].tolist()}"
-        + (" (showing the first 4 bad entries)" if np.size(bad) > 4 else "")
-    )
 
 
 def get(name: str, **params: Any) -> Normalizer:
