@@ -30,6 +30,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from attnlab.experiments.config import to_json
+
 KEY_LENGTH = 16  # hex digits of the SHA-256 kept in keys: 64 bits, collision-free at any realistic scale
 
 
@@ -37,12 +39,6 @@ def settings_key(settings: Any) -> str:
     """A short stable hash of JSON-serialisable settings (sorted keys, exact float repr)."""
     text = json.dumps(settings, sort_keys=True, separators=(",", ":"), allow_nan=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
-
-
-def _to_json(config: Any) -> dict[str, Any]:
-    from attnlab.experiments.config import to_json
-
-    return to_json(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +75,7 @@ class Kind:
 
     def config_json(self, config: Any) -> dict[str, Any]:
         """The config as plain JSON values (what the results file records), with `derived`'s values."""
-        out = _to_json(config)
+        out = to_json(config)
         return {**out, **self.derived(config)} if self.derived is not None else out
 
     def point_settings(self, config: Any, point: dict[str, Any], device: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +92,7 @@ class Kind:
             labelled = [e for e in entries if hasattr(e, "label")]
             if labelled:
                 chosen = [e for e in labelled if e.label == point[point_key]]
-                selected[field] = _to_json(chosen[0]) if chosen else config_json.get(field)
+                selected[field] = to_json(chosen[0]) if chosen else config_json.get(field)
         rest = {k: v for k, v in config_json.items() if k not in self.sweep_fields}
         return {"kind": self.name, "config": rest, "point": point, "selected": selected, "device": device}
 
