@@ -9,8 +9,11 @@ except alpha = 1, 1.5 or 2, which stays a Python number: it selects the exact cl
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 
 # The suite runs in several processes (pytest -n): on a GPU, none may take most of its memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -21,6 +24,21 @@ import numpy as np
 import pytest
 
 from attnlab import normalizers as N
+
+# Many tests train the same tiny models, and each `train` call builds a new jitted step: a
+# persistent compilation cache serves an identical program from disk instead of compiling it again
+# (about a quarter of tests/test_train.py's time). One fresh folder per test process, shared with
+# the subprocesses it starts one at a time (through the environment), removed at exit; results
+# never depend on it.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="attnlab-tests-jax-cache-")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+for _option, _value in (
+    ("jax_compilation_cache_dir", _COMPILATION_CACHE),
+    ("jax_persistent_cache_min_compile_time_secs", 0),
+    ("jax_persistent_cache_min_entry_size_bytes", 0),
+):
+    jax.config.update(_option, _value)
+    os.environ[_option.upper()] = str(_value)
 
 _CLOSED_FORM_ALPHAS = (1, 1.5, 2)
 

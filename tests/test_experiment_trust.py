@@ -246,7 +246,8 @@ def test_two_concurrent_runs_on_one_folder_both_finish_and_lose_nothing(tmp_path
         )
         for i in range(2)
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # The two processes run at once: they must not share the test process's compilation cache folder.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"} | {"JAX_PLATFORMS": "cpu"}
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "attnlab", "run", str(c), "--out", str(out), "--no-progress", "--no-figures"],
