@@ -706,7 +706,10 @@ def measure_in_subprocess(command: list[str], request: str, timeout_s: float) ->
     """Run `command` with `request` on stdin and return the JSON object of its last output line;
     ValueError saying why when it fails."""
     root = str(Path(__file__).resolve().parents[2])  # so `-m attnlab...` imports this same attnlab
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    # No persistent compilation cache in the measuring process: its peak must count compiling the
+    # program, and a cache (JAX_COMPILATION_CACHE_DIR, JAX_PERSISTENT_CACHE_*) changes what it holds.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+    env = {**inherited, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     try:
         done = subprocess.run(command, input=request, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
