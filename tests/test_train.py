@@ -268,27 +268,8 @@ def test_restoring_into_another_model_names_the_differences(tmp_path):
 HUGE = OptimizerConfig(learning_rate=1e6, warmup_steps=0, schedule="constant", weight_decay=0.0)
 
 
-def test_a_huge_learning_rate_stops_training_before_a_diverged_state_is_saved(tmp_path):
-    folder = tmp_path / "run"
-    config = TrainConfig(steps=20, optimizer=HUGE, log_every=100, checkpoint_every=1)
-    with pytest.raises(TrainingDiverged) as caught:
-        train(_model("ssmax"), _stream(4), config, checkpoint=folder, name="ssmax", progress=False)
-    error = caught.value
-    assert 1 < error.step < 20  # the initial parameters give a finite loss
-    assert not (np.isfinite(error.loss) and np.isfinite(error.grad_norm))
-    message = str(error)
-    assert message.startswith(f"training 'ssmax' diverged at step {error.step}: loss = "), message
-    assert "lower the learning rate (1000000.0)" in message and "\n" not in message
-    # Every step before the bad one was saved (checkpoint_every=1); the bad one was not, and what
-    # was saved is finite (restore refuses NaN or inf).
-    assert checkpoint.latest_step(folder) == error.step - 1
-    target = _fresh_state(_model("ssmax"), config)
-    for step in {max(1, error.step - 2), error.step - 1}:
-        restored, metadata = checkpoint.restore(folder, target, step=step)
-        assert int(restored.step) == step and metadata["history"][-1]["step"] == step
-
-
-def test_divergence_names_the_first_bad_step_inside_a_log_window():
+def test_divergence_names_the_first_bad_step_and_no_diverged_state_is_saved(tmp_path):
+    # (The CLI test in test_experiment_trust.py diverges with learning rate 1e6 end to end.)
     from attnlab.train.step import token_losses
 
     poisoned_step = 6  # its batch starts with token 31, which the objective turns into a NaN loss
@@ -303,10 +284,23 @@ def test_divergence_names_the_first_bad_step_inside_a_log_window():
         return token_losses(logits, batch.targets) * jnp.where(batch.inputs[0, 0] == 31, jnp.nan, 1.0)
 
     records = []
-    config = TrainConfig(steps=8, optimizer=FAST, log_every=4)
-    with pytest.raises(TrainingDiverged, match=r"^training 'model' diverged at step 6: loss = nan, grad_norm = nan"):
-        train(_model(), stream(), config, objective=objective, on_record=records.append, progress=False)
+    folder = tmp_path / "run"
+    config = TrainConfig(steps=8, optimizer=FAST, log_every=4, checkpoint_every=4)
+    with pytest.raises(TrainingDiverged) as caught:
+        train(
+            _model(), stream(), config, objective=objective, on_record=records.append, checkpoint=folder, progress=False
+        )
+    error = caught.value
+    message = str(error)
+    assert message.startswith("training 'model' diverged at step 6: loss = nan, grad_norm = nan"), message
+    assert "lower the learning rate (0.01)" in message and "\n" not in message
+    assert error.step == poisoned_step and np.isnan(error.loss)
     assert [r["step"] for r in records] == [4]  # found at the record of step 8, named as step 6
+    # The check comes before the save due at step 8: the last checkpoint is step 4's, finite
+    # (restore refuses NaN or inf).
+    assert checkpoint.latest_step(folder) == 4
+    restored, metadata = checkpoint.restore(folder, _fresh_state(_model(), config))
+    assert int(restored.step) == 4 and metadata["history"][-1]["step"] == 4
 
 
 def test_evaluation_metrics_and_validation_during_training():
