@@ -319,7 +319,7 @@ def parse_dataclass(
     those relating fields); a value that could not be parsed is judged by nothing else.
     """
     before = len(problems)
-    at = f"{source}: {key}" if key else source
+    at = _where(source, key)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for name in sorted(set(table) - set(fields)):
@@ -342,6 +342,11 @@ def parse_dataclass(
     values.update((name, _default(fields[name])) for name in unparsed if base is None)
     instance = _build(cls, values, base, unparsed, source, key, problems)
     return instance if len(problems) == before else None
+
+
+def _where(source: str, key: str) -> str:
+    """How a problem of the table at dotted `key` of the file `source` begins."""
+    return f"{source}: {key}" if key else source
 
 
 def _dotted(key: str, name: str) -> str:
@@ -373,8 +378,7 @@ def _build(
         problems.extend(f"{source}: {p}" for p in found)
     except ValueError as err:
         if not unparsed:  # else it may be about a stand-in
-            at = f"{source}: {key}" if key else source
-            problems.extend(f"{at}: {p}" for p in getattr(err, "problems", [str(err)]))
+            problems.extend(f"{_where(source, key)}: {p}" for p in getattr(err, "problems", [str(err)]))
     return None
 
 

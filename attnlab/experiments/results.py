@@ -273,10 +273,14 @@ class ResultsFile:
         """Append the records of one finished point (each tagged with the point and its key) and save."""
         self._append({key: [strict_record({**point, **r, "point_key": key}) for r in records]})
 
-    def _append(self, by_key: dict[str, list[dict[str, Any]]]) -> None:
+    def _archive_earlier(self) -> None:
+        """Archive the earlier file of another config, once, before this run first writes."""
         if self._to_archive is not None:
             archive(self.path, self._to_archive, self.out_dir, self.name)
             self._to_archive = None
+
+    def _append(self, by_key: dict[str, list[dict[str, Any]]]) -> None:
+        self._archive_earlier()
         for key, records in by_key.items():
             self.records.extend(records)
             self._keys.add(key)
@@ -286,7 +290,5 @@ class ResultsFile:
     def finish(self, run_seconds: float) -> None:
         self.payload["run_seconds"] = round(self.payload.get("run_seconds", 0.0) + run_seconds, 2)
         self.payload["finished_at"] = now()
-        if self._to_archive is not None:  # a sweep of no points still replaces the earlier file
-            archive(self.path, self._to_archive, self.out_dir, self.name)
-            self._to_archive = None
+        self._archive_earlier()  # a sweep of no new points still replaces the earlier file
         write_json_atomic(self.path, self.payload)

@@ -35,9 +35,11 @@ def render(json_path: str | Path) -> list[Path]:
     """Draw the figures of one results file into <its folder>/figures/; returns the paths written
     (PNG and SVG, each written atomically)."""
     json_path = Path(json_path)
-    payload = read_json(json_path)
+    return _render(json_path, read_json(json_path), renderers())
+
+
+def _render(json_path: Path, payload: dict[str, Any], drawers: dict[str, Any]) -> list[Path]:
     kind = payload.get("kind")
-    drawers = renderers()
     if not isinstance(kind, str) or kind not in drawers:
         raise ValueError(f"{json_path}: kind {kind!r} has no figures; kinds with figures: {', '.join(drawers)}")
     if not isinstance(payload.get("records"), list) or not isinstance(payload.get("config"), dict):
@@ -55,7 +57,7 @@ def render_all(results_dir: str | Path) -> dict[Path, list[Path]]:
     for json_path in sorted(results_dir.glob("*.json")):
         payload = read_json(json_path)
         if payload.get("kind") in drawers:
-            rendered[json_path] = render(json_path)
+            rendered[json_path] = _render(json_path, payload, drawers)
     write_index(results_dir, rendered)
     return rendered
 

@@ -126,20 +126,26 @@ def _mean_metrics(steps: list[dict[str, float]]) -> dict[str, float]:
     return {name: float(np.mean([m[name] for m in steps])) for name in steps[0]}
 
 
+def _diverged(
+    name: str, step: int, loss: float, grad_norm: float, optimizer: OptimizerConfig, found: str = ""
+) -> TrainingDiverged:
+    """The error for a model that diverged at `step` (`found`: what else was not finite)."""
+    return TrainingDiverged(
+        f"training {name!r} diverged at step {step}: {found}loss = {loss}, grad_norm = {grad_norm}; lower the "
+        f"learning rate ({optimizer.learning_rate}), lengthen the warmup ({optimizer.warmup_steps} steps) "
+        f"or clip the gradients (clip_norm = {optimizer.clip_norm})",
+        step=step,
+        loss=loss,
+        grad_norm=grad_norm,
+    )
+
+
 def _divergence(name: str, steps: list[dict[str, float]], first: int, config: TrainConfig) -> TrainingDiverged | None:
     """The error for the first of `steps` (numbered from `first`) whose loss or grad_norm is NaN or inf."""
     for step, metrics in enumerate(steps, start=first):
         loss, grad_norm = metrics["loss"], metrics["grad_norm"]
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-            optimizer = config.optimizer
-            return TrainingDiverged(
-                f"training {name!r} diverged at step {step}: loss = {loss}, grad_norm = {grad_norm}; lower the "
-                f"learning rate ({optimizer.learning_rate}), lengthen the warmup ({optimizer.warmup_steps} steps) "
-                f"or clip the gradients (clip_norm = {optimizer.clip_norm})",
-                step=step,
-                loss=loss,
-                grad_norm=grad_norm,
-            )
+            return _diverged(name, step, loss, grad_norm, config.optimizer)
     return None
 
 
@@ -220,13 +226,8 @@ def train(
         bad = checkpoints.first_nonfinite(state)
         if bad is not None:  # finite metrics but an update that overflowed
             last = history[-1]
-            raise TrainingDiverged(
-                f"training {name!r} diverged at step {done}: {bad} holds NaN or inf (loss = {last['loss']}, "
-                f"grad_norm = {last['grad_norm']}); lower the learning rate ({config.optimizer.learning_rate})",
-                step=done,
-                loss=last["loss"],
-                grad_norm=last["grad_norm"],
-            )
+            found = f"{bad} holds NaN or inf after a step with "
+            raise _diverged(name, done, last["loss"], last["grad_norm"], config.optimizer, found)
         extra = {
             "history": history,
             "evaluations": evaluations,
