@@ -182,18 +182,19 @@ def test_causal_sigmoid_attention_uses_the_keys_each_query_sees():
 
 
 def test_an_attention_layer_learns_multimax_per_head():
-    spec = NormalizerSpec("multimax", learn_multimax=True, params={"slope_low": 3.0})
+    learn = ("b_low", "b_high", "slope_low", "slope_high")
+    spec = NormalizerSpec("multimax", learn=learn, params={"slope_low": 3.0})
     start = spec.initial_params(2)
-    assert set(start) == set(spec.learned) and start["multimax_log_slope_low"][0, 0, 0] == pytest.approx(np.log(3.0))
-    assert start["multimax_b_high"].shape == (2, 1, 1) and start["multimax_b_high"][1, 0, 0] == 1.0
+    assert set(start) == set(spec.learned) and start["log_slope_low"][0, 0, 0] == pytest.approx(np.log(3.0))
+    assert start["b_high"].shape == (2, 1, 1) and start["b_high"][1, 0, 0] == 1.0
     layer = MultiHeadAttention(num_heads=2, in_features=16, normalizer=spec, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 16))
     grads = nnx.grad(lambda m: jnp.sum(m(x, is_causal=True) ** 2))(layer)
     for name in spec.learned:
         value = getattr(grads.normalizer, name)[...]
         assert value.shape == (2, 1, 1) and np.all(np.isfinite(value)) and np.any(value != 0)
-    with pytest.raises(ValueError, match="learn_multimax applies only to multimax; the normalizer is 'softmax'"):
-        NormalizerSpec("softmax", learn_multimax=True)
+    with pytest.raises(ValueError, match="'softmax' cannot learn 'slope_low'; learnable: nothing"):
+        NormalizerSpec("softmax", learn=("slope_low",))
 
 
 def test_every_recent_config_builds():

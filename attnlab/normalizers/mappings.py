@@ -25,7 +25,6 @@ threshold search; reverse mode comes from transposing the (linear) JVP.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -33,7 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attnlab.normalizers._rows import align_param, check_param, concrete_values, register_pytree_dataclass, row_max
+from attnlab.normalizers._rows import align_param, concrete_values, row_max
+from attnlab.normalizers.describe import ALPHA, SOFTMAX, THRESHOLD, Description, Parameter, described
 from attnlab.normalizers.thresholds import entmax_threshold
 
 Align = Callable[[Any, str], jax.Array]
@@ -160,61 +160,67 @@ def entmax_rows(z: jax.Array, valid: jax.Array, alpha: Any) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# Mapping objects: what a Normalizer composes. Parameters are pytree leaves (so they can be
-# learned and traced); everything else is static.
+# Mapping objects: what a Normalizer composes, each described once (attnlab.normalizers.describe).
+# Parameters are pytree leaves (so they can be learned and traced); everything else is static.
+
+ALPHA_PARAMETER = Parameter(
+    "alpha", 1.5, "entmax's alpha: 1 is softmax, 2 sparsemax", minimum=1.0, inclusive=True, learn=ALPHA
+)
 
 
-@dataclasses.dataclass(frozen=True)
+@described(Description("softmax", "softmax", "exp(z) / sum exp(z)", family=SOFTMAX))
 class Softmax:
-    """exp(z) / sum exp(z)."""
+    """exp(z) / sum exp(z): the SOFTMAX family with no sink, and alpha-entmax at alpha = 1."""
 
-    name = "softmax"
-    sparse = False
-    normalized = True
-    shift_invariant = True
+    sink = None
+    alpha = 1.0
 
     def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
         return softmax_rows(z, valid)
 
 
-@dataclasses.dataclass(frozen=True)
+@described(Description("sparsemax", "sparsemax", "[z - tau]_+ (exact)", family=THRESHOLD, sparse=True))
 class Sparsemax:
     """argmin_{p in simplex} ||p - z||^2 = [z - tau]_+ (Martins & Astudillo 2016)."""
 
-    name = "sparsemax"
-    sparse = True
-    normalized = True
-    shift_invariant = True
+    alpha = 2.0
 
     def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
         return sparsemax_rows(z, valid)
 
 
-@dataclasses.dataclass(frozen=True)
+@described(Description("entmax15", "1.5-entmax", "[z/2 - tau]_+^2 (exact)", family=THRESHOLD, sparse=True))
 class Entmax15:
     """1.5-entmax, [z/2 - tau]_+^2 (Peters et al. 2019)."""
 
-    name = "entmax15"
-    sparse = True
-    normalized = True
-    shift_invariant = True
+    alpha = 1.5
 
     def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
         return entmax15_rows(z, valid)
 
 
-@dataclasses.dataclass(frozen=True)
+@described(
+    Description(
+        "entmax",
+        "α-entmax",
+        "[(alpha-1) z - tau]_+^(1/(alpha-1)), alpha >= 1",
+        family=THRESHOLD,
+        parameters=(ALPHA_PARAMETER,),
+        sparse=True,
+    )
+)
 class Entmax:
     """alpha-entmax, [(alpha-1) z - tau]_+^(1/(alpha-1)), alpha >= 1 (scalar or one per row)."""
 
     alpha: Any = 1.5
-    name = "entmax"
-    sparse = True
-    normalized = True
-    shift_invariant = True
 
-    def __post_init__(self):
-        check_param("alpha", self.alpha, minimum=1.0, inclusive=True, where="entmax")
+    def simplified(self) -> Any:
+        """The exact closed form for a Python alpha of 1, 1.5 or 2 (softmax, 1.5-entmax, sparsemax)."""
+        if isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool):
+            closed = {1.0: Softmax, 1.5: Entmax15, 2.0: Sparsemax}.get(float(self.alpha))
+            if closed is not None:
+                return closed()
+        return self
 
     def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
         alpha = self.alpha
@@ -222,10 +228,6 @@ class Entmax:
             alpha = align(alpha, "alpha")
         return entmax_rows(z, valid, alpha)
 
-
-for _cls in (Softmax, Sparsemax, Entmax15):
-    register_pytree_dataclass(_cls, data_fields=[], meta_fields=[])
-register_pytree_dataclass(Entmax, data_fields=["alpha"], meta_fields=[])
 
 __all__ = [
     "Entmax",

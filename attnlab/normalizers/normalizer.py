@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.normalizers._rows import align_param, prepare_rows_with_infinity, register_pytree_dataclass, restore_rows
-from attnlab.normalizers.mappings import Entmax, Entmax15, Softmax, Sparsemax
-from attnlab.normalizers.recent import MultiMax, Sigmoid, Softmax1, Softpick, StableMax
-from attnlab.normalizers.scaling import LogN, Temperature
+from attnlab.normalizers.describe import ELEMENTWISE
 
-Mapping = Softmax | Sparsemax | Entmax15 | Entmax | Softmax1 | Sigmoid | StableMax | Softpick | MultiMax
-Scale = Temperature | LogN
+Mapping = Any
+"""A described mapping class instance (`attnlab.normalizers.describe.described`): `m(z, valid, align)`."""
+Scale = Any
+"""A described scale policy instance: `policy.factor(n_valid, align)`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,25 +42,31 @@ class Normalizer:
             object.__setattr__(self, "name", self.mapping.name if self.scale is None else f"scaled_{self.mapping.name}")
 
     @property
+    def family(self) -> str:
+        """The attention family of the mapping (`attnlab.normalizers.describe`)."""
+        return self.mapping.description.family
+
+    @property
     def sparse(self) -> bool:
         """Whether the mapping can output exact zeros on valid entries."""
-        return self.mapping.sparse
+        return self.mapping.description.sparse
 
     @property
     def normalized(self) -> bool:
         """Whether each row of valid entries sums to 1 (not so for softmax1, sigmoid, softpick)."""
-        return self.mapping.normalized
+        return self.mapping.description.normalized
 
     @property
     def shift_invariant(self) -> bool:
         """Whether adding a constant to a row's logits leaves its output unchanged."""
-        return self.mapping.shift_invariant  # scale policies multiply a row by one factor: a shift stays a shift
+        # Scale policies multiply a row by one factor: a shift stays a shift.
+        return self.mapping.description.shift_invariant
 
     def __call__(self, logits: Any, *, axis: int = -1, where: Any = None) -> jax.Array:
         logits = jnp.asarray(logits)
         axis = _check_axis(axis, logits.ndim, self.name)
         align = partial(_align, shape=logits.shape, axis=axis)
-        shift = self.mapping.shift_invariant
+        shift = self.shift_invariant
         z, valid, infinite_row = prepare_rows_with_infinity(logits, axis, where, shift=shift)
         if self.scale is not None:
             n_valid = jnp.sum(valid, axis=-1, keepdims=True).astype(z.dtype)
@@ -69,7 +75,7 @@ class Normalizer:
         if not shift:
             # Rows cut to their +inf entries: the limit as those logits grow together.
             limit = valid.astype(p.dtype)
-            if not getattr(self.mapping, "elementwise", False):
+            if self.family != ELEMENTWISE:
                 limit = limit / jnp.maximum(jnp.sum(limit, axis=-1, keepdims=True), 1.0)
             p = jnp.where(infinite_row, limit, p)
         return restore_rows(p, axis, logits.dtype)

@@ -28,14 +28,14 @@ closed forms (every branch is computed on safe values, so no inf or NaN leaks th
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from attnlab.normalizers._rows import check_param, concrete_values, register_pytree_dataclass, row_max
+from attnlab.normalizers._rows import concrete_values, row_max
+from attnlab.normalizers.describe import ELEMENTWISE, GENERIC, POSITIVE, RAW, SOFTMAX, Description, Parameter, described
 from attnlab.normalizers.mappings import softmax_rows
 
 Align = Callable[[Any, str], jax.Array]
@@ -95,69 +95,107 @@ def multimax_modulator(x: jax.Array, b_low: Any, b_high: Any, slope_low: Any, sl
 
 
 # ---------------------------------------------------------------------------------------------
-# Mapping objects (see mappings.py): parameters are pytree leaves, everything else static.
+# Mapping objects (see mappings.py), each described once: parameters are pytree leaves.
+
+NOT_SHIFT_INVARIANT = {"shift_invariant": False}
 
 
-@dataclasses.dataclass(frozen=True)
+@described(
+    Description(
+        "softmax1",
+        "softmax1 (off-by-one)",
+        "exp(z) / (1 + sum exp(z)), off by one: rows sum to < 1",
+        family=SOFTMAX,
+        normalized=False,
+        **NOT_SHIFT_INVARIANT,
+    )
+)
 class Softmax1:
-    """exp(z) / (1 + sum exp(z)): softmax with a zero logit that takes no value (rows sum to < 1)."""
+    """exp(z) / (1 + sum exp(z)): softmax with a sink of logit 0 that takes no value (rows sum to < 1)."""
 
-    name = "softmax1"
-    sparse = False
-    normalized = False
-    shift_invariant = False
+    sink = 0.0
 
     def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
         return softmax1_rows(z, valid)
 
 
-@dataclasses.dataclass(frozen=True)
+@described(
+    Description(
+        "sigmoid",
+        "sigmoid (b = -log n)",
+        "sigmoid(z + bias), bias = -log n by default (n = valid entries of the row); not normalised",
+        family=ELEMENTWISE,
+        parameters=(Parameter("bias", None, "added to every logit; None: -log n", learn=RAW),),
+        normalized=False,
+        **NOT_SHIFT_INVARIANT,
+    )
+)
 class Sigmoid:
     """sigmoid(z + bias), bias = -log n by default (n = the row's valid entries); not normalised."""
 
     bias: Any = None
-    name = "sigmoid"
-    sparse = False
-    normalized = False
-    shift_invariant = False
-    elementwise = True
 
     def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
         bias = None if self.bias is None else align(self.bias, "bias").astype(z.dtype)
         return sigmoid_rows(z, valid, bias)
 
 
-@dataclasses.dataclass(frozen=True)
+@described(
+    Description(
+        "stablemax",
+        "StableMax",
+        "s(z) / sum s(z); s(x) = x + 1 (x >= 0), 1/(1 - x) else",
+        family=GENERIC,
+        **NOT_SHIFT_INVARIANT,
+    )
+)
 class StableMax:
     """s(z) / sum s(z), s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0) (Prieto et al. 2025)."""
-
-    name = "stablemax"
-    sparse = False
-    normalized = True
-    shift_invariant = False
 
     def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
         return stablemax_rows(z, valid)
 
 
-@dataclasses.dataclass(frozen=True)
+@described(
+    Description(
+        "softpick",
+        "softpick",
+        "relu(exp(z) - 1) / (sum |exp(z) - 1| + eps): exact zeros where z <= 0, rows sum to <= 1",
+        family=GENERIC,
+        parameters=(Parameter("eps", 1e-6, "keeps the denominator positive", minimum=0.0, inclusive=False),),
+        sparse=True,
+        normalized=False,
+        **NOT_SHIFT_INVARIANT,
+    )
+)
 class Softpick:
     """relu(e^z - 1) / (sum |e^z - 1| + eps) (Zuhri et al. 2025): exact zeros where z <= 0, rows sum to <= 1."""
 
     eps: Any = 1e-6
-    name = "softpick"
-    sparse = True
-    normalized = False
-    shift_invariant = False
-
-    def __post_init__(self):
-        check_param("eps", self.eps, minimum=0.0, inclusive=False, where="softpick")
 
     def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
         return softpick_rows(z, valid, align(self.eps, "eps").astype(z.dtype))
 
 
-@dataclasses.dataclass(frozen=True)
+def _slope(name: str, default: float, where: str) -> Parameter:
+    return Parameter(name, default, f"slope of phi {where}", minimum=0.0, inclusive=False, learn=POSITIVE)
+
+
+@described(
+    Description(
+        "multimax",
+        "MultiMax",
+        "softmax(phi(z)), phi piecewise linear: slope_low below b_low, 1 between, slope_high above b_high",
+        family=GENERIC,
+        parameters=(
+            Parameter("b_low", 0.0, "lower bend of phi", learn=RAW),
+            Parameter("b_high", 1.0, "upper bend of phi", learn=RAW),
+            _slope("slope_low", 2.0, "below b_low"),
+            _slope("slope_high", 0.5, "above b_high"),
+        ),
+        **NOT_SHIFT_INVARIANT,
+    )
+)
 class MultiMax:
     """softmax(phi(z)) with the piecewise-linear modulator phi of `multimax_modulator` (Zhou et al. 2024).
 
@@ -170,14 +208,8 @@ class MultiMax:
     b_high: Any = 1.0
     slope_low: Any = 2.0
     slope_high: Any = 0.5
-    name = "multimax"
-    sparse = False
-    normalized = True
-    shift_invariant = False
 
-    def __post_init__(self):
-        for field in ("slope_low", "slope_high"):
-            check_param(field, getattr(self, field), minimum=0.0, inclusive=False, where="multimax")
+    def validate(self) -> None:
         low, high = concrete_values(self.b_low), concrete_values(self.b_high)
         numbers = all(isinstance(v, (int, float)) for v in (self.b_low, self.b_high))
         if numbers and low is not None and high is not None and low > high:
@@ -187,11 +219,5 @@ class MultiMax:
         params = [align(getattr(self, f), f).astype(z.dtype) for f in ("b_low", "b_high", "slope_low", "slope_high")]
         return softmax_rows(jnp.where(valid, multimax_modulator(z, *params), 0.0), valid)
 
-
-for _cls in (Softmax1, StableMax):
-    register_pytree_dataclass(_cls, data_fields=[], meta_fields=[])
-register_pytree_dataclass(Sigmoid, data_fields=["bias"], meta_fields=[])
-register_pytree_dataclass(Softpick, data_fields=["eps"], meta_fields=[])
-register_pytree_dataclass(MultiMax, data_fields=["b_low", "b_high", "slope_low", "slope_high"], meta_fields=[])
 
 RECENT_MAPPINGS = (Softmax1, Sigmoid, StableMax, Softpick, MultiMax)

@@ -14,32 +14,59 @@ it into the queries and run any kernel unchanged.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from attnlab.normalizers._rows import check_param, register_pytree_dataclass
+from attnlab.normalizers.describe import POSITIVE, RAW, Description, Parameter, described
 
 Align = Callable[[Any, str], jax.Array]
 
 
-@dataclasses.dataclass(frozen=True)
+@described(
+    Description(
+        "temperature",
+        "temperature",
+        "z / temperature",
+        family=None,
+        parameters=(Parameter("temperature", 1.0, "divides the logits", minimum=0.0, inclusive=False, learn=POSITIVE),),
+    )
+)
 class Temperature:
     """factor = 1 / temperature, temperature > 0 (scalar or one per row)."""
 
     temperature: Any = 1.0
 
-    def __post_init__(self):
-        check_param("temperature", self.temperature, minimum=0.0, inclusive=False, where="temperature scaling")
-
     def factor(self, n_valid: jax.Array, align: Align) -> jax.Array:
         return 1.0 / align(self.temperature, "temperature")
 
 
-@dataclasses.dataclass(frozen=True)
+PAPER_S = 0.43
+
+
+@described(
+    Description(
+        "log_n",
+        "log-n",
+        "(s log n + bias) z, n = valid entries of the row",
+        family=None,
+        parameters=(
+            Parameter(
+                "s",
+                PAPER_S,
+                "scale of log n (paper: 0.43)",
+                minimum=0.0,
+                inclusive=False,
+                learn=RAW,
+                learned_by_default=True,
+            ),
+            Parameter("bias", 0.0, "added to s log n", learn=RAW),
+            Parameter("n", None, "the row length used; None: the row's valid entries", minimum=1.0),
+        ),
+    )
+)
 class LogN:
     """SSMax scaling (Nakanishi 2025): factor = s * log(n) + bias.
 
@@ -49,20 +76,11 @@ class LogN:
     against the logits with the normalised axis kept as size 1 (one s per head: [H, 1, 1]).
     """
 
-    s: Any = 0.43
+    s: Any = PAPER_S
     bias: Any = 0.0
     n: Any = None
-
-    def __post_init__(self):
-        check_param("s", self.s, minimum=0.0, inclusive=False, where="log-n (SSMax) scaling")
-        if self.n is not None:
-            check_param("n", self.n, minimum=1.0, inclusive=True, where="log-n (SSMax) scaling")
 
     def factor(self, n_valid: jax.Array, align: Align) -> jax.Array:
         n = n_valid if self.n is None else align(self.n, "n").astype(n_valid.dtype)
         log_n = jnp.log(jnp.maximum(n, 1.0))
         return align(self.s, "s") * log_n + align(self.bias, "bias")
-
-
-register_pytree_dataclass(Temperature, data_fields=["temperature"], meta_fields=[])
-register_pytree_dataclass(LogN, data_fields=["s", "bias", "n"], meta_fields=[])
