@@ -28,7 +28,10 @@ SOFT = np.array([[0.2, 0.3, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0], [0.1, 0.6, 0.2, 0.1
 # "entmax" takes alpha as a traced argument: one compilation serves every alpha.
 CASES = {
     "softmax": (lambda z, y, a, **kw: losses.softmax_cross_entropy(z, y, **kw), lambda z, a, w: N.softmax(z, where=w)),
-    "sparsemax": (lambda z, y, a, **kw: losses.sparsemax_loss(z, y, **kw), lambda z, a, w: N.sparsemax(z, where=w)),
+    "sparsemax": (
+        lambda z, y, a, **kw: losses.multiclass_sparsemax_loss(z, y, **kw),
+        lambda z, a, w: N.sparsemax(z, where=w),
+    ),
     "entmax15": (lambda z, y, a, **kw: losses.entmax15_loss(z, y, **kw), lambda z, a, w: N.entmax15(z, where=w)),
     "entmax": (
         lambda z, y, a, **kw: losses.entmax_loss(z, y, alpha=a, **kw),
@@ -149,7 +152,7 @@ def test_alpha_gradient_matches_finite_differences_float64():
         np.testing.assert_allclose(g, (total(1.33 + h) - total(1.33 - h)) / (2 * h), rtol=1e-6)
 
 
-def test_sparsemax_loss_reference_value():
+def test_multiclass_sparsemax_loss_reference_value():
     # z = [-2, 0, 0.5] (a fourth class masked), label 2: sparsemax tau = -0.25, p* = [0, 0.25, 0.75].
     # <p* - y, z> = 0.25 * 0 + (0.75 - 1) * 0.5 = -0.125;
     # H_2(p*) = (1 - (0.25^2 + 0.75^2)) / 2 = (1 - 0.625) / 2 = 0.1875;  H_2(e_2) = 0.
@@ -160,7 +163,9 @@ def test_sparsemax_loss_reference_value():
     np.testing.assert_allclose(loss[0], 0.0625, rtol=1e-6)
     np.testing.assert_allclose(grad[0], [0.0, 0.25, -0.25, 0.0], atol=1e-7)
     # the public entry point without a mask, on a single row
-    np.testing.assert_allclose(losses.sparsemax_loss(jnp.array([-2.0, 0.0, 0.5]), jnp.array(2)), 0.0625, rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.multiclass_sparsemax_loss(jnp.array([-2.0, 0.0, 0.5]), jnp.array(2)), 0.0625, rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", ["sparsemax", "entmax15", "entmax"])
@@ -180,7 +185,9 @@ def test_entmax_loss_limits():
         traced, _ = _value_and_grad("entmax", alpha=alpha)
         closed, _ = _value_and_grad(name)
         np.testing.assert_allclose(traced, closed, rtol=1e-5)
-    np.testing.assert_allclose(losses.entmax_loss(Z, LABELS, alpha=2.0), losses.sparsemax_loss(Z, LABELS), rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.entmax_loss(Z, LABELS, alpha=2.0), losses.multiclass_sparsemax_loss(Z, LABELS), rtol=1e-6
+    )
     ce, _ = _value_and_grad("softmax")
     at_one, _ = _value_and_grad("entmax", alpha=1.0)  # a traced alpha of exactly 1 is softmax
     np.testing.assert_allclose(at_one, ce, rtol=1e-6)
@@ -227,9 +234,9 @@ def test_all_masked_row_and_masked_label(name):
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
-        losses.sparsemax_loss(Z[:, :3], jnp.array([0, 3, 1]))
+        losses.multiclass_sparsemax_loss(Z[:, :3], jnp.array([0, 3, 1]))
     with pytest.raises(ValueError, match="shape"):
-        losses.sparsemax_loss(Z, jnp.array([0, 1]))
+        losses.multiclass_sparsemax_loss(Z, jnp.array([0, 1]))
     with pytest.raises(ValueError, match="unknown mapping"):
         losses.fenchel_young_loss(Z, LABELS, mapping="sigmoid")
     with pytest.raises(ValueError, match="needs alpha"):
@@ -252,7 +259,7 @@ def test_jit_vmap_batch_shapes_and_per_row_alpha():
     per_row = jax.jit(lambda a: losses.entmax_loss(Z, LABELS, alpha=a, where=ALL))(alpha)
     expected = [_value_and_grad("entmax", alpha=float(a[0]))[0][i] for i, a in enumerate(alpha)]
     np.testing.assert_allclose(per_row, expected, rtol=1e-5)
-    assert losses.sparsemax_loss(Z.astype(jnp.bfloat16), LABELS).dtype == jnp.bfloat16
+    assert losses.multiclass_sparsemax_loss(Z.astype(jnp.bfloat16), LABELS).dtype == jnp.bfloat16
 
 
 @settings(max_examples=30, deadline=None)
@@ -285,7 +292,7 @@ def test_output_normalizer_pairs_each_mapping_with_its_loss():
     )
     sparse = losses.OutputNormalizer.parse({"mapping": "entmax", "alpha": 2.0})
     np.testing.assert_allclose(sparse.probabilities(z)[0], [0.0, 0.25, 0.75], atol=1e-6)
-    np.testing.assert_allclose(sparse.loss(z, y), losses.sparsemax_loss(z, y), rtol=1e-6)
+    np.testing.assert_allclose(sparse.loss(z, y), losses.multiclass_sparsemax_loss(z, y), rtol=1e-6)
     assert sparse.sparse and not softmax.sparse
     assert [losses.OutputNormalizer.parse(v).label for v in ("sparsemax", {"mapping": "entmax", "alpha": 1.3})] == [
         "sparsemax",
@@ -318,3 +325,56 @@ def test_unsigned_byte_labels_equal_int32_labels():
         got = losses.fenchel_young_loss(z, labels, mapping=name)
         np.testing.assert_allclose(got, losses.fenchel_young_loss(z, labels.astype(np.int32), mapping=name))
         assert np.all(np.isfinite(got))
+
+
+# --- output mappings derived from the normalizer registry --------------------------------------
+
+
+def test_output_mappings_are_the_registry_entmax_family():
+    assert tuple(losses.MAPPINGS) == ("softmax", "sparsemax", "entmax15", "entmax")
+    assert losses.output_mappings() == {"softmax": 1.0, "sparsemax": 2.0, "entmax15": 1.5, "entmax": None}
+    for name, alpha in losses.output_mappings().items():
+        assert alpha is None or N.get(name).mapping.alpha == alpha
+    # committed results key on these
+    assert losses.OutputNormalizer("entmax", alpha=1.25).to_json() == {
+        "mapping": "entmax",
+        "alpha": 1.25,
+        "label_smoothing": 0.0,
+    }
+    assert losses.OutputNormalizer("entmax", alpha=1.25, label_smoothing=0.1).label == "entmax1.25 ls0.1"
+
+
+def test_a_registered_entmax_mapping_becomes_an_output_mapping(monkeypatch):
+    from attnlab.normalizers import describe, registry
+    from attnlab.normalizers.mappings import entmax_rows
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @describe.described(describe.Description("entmax13", "1.3-entmax", "1.3-entmax", family=describe.THRESHOLD))
+    class Entmax13:
+        alpha = 1.3
+
+        def __call__(self, z, valid, align):
+            return entmax_rows(z, valid, 1.3)
+
+    N.register("entmax13", Entmax13)
+    N.register("logn_entmax13", Entmax13, N.LogN)  # a scale policy: not an output mapping
+    assert list(losses.MAPPINGS) == ["softmax", "sparsemax", "entmax15", "entmax", "entmax13"]
+    output = losses.OutputNormalizer.parse("entmax13")
+    assert output.entropy_alpha == 1.3 and output.label == "entmax13" and output.to_json()["mapping"] == "entmax13"
+    np.testing.assert_allclose(output.loss(Z, LABELS), losses.entmax_loss(Z, LABELS, alpha=1.3), rtol=1e-6)
+    np.testing.assert_allclose(output.probabilities(Z), N.get("entmax13")(Z), atol=1e-7)
+    with pytest.raises(ValueError, match="only accepted with mapping='entmax'"):
+        losses.fenchel_young_loss(Z, LABELS, mapping="entmax13", alpha=1.3)
+
+
+def test_alpha_at_and_below_one_is_softmax_in_the_losses():
+    softmax, softmax_grad = _value_and_grad("entmax", alpha=1.0)
+    np.testing.assert_allclose(softmax, losses.fenchel_young_loss(Z, LABELS, mapping="softmax"), rtol=1e-6)
+    for alpha in (1.0 + 1e-9, 1.0 + 1e-6, 0.9):  # traced: the band above 1, and clamped below 1
+        loss, grad = _value_and_grad("entmax", alpha=alpha)
+        np.testing.assert_array_equal(loss, softmax)
+        np.testing.assert_array_equal(grad, softmax_grad)
+    np.testing.assert_array_equal(losses.entmax_loss(Z, LABELS, alpha=1.0 + 1e-9), softmax)  # static
+    d_alpha = jax.grad(lambda a: losses.entmax_loss(Z, LABELS, alpha=a).sum())(jnp.float32(1.0 + 1e-9))
+    assert d_alpha == 0.0

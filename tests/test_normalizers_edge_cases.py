@@ -9,6 +9,7 @@ import pytest
 from normalizer_configs import EVERY_NAME, all_configs
 
 from attnlab import normalizers as N
+from attnlab.normalizers.mappings import softmax_band
 
 
 def test_configs_cover_every_name():
@@ -376,3 +377,88 @@ def test_a_concrete_array_alpha_captured_by_jit_works():
     at_one = jnp.array([[1.0], [1.5]])
     mixed = jax.jit(lambda x: N.entmax(x, alpha=at_one))(z)
     np.testing.assert_allclose(mixed[0], N.softmax(z[0]), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# alpha-entmax at and below alpha = 1 (softmax_band)
+
+
+def _entmax_value_and_grads(x, alpha, cotangent):
+    """(p, d<p, c>/dz, d<p, c>/dalpha) with a traced alpha."""
+
+    def f(x, alpha):
+        p = N.entmax(x, alpha=alpha)
+        return jnp.sum(p * cotangent), p
+
+    (_, p), (gx, ga) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(x, alpha)
+    return p, gx, ga
+
+
+_traced_entmax = jax.jit(_entmax_value_and_grads)
+
+
+@jax.jit
+def _softmax_value_and_grad(x, cotangent):
+    """(softmax(x), d<softmax(x), c>/dx)."""
+    return N.softmax(x), jax.grad(lambda x: jnp.sum(N.softmax(x) * cotangent))(x)
+
+
+def test_traced_alpha_below_one_is_clamped_to_softmax():
+    cotangent = np.linspace(-1.0, 1.0, X.shape[1], dtype=np.float32)
+    softmax, softmax_grad = _softmax_value_and_grad(X, cotangent)
+    for alpha in (0.9, 0.5, -3.0):
+        p, gx, ga = _traced_entmax(X, np.float32(alpha), cotangent)
+        np.testing.assert_allclose(p, softmax, atol=1e-7)
+        np.testing.assert_allclose(gx, softmax_grad, atol=1e-7)
+        assert ga == 0.0
+    # one alpha per row, some below 1
+    alpha = np.array([[0.9], [1.5], [0.0], [2.0]], np.float32)
+    p = np.asarray(jax.jit(lambda x, a: N.entmax(x, alpha=a))(X, alpha))
+    np.testing.assert_allclose(p[[0, 2]], np.asarray(softmax)[[0, 2]], atol=1e-7)
+    np.testing.assert_allclose(p[[1, 3]], N.entmax(X[[1, 3]], alpha=alpha[[1, 3]]), atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_alpha_within_the_band_above_one_is_softmax(dtype):
+    band = softmax_band(dtype)
+    assert band == pytest.approx(np.sqrt(np.finfo(dtype).eps) / 8)
+    cotangent = np.linspace(-1.0, 1.0, X.shape[1]).astype(dtype)
+    with jax.enable_x64(dtype == np.float64):
+        x = X.astype(dtype)
+        softmax, softmax_grad = _softmax_value_and_grad(x, cotangent)
+        # float32 once gave all zeros at 1 + 1e-8 (alpha - 1 rounds to 0 in float32)
+        for alpha in (1.0 + band / 10, 1.0 + band / 2, 1.0 + 1e-9):
+            static = N.entmax(x, alpha=alpha)
+            np.testing.assert_array_equal(static, softmax)
+            p, gx, ga = _traced_entmax(x, dtype(alpha), cotangent)
+            np.testing.assert_array_equal(p, softmax)
+            np.testing.assert_allclose(gx, softmax_grad, atol=10 * np.finfo(dtype).eps)
+            assert ga == 0.0
+        # just above the band: entmax, finite, within about 2 sqrt(eps) of softmax
+        p, gx, ga = _traced_entmax(x, dtype(1.0 + 2 * band), cotangent)
+        assert np.isfinite(gx).all() and np.isfinite(ga)
+        assert 0 < np.abs(p - softmax).max() < 2 * np.sqrt(np.finfo(dtype).eps)
+
+
+def test_float32_entmax_error_stays_small_across_alpha_near_one():
+    # The band's purpose: float32 rounding in the entmax form grows like eps / (alpha - 1) as alpha
+    # -> 1, its distance to softmax shrinks like alpha - 1; with the switch at the band neither
+    # exceeds a few 1e-4 (without it: 4e-3 at 1 + 1e-6, all zeros at 1 + 1e-8).
+    errors = []
+    for delta in (1e-1, 1e-2, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6, 1e-8):
+        with jax.enable_x64(True):
+            exact = np.asarray(N.entmax(X.astype(np.float64), alpha=1.0 + delta))
+        errors.append(np.abs(np.asarray(N.entmax(X, alpha=1.0 + delta)) - exact).max())
+    assert max(errors) < 3e-4, errors
+
+
+def test_logn_entmax_near_one_is_ssmax():
+    # logn_entmax scales the logits (s log n) before entmax: at alpha = 1 + 1e-6 float32 rounding
+    # gave errors of 7e-3 against ssmax, the limit at alpha = 1.
+    x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32) * 3
+    ssmax = N.get("ssmax")
+    np.testing.assert_allclose(N.get("logn_entmax", alpha=1 + 1e-6)(x), ssmax(x), atol=1e-7)
+    with jax.enable_x64(True):  # above the float64 band: entmax, within alpha - 1 of ssmax
+        x64 = x.astype(np.float64)
+        near = np.asarray(N.get("logn_entmax", alpha=1 + 1e-6)(x64))
+        assert 0 < np.abs(near - np.asarray(ssmax(x64))).max() < 1e-5

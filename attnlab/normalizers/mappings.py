@@ -21,6 +21,10 @@ and (Correia et al. 2019)
 
 Both are applied through `jax.custom_jvp`, so no derivative ever passes through the
 threshold search; reverse mode comes from transposing the (linear) JVP.
+
+Near alpha = 1 the entmax form is evaluated as softmax (:func:`softmax_band`): p = g^(1/(alpha-1))
+with g = u - tau within about (alpha - 1) of 1 turns the rounding of g (eps) into a relative
+error of about eps / (alpha - 1) in p, while p differs from softmax by about alpha - 1.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from attnlab.normalizers._rows import align_param, concrete_values, row_max
+from attnlab.normalizers._rows import align_param, compute_dtype, concrete_values, row_max
 from attnlab.normalizers.describe import ALPHA, SOFTMAX, THRESHOLD, Description, Parameter, described
 from attnlab.normalizers.thresholds import entmax_threshold
 
@@ -135,15 +140,30 @@ def entmax15_rows(z: jax.Array, valid: jax.Array) -> jax.Array:
     return _entmax_static(z, valid, 1.5)
 
 
+def softmax_band(dtype: Any) -> float:
+    """The width b of the band 1 <= alpha < 1 + b where alpha-entmax is evaluated as softmax, for `dtype`.
+
+    b = sqrt(eps) / 8 (float32: 4.3e-5, float64: 1.9e-9), eps the dtype's machine epsilon. The
+    rounding error of the entmax form is about eps / (4 (alpha - 1)) relative, its distance to
+    softmax about c (alpha - 1) relative, c from 8 to 25 for logits of spread 0.3 to 10; b is
+    about where the two cross, so either side of it p is within about 2 sqrt(eps) relative of
+    the exact entmax (7e-4 in float32; without the band, 1 + 1e-8 gave all zeros in float32).
+    """
+    return float(np.sqrt(np.finfo(compute_dtype(dtype)).eps)) / 8.0
+
+
 def entmax_rows(z: jax.Array, valid: jax.Array, alpha: Any) -> jax.Array:
     """alpha-entmax for alpha >= 1: a Python float or an array broadcasting against [..., 1].
 
-    Static alpha in {1, 1.5, 2} takes the softmax or the exact closed forms. Array alpha is
-    differentiable; entries equal to 1 give softmax (with d/dalpha taken as 0 there).
+    Static alpha in {1.5, 2} takes the exact closed forms. Alpha below 1 + softmax_band(z.dtype)
+    gives softmax, the limit at alpha = 1 (see :func:`softmax_band`), with d/dalpha taken as 0
+    there; alpha below 1 counts as 1 (callers reject a concrete alpha < 1; a traced one is
+    clamped, as entmax is defined for alpha >= 1 only). Array alpha is differentiable.
     """
+    band = softmax_band(z.dtype)
     if isinstance(alpha, (int, float)):
         alpha = float(alpha)
-        if alpha == 1.0:
+        if alpha < 1.0 + band:
             return softmax_rows(z, valid)
         if alpha in (1.5, 2.0):
             return _entmax_static(z, valid, alpha)
@@ -152,11 +172,12 @@ def entmax_rows(z: jax.Array, valid: jax.Array, alpha: Any) -> jax.Array:
     # captured from outside becomes a tracer once any jnp operation touches it.
     values = concrete_values(alpha)
     alpha = jnp.asarray(alpha, z.dtype)
-    at_one = alpha == 1.0
-    p = _entmax_dynamic(z, valid, jnp.where(at_one, 2.0, alpha))
-    if values is not None and not (values == 1.0).any():
+    near_one = alpha < 1.0 + band
+    # The entmax branch never sees alpha in the band (where its value and d/dalpha are not finite).
+    p = _entmax_dynamic(z, valid, jnp.where(near_one, 2.0, alpha))
+    if values is not None and not (values < 1.0 + band).any():
         return p
-    return jnp.where(at_one, softmax_rows(z, valid), p)
+    return jnp.where(near_one, softmax_rows(z, valid), p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +258,7 @@ __all__ = [
     "align_param",
     "entmax15_rows",
     "entmax_rows",
+    "softmax_band",
     "softmax_rows",
     "sparsemax_rows",
 ]
