@@ -223,12 +223,12 @@ def test_softmax1_and_sigmoid_take_the_online_path(monkeypatch, name):
     """softmax1 (the online recurrence from a sink logit 0) and sigmoid (one pass, no running max)
     never take the generic query-blocked path, and equal dense in values and gradients, those of a
     per-head sigmoid bias included; softmax1's rows sum to < 1."""
-    from attnlab.attention import api
+    from attnlab.attention import backends
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"{name} went through the generic query-blocked path")
 
-    monkeypatch.setattr(api, "query_blocked_attention", refuse)
+    monkeypatch.setattr(backends, "query_blocked_attention", refuse)
     q, k, v, bias = _inputs(seed=11)
     normalizer = ONLINE_NEWER[name]
 
@@ -311,6 +311,8 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         dot_product_attention(q[:, :, :3], k, v)
     with pytest.raises(ValueError, match=r"\[batch, seq, heads, head_dim\]"):
+        dot_product_attention(q[0, 0], k, v)
+    with pytest.raises(ValueError, match="query batch 1 != key batch 2"):
         dot_product_attention(q[0], k, v)
     with pytest.raises(ValueError, match="head_dim"):
         dot_product_attention(q, k[..., :4], v[..., :4])

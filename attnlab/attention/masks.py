@@ -3,7 +3,8 @@
 Attention runs internally on grouped heads: query [B, K, G, T, H] (N = K * G query heads, query
 head n reads key/value head n // G, as in `jax.nn.dot_product_attention`), keys and values
 [B, K, S, H], logits [B, K, G, T, S]. A caller's mask or bias in the [B, N, T, S] layout
-(broadcastable) is brought to [B|1, K|1, G|1, T|1, S|1] by :func:`to_grouped`.
+(broadcastable) is brought to [B|1, K|1, G|1, T|1, S|1] by :func:`to_grouped`, a query-layout array
+[B, T, N, H] to [B, K, G, T, H] by :func:`group_queries` (and back by :func:`ungroup_queries`).
 
 Visibility combines four structured rules, evaluated on the fly for any block of query and
 key positions, with an optional explicit boolean mask:
@@ -19,6 +20,19 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+
+def group_queries(query: jax.Array, num_kv_heads: int) -> jax.Array:
+    """query [B, T, N, H] -> [B, K, G, T, H] (query head n = k * G + g reads key/value head k)."""
+    B, T, N, H = query.shape
+    query_BxTxKxGxH = query.reshape(B, T, num_kv_heads, N // num_kv_heads, H)
+    return jnp.moveaxis(query_BxTxKxGxH, 1, 3)
+
+
+def ungroup_queries(x_BxKxGxTxH: jax.Array) -> jax.Array:
+    """[B, K, G, T, H] -> [B, T, N, H], the inverse of `group_queries`."""
+    B, K, G, T, H = x_BxKxGxTxH.shape
+    return jnp.moveaxis(x_BxKxGxTxH, 3, 1).reshape(B, T, K * G, H)
 
 
 def to_grouped(x: jax.Array | None, num_kv_heads: int, groups: int, name: str) -> jax.Array | None:

@@ -17,15 +17,19 @@ p_j = exp(s_j - lse) block by block over the same key blocks: with D = rowsum(do
 
 A row with no visible key has l = 0: its output is 0, lse = -inf, and its gradients are 0.
 Scale policies (temperature, SSMax's s log n) arrive folded into q and the bias by the caller.
+Infinite logits are taken as the dense reference takes them (attnlab.normalizers): -inf is a
+hidden key; a row holding +inf is cut to its +inf keys (uniform over them), so once the running
+maximum is +inf the earlier blocks are dropped and each +inf key counts 1: lse = +inf, and the
+row's logits get zero gradient (its weights are a constant there).
 
-Two more maps take the same passes (`mapping`):
-- "softmax1" (p_i = e^{s_i} / (1 + sum_j e^{s_j})) is the recurrence with a sink: one more logit 0
-  that has no value, i.e. the pass starts from m = 0, l = 1 instead of m = -inf, l = 0. Its
-  Jacobian has the softmax form (dp_i/ds_k = p_i delta_ik - p_i p_k), so the backward is unchanged
-  given lse = log(1 + sum_j e^{s_j}); a row with no visible key has output 0, lse = 0.
-- "sigmoid" (p_i = sigmoid(s_i), its bias folded into b by the caller) needs no running max or sum:
+Two more kinds of mapping take the same passes (attention.families):
+- a sink (softmax1: p_i = e^{s_i} / (e^{sink} + sum_j e^{s_j}), sink 0) is one more logit with no
+  value, i.e. the pass starts from m = sink, l = 1 instead of m = -inf, l = 0. Its Jacobian has
+  the softmax form (dp_i/ds_k = p_i delta_ik - p_i p_k), so the backward is unchanged given
+  lse = log(e^{sink} + sum_j e^{s_j}); a row with no visible key has output 0, lse = sink.
+- "elementwise" (p_i = sigmoid(s_i), its bias folded into b by the caller) needs no running sum:
   out = sum_j p_j v_j, and the backward has ds_j = p_j (1 - p_j) (dout v_j^T) in place of
-  p_j * (dout v_j^T - D). Its lse is returned as 0 and not used.
+  p_j * (dout v_j^T - D). Its lse is returned as 0 (+inf for a row holding +inf) and not used.
 """
 
 from __future__ import annotations
@@ -44,7 +48,10 @@ from attnlab.attention.blocks import split as _split
 from attnlab.attention.masks import Visibility
 
 F32 = jnp.float32
-MAPPINGS = ("softmax", "softmax1", "sigmoid")
+KINDS = ("softmax", "elementwise")
+# Keys per block of the online pass, and queries per block: [B, N, 512, 512] logits per step.
+DEFAULT_KEY_BLOCK = 512
+DEFAULT_QUERY_BLOCK = 512
 
 
 class _Static(NamedTuple):
@@ -55,7 +62,8 @@ class _Static(NamedTuple):
     key_block: int
     query_block: int
     only_structured: bool  # no lengths and no explicit mask: visibility is known block by block
-    mapping: str  # "softmax", "softmax1" (one more logit 0, with no value, in every row) or "sigmoid"
+    kind: str  # "softmax" or "elementwise" (sigmoid)
+    sink: float | None  # softmax: one more logit in every row, with no value (softmax1: 0)
 
 
 class KeyBlockRanges(NamedTuple):
@@ -206,35 +214,45 @@ def _row(static, blocks: _QueryBlocks, bias, mask, i) -> _Row:
 
 
 def _forward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths):
-    """out [B, K, G, Tq, H] and lse [B, K, G, Tq] of one query block, by the online recurrence."""
+    """out [B, K, G, Tq, H], lse [B, K, G, Tq] and the log-normaliser of the weights [B, K, G, Tq] (lse,
+    except on a row holding +inf: log of its number of +inf keys) of one query block."""
     B, K, G, Tq, H = row.q.shape
+    elementwise = static.kind == "elementwise"
 
     def step(j, carry, masked):
         m, total, acc = carry
         s, visible = row.logits(static, k_blocks, q_lengths, kv_lengths, j, masked)
-        if static.mapping == "sigmoid":
-            m_new, p, correction = m, _keep(visible, jax.nn.sigmoid(s)), 1.0
+        m_new = jnp.maximum(m, jnp.max(s if visible is None else jnp.where(visible, s, -jnp.inf), axis=-1))
+        # Once the maximum is +inf the row is cut to its +inf keys: they weigh 1 each, the rest 0.
+        infinite = m_new == jnp.inf
+        at_infinity = (s == jnp.inf).astype(F32)
+        dropped = (m == jnp.inf).astype(F32)  # the earlier blocks count only if they were at +inf too
+        if elementwise:
+            p = jnp.where(infinite[..., None], at_infinity, jax.nn.sigmoid(s))
+            correction = jnp.where(infinite, dropped, 1.0)
         else:
-            m_new = jnp.maximum(m, jnp.max(s if visible is None else jnp.where(visible, s, -jnp.inf), axis=-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = _keep(visible, jnp.exp(s - m_safe[..., None]))
-            correction = jnp.exp(m - m_safe)
-            total = total * correction + jnp.sum(p, axis=-1)
-            correction = correction[..., None]
+            p = jnp.where(infinite[..., None], at_infinity, jnp.exp(s - m_safe[..., None]))
+            correction = jnp.where(infinite, dropped, jnp.exp(m - m_safe))
+        p = _keep(visible, p)
+        total = total * correction + jnp.sum(p, axis=-1)
         v_j = v_blocks[j]
-        acc = acc * correction + jnp.einsum("bkgts,bksh->bkgth", p.astype(v_j.dtype), v_j, preferred_element_type=F32)
-        return m_new, total, acc
+        pv = jnp.einsum("bkgts,bksh->bkgth", p.astype(v_j.dtype), v_j, preferred_element_type=F32)
+        return m_new, total, acc * correction[..., None] + pv
 
-    # The sink (softmax1) is the logit 0 already visited: m = 0, l = e^0. Sigmoid keeps m = l = 0.
-    m0, total0 = {"softmax": (-jnp.inf, 0.0), "softmax1": (0.0, 1.0), "sigmoid": (0.0, 0.0)}[static.mapping]
+    # A sink is a logit already visited: m = sink, l = e^0.
+    m0, total0 = (-jnp.inf, 0.0) if elementwise or static.sink is None else (static.sink, 1.0)
     init = (jnp.full((B, K, G, Tq), m0, F32), jnp.full((B, K, G, Tq), total0, F32), jnp.zeros((B, K, G, Tq, H), F32))
     m, total, acc = visit_key_blocks(step, row.ranges, init)
-    if static.mapping == "sigmoid":
-        return acc, m
+    infinite = m == jnp.inf
+    if elementwise:
+        lse = jnp.where(infinite, jnp.inf, 0.0)
+        return acc, lse, jnp.zeros_like(lse)
     has_keys = total > 0
     out = acc / jnp.where(has_keys, total, 1.0)[..., None]
-    lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, total, 1.0)), -jnp.inf)
-    return out, lse
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    norm = jnp.where(has_keys, m_safe + jnp.log(jnp.where(has_keys, total, 1.0)), -jnp.inf)
+    return out, jnp.where(infinite, jnp.inf, norm), norm
 
 
 def _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths):
@@ -246,9 +264,9 @@ def _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths):
         row = _row(static, blocks, bias, mask, i)
         return _forward_block(static, row, k_blocks, v_blocks, q_lengths, kv_lengths)
 
-    out, lse = jax.lax.map(one_block, jnp.arange(blocks.q.shape[0]))
+    out, lse, norm = jax.lax.map(one_block, jnp.arange(blocks.q.shape[0]))
     T = q.shape[3]
-    return _join(out, 3, T), _join(lse, 3, T)
+    return _join(out, 3, T), _join(lse, 3, T), _join(norm, 3, T)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -257,29 +275,39 @@ def _attention(static, q, k, v, bias, mask, q_lengths, kv_lengths):
 
 
 def _attention_fwd(static, q, k, v, bias, mask, q_lengths, kv_lengths):
-    out, lse = _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths)
-    return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
+    out, lse, norm = _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths)
+    return (out, lse, norm), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, norm)
 
 
-def _weights(static, visible: jax.Array | None, s: jax.Array, lse: jax.Array) -> jax.Array:
-    """The weights of one block of logits: sigmoid(s), or e^(s - lse) (softmax, softmax1); 0 where not visible."""
-    return _keep(visible, jax.nn.sigmoid(s) if static.mapping == "sigmoid" else jnp.exp(s - lse))
+def _weights(static, visible: jax.Array | None, s: jax.Array, lse: jax.Array, norm: jax.Array) -> jax.Array:
+    """The weights of one block of logits [.., Tq, Sk] given its rows' lse and log-normaliser [.., Tq]:
+    sigmoid(s) or e^(s - norm), and on a row holding +inf, 1 or e^(-norm) on its +inf keys; 0 where not visible."""
+    infinite = (lse == jnp.inf)[..., None]
+    norm = jnp.where(jnp.isfinite(norm), norm, 0.0)[..., None]
+    at_infinity = s == jnp.inf
+    if static.kind == "elementwise":
+        p = jnp.where(infinite, at_infinity.astype(F32), jax.nn.sigmoid(s))
+    else:
+        p = jnp.where(infinite, jnp.where(at_infinity, jnp.exp(-norm), 0.0), jnp.exp(s - norm))
+    return _keep(visible, p)
 
 
-def _backward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths, out_i, lse_i, d_out_i, dk, dv):
+def _backward_block(
+    static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths, out_i, lse_i, norm_i, d_out_i, dk, dv
+):
     """dq_i and d bias_i (shaped like bias_i) of one query block; adds its dk, dv into the key blocks."""
-    lse_safe = jnp.where(jnp.isfinite(lse_i), lse_i, 0.0)[..., None]
     delta = jnp.sum(d_out_i * out_i, axis=-1)[..., None]
+    finite = (lse_i != jnp.inf)[..., None]  # a row cut to its +inf keys has constant weights
     keys_broadcast = row.bias is not None and row.bias_blocks is None
     q32 = row.q.astype(F32)
 
     def step(j, carry, masked):
         dq, dk, dv, dbias = carry
         s, visible = row.logits(static, k_blocks, q_lengths, kv_lengths, j, masked)
-        p = _weights(static, visible, s, lse_safe)
+        p = _weights(static, visible, s, lse_i, norm_i)
         dv = dv.at[j].add(jnp.einsum("bkgts,bkgth->bksh", p, d_out_i))
         dp = jnp.einsum("bkgth,bksh->bkgts", d_out_i, v_blocks[j].astype(F32))
-        ds = p * (1.0 - p) * dp if static.mapping == "sigmoid" else p * (dp - delta)
+        ds = p * (1.0 - p) * dp if static.kind == "elementwise" else jnp.where(finite, p * (dp - delta), 0.0)
         dq = dq + jnp.einsum("bkgts,bksh->bkgth", ds, k_blocks[j].astype(F32))
         dk = dk.at[j].add(jnp.einsum("bkgts,bkgth->bksh", ds, q32))
         if keys_broadcast:
@@ -301,13 +329,14 @@ def _backward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths
 
 
 def _attention_bwd(static, residuals, cotangents):
-    q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = residuals
-    d_out, _ = cotangents  # lse is not differentiated (statistics are stop-gradient)
+    q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, norm = residuals
+    d_out = cotangents[0]  # lse and norm are not differentiated (statistics are stop-gradient)
     T, S = q.shape[3], k.shape[2]
     blocks = _query_blocks(static, q, bias, mask)
     num_blocks = blocks.q.shape[0]
     by_query = partial(_split, block=static.query_block, num_blocks=num_blocks, axis=3, broadcast=False)
-    out_blocks, lse_blocks, d_out_blocks = by_query(out), by_query(lse), by_query(d_out.astype(F32))
+    out_blocks, lse_blocks, norm_blocks = by_query(out), by_query(lse), by_query(norm)
+    d_out_blocks = by_query(d_out.astype(F32))
     k_blocks = _split_keys(static, k, 2, broadcast=False)
     v_blocks = _split_keys(static, v, 2, broadcast=False)
     queries_broadcast = bias is not None and blocks.bias is None
@@ -317,7 +346,7 @@ def _attention_bwd(static, residuals, cotangents):
         row = _row(static, blocks, bias, mask, i)
         dq_i, dbias_i, dk, dv = _backward_block(
             static, row, k_blocks, v_blocks, q_lengths, kv_lengths,
-            out_blocks[i], lse_blocks[i], d_out_blocks[i], dk, dv,
+            out_blocks[i], lse_blocks[i], norm_blocks[i], d_out_blocks[i], dk, dv,
         )  # fmt: skip
         if queries_broadcast:
             dbias_acc = dbias_acc + reduce_to(dbias_i, bias.shape)
@@ -346,10 +375,12 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _static(
-    visibility: Visibility, q: jax.Array, k: jax.Array, key_block: int, query_block: int, mapping: str
+    visibility: Visibility, q: jax.Array, k: jax.Array, key_block: int, query_block: int, kind: str, sink
 ) -> _Static:
-    if mapping not in MAPPINGS:
-        raise ValueError(f"mapping={mapping!r}; accepted: {', '.join(map(repr, MAPPINGS))}")
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; accepted: {', '.join(map(repr, KINDS))}")
+    if sink is not None and kind != "softmax":
+        raise ValueError(f"a sink (sink={sink!r}) needs kind='softmax'; got kind={kind!r}")
     return _Static(
         visibility.num_queries,
         visibility.num_keys,
@@ -358,8 +389,22 @@ def _static(
         max(1, min(key_block, k.shape[2])),
         max(1, min(query_block, q.shape[3])),
         visibility.mask is None and visibility.query_lengths is None and visibility.key_lengths is None,
-        mapping,
+        kind,
+        None if sink is None else float(sink),
     )
+
+
+class Rows(NamedTuple):
+    """Per query [B, K, G, T], from the forward pass (not differentiated).
+
+    lse: log(e^sink + sum over the visible keys of e^s) (softmax kind; -inf for a row with nothing
+      visible and no sink, +inf for a row holding +inf); 0 for the elementwise kind (+inf likewise).
+    norm: what the weights are normalised by, e^(s - norm): lse, except on a row holding +inf, where
+      it is the log of its number of +inf keys (0 for the elementwise kind).
+    """
+
+    lse: jax.Array
+    norm: jax.Array
 
 
 def online_softmax_attention(
@@ -371,20 +416,22 @@ def online_softmax_attention(
     *,
     key_block: int,
     query_block: int,
-    mapping: str = "softmax",
-) -> tuple[jax.Array, jax.Array]:
+    kind: str = "softmax",
+    sink: float | None = None,
+) -> tuple[jax.Array, Rows]:
     """q [B, K, G, T, H] (scale and any scale-policy factor folded in), k/v [B, K, S, H].
 
     Queries go `query_block` at a time, each through an online pass over the `key_block`-sized
     key blocks it can see, so at most [B, N, query_block, key_block] logits exist at once, in
-    both passes. Returns out [B, K, G, T, H] float32 and lse [B, K, G, T] (log-sum-exp of the
-    visible logits, -inf for a row with no visible key). With mapping="softmax1" the weights are
-    softmax1's (a logit 0 joins every row, with no value): lse = log(1 + sum e^s), 0 for an empty
-    row; with mapping="sigmoid" they are sigmoid(s) (any bias, e.g. -log n, folded into `bias`), and
-    lse is 0.
+    both passes. kind="softmax" weighs the keys e^s / (e^sink + sum e^s) (no sink: None;
+    softmax1: 0); kind="elementwise" weighs them sigmoid(s) (any bias, e.g. -log n, folded into
+    `bias`). Returns out [B, K, G, T, H] float32 and the rows' `Rows`.
     """
-    static = _static(visibility, q, k, key_block, query_block, mapping)
-    return _attention(static, q, k, v, bias, visibility.mask, visibility.query_lengths, visibility.key_lengths)
+    static = _static(visibility, q, k, key_block, query_block, kind, sink)
+    out, lse, norm = _attention(
+        static, q, k, v, bias, visibility.mask, visibility.query_lengths, visibility.key_lengths
+    )
+    return out, Rows(jax.lax.stop_gradient(lse), jax.lax.stop_gradient(norm))
 
 
 def softmax_statistics(
@@ -392,33 +439,40 @@ def softmax_statistics(
     k: jax.Array,
     bias: jax.Array | None,
     visibility: Visibility,
-    lse: jax.Array,
+    rows: Rows,
     mass_keys: jax.Array | None,
     *,
     key_block: int,
     query_block: int,
-    mapping: str = "softmax",
+    kind: str = "softmax",
+    sink: float | None = None,
 ) -> dict[str, jax.Array]:
-    """max weight, entropy (-sum p log p), exact support size and key mass from a second pass: with
-    p = e^{s - lse} given the final lse (softmax, softmax1), or p = sigmoid(s)."""
-    q, k, lse = (jax.lax.stop_gradient(x) for x in (q, k, lse))
+    """max weight, entropy (-sum p log p), exact support size and key mass from a second pass, with
+    the weights of `online_softmax_attention` given its `rows`."""
+    q, k = (jax.lax.stop_gradient(x) for x in (q, k))
     bias = None if bias is None else jax.lax.stop_gradient(bias)
-    static = _static(visibility, q, k, key_block, query_block, mapping)
+    static = _static(visibility, q, k, key_block, query_block, kind, sink)
     mask = visibility.mask
     T = q.shape[3]
     blocks = _query_blocks(static, q, bias, mask)
-    lse_blocks = _split(lse, static.query_block, blocks.q.shape[0], 3, broadcast=False)
+    by_query = partial(_split, block=static.query_block, num_blocks=blocks.q.shape[0], axis=3, broadcast=False)
+    lse_blocks, norm_blocks = by_query(rows.lse), by_query(rows.norm)
     k_blocks = _split_keys(static, k, 2, broadcast=False)
     mass_blocks = _split_keys(static, mass_keys, -1, fill=False)
 
     def one_query_block(i):
         row = _row(static, blocks, bias, mask, i)
-        lse_safe = jnp.where(jnp.isfinite(lse_blocks[i]), lse_blocks[i], 0.0)[..., None]
+        infinite = (lse_blocks[i] == jnp.inf)[..., None]
+        norm = jnp.where(jnp.isfinite(norm_blocks[i]), norm_blocks[i], 0.0)[..., None]
 
         def step(j, totals, masked):
             s, visible = row.logits(static, k_blocks, visibility.query_lengths, visibility.key_lengths, j, masked)
-            log_p = jax.nn.log_sigmoid(s) if static.mapping == "sigmoid" else _keep(visible, s) - lse_safe
-            p = _keep(visible, jnp.exp(log_p))
+            p = _weights(static, visible, s, lse_blocks[i], norm_blocks[i])
+            # log p where p > 0, exact (not log of a rounded p)
+            if static.kind == "elementwise":
+                log_p = jnp.where(infinite, 0.0, jax.nn.log_sigmoid(jnp.where(p > 0, s, 0.0)))
+            else:
+                log_p = jnp.where(infinite, -norm, jnp.where(p > 0, s, 0.0) - norm)
             update = {
                 "max_weight": jnp.maximum(totals["max_weight"], jnp.max(p, axis=-1)),
                 "entropy": totals["entropy"] - jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1),

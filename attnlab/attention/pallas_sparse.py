@@ -38,7 +38,7 @@ Status: checked in Pallas interpret mode on CPU only (jax 0.10). The kernel is w
 subset the Triton lowering accepts (power-of-two blocks of at least 16, 2-D dots, static shapes,
 `fori_loop`/`cond` control flow, float32 dots at `Precision.HIGHEST` so Triton uses IEEE fp32
 rather than TF32), but it has never been compiled for or run on a GPU. The backward pass is not a
-kernel: it recomputes the chunked XLA reference and differentiates that.
+kernel: it recomputes the blocked entmax path (attention.sparse_blocked) and differentiates that.
 """
 
 from __future__ import annotations
@@ -50,6 +50,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from attnlab.attention import sparse_blocked
+from attnlab.attention.dense import dense_attention
+from attnlab.attention.masks import Visibility, group_queries, ungroup_queries
+from attnlab.attention.sparse_blocked import sparse_blocked_attention
+from attnlab.normalizers import Entmax, Normalizer
 
 # A row stops iterating once |sum_s p_s - 1| is this small; the step taken from there leaves
 # an error of order its square, and the output is renormalised by sum p anyway.
@@ -339,31 +345,33 @@ def _forward(q, k, v, key_lengths, config: _Config, with_counts: bool = False):
     return out, counts
 
 
-def _reference_normalizer(alpha: float):
-    from attnlab import normalizers
-
-    if alpha == 2.0:
-        return normalizers.get("sparsemax")
-    if alpha == 1.5:
-        return normalizers.get("entmax15")
-    return normalizers.get("entmax", alpha=alpha)
-
-
 def reference_attention(q, k, v, key_lengths, *, alpha: float, is_causal: bool, implementation: str = "chunked"):
-    """The XLA path with the same semantics as the kernel: q already scaled, [B, T, N, H]."""
-    # Imported here: attnlab.attention.api may itself import this module.
-    from attnlab.attention.api import dot_product_attention
+    """The XLA computation with the kernel's semantics: q [B, T, N, H] already scaled, k/v [B, S, K, H].
 
-    return dot_product_attention(
-        q,
-        k,
-        v,
-        normalizer=_reference_normalizer(alpha),
-        scale=1.0,
-        is_causal=is_causal,
-        key_value_seq_lengths=key_lengths,
-        implementation=implementation,
-    )
+    implementation: "chunked" runs the blocked entmax path (attention.sparse_blocked, exact
+    thresholds and a closed-form backward: the kernel's backward differentiates it); "dense" the
+    dense reference (attention.dense) with alpha-entmax itself.
+    """
+    q, k, v = (jnp.asarray(x) for x in (q, k, v))
+    B, T, N, _ = q.shape
+    S, K = k.shape[1], k.shape[2]
+    lengths = None if key_lengths is None else jnp.asarray(key_lengths, jnp.int32)
+    visibility = Visibility(num_queries=T, num_keys=S, is_causal=is_causal, key_lengths=lengths)
+    q_grouped, k_grouped, v_grouped = group_queries(q, K), jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)
+    if implementation == "chunked":
+        out, _ = sparse_blocked_attention(
+            q_grouped, k_grouped, v_grouped, None, visibility, float(alpha),
+            query_block=sparse_blocked.default_query_block(B, N, S),
+        )  # fmt: skip
+    elif implementation == "dense":
+        normalizer = Normalizer(Entmax(alpha=float(alpha)).simplified())
+        out, _, _ = dense_attention(
+            q_grouped, k_grouped, v_grouped, None, visibility, normalizer,
+            want_stats=False, mass_keys=None, want_weights=False,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"implementation={implementation!r}; accepted: 'chunked', 'dense'")
+    return ungroup_queries(out).astype(q.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -469,8 +477,8 @@ def pallas_sparse_attention(
 
     Returns:
       out [B, T, N, H] in the dtype of q (computed in float32). Differentiable in q, k and v: the
-      backward recomputes the chunked XLA reference (`attnlab.dot_product_attention(...,
-      implementation="chunked")`) and differentiates it; it is not a kernel yet.
+      backward recomputes `reference_attention` (the blocked entmax path, attention.sparse_blocked)
+      and differentiates it; it is not a kernel yet.
     """
     q, k, v, key_lengths, config = _prepare(
         q, k, v, alpha, is_causal, key_lengths, block_q, block_k, num_iterations, interpret

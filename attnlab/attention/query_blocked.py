@@ -20,6 +20,14 @@ from attnlab.attention.blocks import join, split
 from attnlab.attention.dense import GROUPED_OUTPUT, grouped_logits, normalize_grouped
 from attnlab.attention.masks import Visibility
 
+# Query blocks hold [B, N, query_block, S] logits; this many elements keeps that near 64 MiB.
+QUERY_BLOCK_ELEMENTS = 1 << 24
+
+
+def default_query_block(batch: int, heads: int, keys: int) -> int:
+    """Queries per block when the caller gives none: about QUERY_BLOCK_ELEMENTS logits, at least 1."""
+    return max(1, QUERY_BLOCK_ELEMENTS // max(1, batch * heads * keys))
+
 
 def query_blocked_attention(
     q: jax.Array,

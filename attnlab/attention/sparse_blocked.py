@@ -21,6 +21,9 @@ elementwise pass, with no threshold search, and applies the entmax Jacobian in c
     dp = dout V^T,   w = p^(2 - alpha) on the support,   dz = w * dp - w * sum(w dp) / sum(w),
     du = dz / (alpha - 1),   dv = p^T dout,   dq = du K,   dk = du^T q,   db = du.
 
+Infinite logits are taken as the dense reference takes them: -inf is a hidden key, and a row
+holding +inf is cut to its +inf keys (uniform weights over them, zero gradient to its logits).
+
 Memory is O(query_block * S) per batch and head in both passes.
 """
 
@@ -45,6 +48,16 @@ F32 = jnp.float32
 EXTENT_MULTIPLE = 128
 # Keys per chunk whose maxima seed the threshold search (see _origin_and_start).
 CHUNK = 128
+# Query blocks hold about this many logits ([B, N, query_block, S]): small enough that the
+# threshold passes over a block stay in cache ...
+QUERY_BLOCK_ELEMENTS = 1 << 20
+# ... but never fewer queries than this (thinner blocks make the matmuls inefficient).
+MIN_QUERY_BLOCK = 32
+
+
+def default_query_block(batch: int, heads: int, keys: int) -> int:
+    """Queries per block when the caller gives none: about QUERY_BLOCK_ELEMENTS logits, at least MIN_QUERY_BLOCK."""
+    return max(MIN_QUERY_BLOCK, QUERY_BLOCK_ELEMENTS // max(1, batch * heads * keys))
 
 
 class Group(NamedTuple):
@@ -122,12 +135,17 @@ def _slice_block(static, q, k, v, bias, mask, q_lengths, kv_lengths, index, exte
     return _Block(rows(q), k[:, :, :extent], v[:, :, :extent], keys(rows(bias)), visible)
 
 
-def _logits(blk: _Block) -> jax.Array:
-    """u [B, K, G, Tq, E]: the (already (alpha - 1)-scaled) logits, -inf where invisible."""
+def _logits(blk: _Block) -> tuple[jax.Array, jax.Array]:
+    """u [B, K, G, Tq, E]: the (already (alpha - 1)-scaled) logits, -inf where invisible, and whether
+    each row holds a visible +inf [B, K, G, Tq, 1]: such a row is cut to its +inf keys, each at 0
+    (uniform weights over them, as in the dense reference)."""
     s = jnp.einsum("bkgth,bksh->bkgts", blk.q, blk.k, preferred_element_type=F32)
     if blk.bias is not None:
         s = s + blk.bias.astype(F32)
-    return jnp.where(blk.visible, s, -jnp.inf)
+    u = jnp.where(blk.visible, s, -jnp.inf)
+    at_infinity = u == jnp.inf
+    infinite = jnp.any(at_infinity, axis=-1, keepdims=True)
+    return jnp.where(infinite, jnp.where(at_infinity, 0.0, -jnp.inf), u), infinite
 
 
 def _unnormalised(alpha: float, u: jax.Array, tau: jax.Array) -> jax.Array:
@@ -154,7 +172,7 @@ def _origin_and_start(alpha: float, u: jax.Array) -> tuple[jax.Array, jax.Array 
 def _forward_block(static, blk: _Block, mass_keys, want_stats: bool):
     """out [B, K, G, Tq, H], the row constants (tau, Z) [B, K, G, Tq] and statistics."""
     alpha = static.alpha
-    u = _logits(blk)
+    u, _ = _logits(blk)
     m, start = _origin_and_start(alpha, u)
     tau = entmax_threshold(u, None, alpha, origin=m, start=start)[..., 0]
     weights = _unnormalised(alpha, u, tau)
@@ -247,7 +265,8 @@ def _attention_bwd(static, want_stats, residuals, cotangents):
             blk = _slice_block(static, q_p, k, v, bias_p, mask_p, q_lengths, kv_lengths, index, extent)
             rows = lambda x: jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=3)[..., 0]  # noqa: E731
             total_i = rows(total_p)[..., None]  # 0 on padding rows, whose weights are all 0
-            p = _unnormalised(alpha, _logits(blk), rows(tau_p)) / jnp.where(total_i > 0, total_i, 1.0)
+            u, infinite = _logits(blk)
+            p = _unnormalised(alpha, u, rows(tau_p)) / jnp.where(total_i > 0, total_i, 1.0)
             d_out_i = jax.lax.dynamic_slice_in_dim(d_out_p, index * block, block, axis=3)
             dv = dv.at[:, :, :extent].add(jnp.einsum("bkgts,bkgth->bksh", p, d_out_i))
             dp = jnp.einsum("bkgth,bksh->bkgts", d_out_i, blk.v.astype(F32))
@@ -255,7 +274,7 @@ def _attention_bwd(static, want_stats, residuals, cotangents):
             w_total = jnp.sum(w, axis=-1, keepdims=True)
             # The entmax Jacobian w.r.t. z, divided by (alpha - 1): the logits here are (alpha - 1) z.
             ds = w * (dp - jnp.sum(w * dp, axis=-1, keepdims=True) / jnp.where(w_total > 0, w_total, 1.0))
-            ds = ds / (alpha - 1.0)
+            ds = jnp.where(infinite, 0.0, ds / (alpha - 1.0))  # a row cut to its +inf keys is constant
             dq_i = jnp.einsum("bkgts,bksh->bkgth", ds, blk.k.astype(F32))
             dk = dk.at[:, :, :extent].add(jnp.einsum("bkgts,bkgth->bksh", ds, blk.q.astype(F32)))
             dbias_i = None

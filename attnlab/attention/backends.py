@@ -1,0 +1,481 @@
+"""Attention backends as a table: each algorithm is one `Backend`, with one call signature and a
+`supports(normalizer, options)` that returns None or the reason it cannot serve the call.
+
+    name            algorithm                                          serves
+    dense           the [B, N, T, S] logits once; the reference        every normalizer; weights; residual*
+    cudnn           jax.nn.dot_product_attention(implementation=       SOFTMAX family without a sink, float16 or
+                    "cudnn")                                           bfloat16, on GPU; no statistics
+    online          query blocks, each an online pass over the key     SOFTMAX family (no sink or a concrete one),
+                    blocks it can see (attention.online_softmax)       THRESHOLD at alpha = 1, ELEMENTWISE; residual*
+    blocked_entmax  query blocks, exact thresholds, closed-form        THRESHOLD with one concrete alpha in (1, 2]
+                    backward (attention.sparse_blocked)
+    query_blocked   query blocks, whole rows through the normalizer    any normalizer (callables included)
+                    (attention.query_blocked)
+    pallas          a Pallas kernel that skips weightless key blocks   THRESHOLD with one concrete alpha in (1, 2];
+                    (attention.pallas_sparse; GPU, else interpreted)   is_causal and key lengths only
+
+    * return_residual (jax.nn's log-sum-exp) exists for the SOFTMAX family only.
+
+Every backend but dense and pallas returns statistics; only dense returns the weights. Families are
+read from the normalizer's description (attention.families), never from its class or name.
+
+`implementation=None` takes the first backend of AUTOMATIC that serves the call: dense when the
+weights are wanted or the call is small (at most DENSE_MAX_ELEMENTS logits), cuDNN on GPU for
+half-precision softmax, else the memory-efficient backend of the normalizer's family (online,
+blocked_entmax, query_blocked). Names users pass are the backends' and two more: "xla" is dense
+(jax.nn's name for it) and "chunked" is the first of online, blocked_entmax, query_blocked that
+serves the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from attnlab.attention import families, query_blocked, sparse_blocked
+from attnlab.attention.dense import dense_attention
+from attnlab.attention.masks import Visibility, group_queries, ungroup_queries
+from attnlab.attention.online_softmax import DEFAULT_QUERY_BLOCK, online_softmax_attention, softmax_statistics
+from attnlab.attention.query_blocked import query_blocked_attention
+from attnlab.attention.sparse_blocked import sparse_blocked_attention
+from attnlab.normalizers import SOFTMAX, Normalizer
+from attnlab.normalizers._rows import align_param
+from attnlab.normalizers.recent import default_sigmoid_bias
+
+# Below this many logits per call (B * N * T * S), implementation=None takes dense: it is faster there
+# and its memory is no concern.
+DENSE_MAX_ELEMENTS = 1 << 22
+HALF_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What one call asks for: all a backend looks at, besides the normalizer, to say whether it serves it.
+
+    Shapes are those of the call (query [batch, queries, heads, head_dim], key/value [batch, keys,
+    kv_heads, head_dim]); `dtype` is the query's (after integer inputs are promoted); `platform` is
+    `jax.default_backend()`; the flags say which optional inputs are given and outputs wanted.
+    """
+
+    batch: int
+    queries: int
+    keys: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: Any = jnp.float32
+    platform: str = "cpu"
+    bias: bool = False
+    mask: bool = False
+    is_causal: bool = False
+    local_window: tuple[int, int] | None = None
+    query_lengths: bool = False
+    key_lengths: bool = False
+    statistics: bool = False
+    mass_keys: bool = False
+    weights: bool = False
+    residual: bool = False
+
+    @property
+    def elements(self) -> int:
+        """The number of logits, B * N * T * S."""
+        return self.batch * self.heads * self.queries * self.keys
+
+
+class Call(NamedTuple):
+    """The operands of one call, in the grouped layout of attention.masks.
+
+    q [B, K, G, T, H] (not yet scaled), k and v [B, K, S, H], bias [B|1, K|1, G|1, T|1, S|1] or None,
+    mass_keys [B|1, 1, 1, 1, S] bool or None; `scale` multiplies the logits; key_block and
+    query_block (None: the backend's default) size the blocks of the memory-efficient backends.
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    bias: jax.Array | None
+    visibility: Visibility
+    scale: float
+    key_block: int
+    query_block: int | None
+    mass_keys: jax.Array | None
+
+
+class Result(NamedTuple):
+    """out [B, K, G, T, H] (float32); aux: the statistics asked for ([B, K, G, T]) and the weights
+    ([B, K, G, T, S], dense only); residual: the log-sum-exp [B, K, G, T] when asked for, else None."""
+
+    out: jax.Array
+    aux: dict[str, jax.Array]
+    residual: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One attention algorithm.
+
+    Fields:
+      name: what `implementation=` calls it.
+      summary: one line, for documentation and `attnlab list`.
+      supports: (normalizer, options) -> None if it can serve the call, else the reason it cannot.
+      run: (normalizer, call, options) -> Result; called only when `supports` returned None.
+      automatic: options -> None, or why implementation=None passes it over although it could
+        serve the call (dense: the call is large).
+    """
+
+    name: str
+    summary: str
+    supports: Callable[[Callable, Options], str | None]
+    run: Callable[[Callable, Call, Options], Result]
+    automatic: Callable[[Options], str | None] = lambda options: None
+
+
+# ---------------------------------------------------------------------------------------------- reasons
+
+WEIGHTS = "return_weights needs implementation='dense' (or None): only the dense backend holds the weights"
+
+
+def _residual(normalizer: Callable) -> str:
+    return (
+        "return_residual is the log-sum-exp of softmax-type weights (family 'softmax'); "
+        f"{families.describe_family(normalizer)} has none"
+    )
+
+
+def _first(*checks: tuple[bool, Callable[[], str]]) -> str | None:
+    """The reason of the first failed check (condition True), else None."""
+    return next((reason() for failed, reason in checks if failed), None)
+
+
+# ---------------------------------------------------------------------------------------------- shared steps
+
+
+def _shape(call: Call) -> tuple[int, int, int, int, int, int]:
+    """B, N, T, S, K, G of the call."""
+    B, K, G, T, _ = call.q.shape
+    return B, K * G, T, call.k.shape[2], K, G
+
+
+def _per_query(value_of: Callable, call: Call) -> jax.Array:
+    """value_of(counts [B|1, N, T, 1], align) per (batch, head, query), grouped [B|1, K, G, T, 1]:
+    counts are each query's visible keys (n); align(value, name) shapes a normalizer parameter
+    like the [B, N, T, S] logits with the key axis kept as 1."""
+    B, N, T, S, K, G = _shape(call)
+    counts = call.visibility.visible_counts()
+    counts = jnp.broadcast_to(counts, (counts.shape[0], K, G, T, 1)).reshape(counts.shape[0], N, T, 1)
+
+    def align(value, name):
+        return align_param(value, name, (B, N, T, S), 3)
+
+    value = value_of(counts, align)
+    value = jnp.broadcast_to(value, jnp.broadcast_shapes(value.shape, counts.shape))
+    return value.reshape(value.shape[0], K, G, T, 1)
+
+
+def _folded(normalizer: Callable, call: Call) -> tuple[jax.Array, jax.Array | None]:
+    """The scaled queries and the bias with the scale policy's factor folded in (it multiplies each
+    query's logits by one number), so that the mapping sees plain logits."""
+    factor, bias = call.scale, call.bias
+    if isinstance(normalizer, Normalizer) and normalizer.scale is not None:
+        row = _per_query(normalizer.scale.factor, call)
+        factor = call.scale * row
+        bias = None if bias is None else bias * row
+    return (call.q * factor).astype(call.q.dtype), bias
+
+
+def _elementwise_bias(normalizer: Normalizer, call: Call) -> jax.Array:
+    """b in sigmoid(z + b) per (batch, head, query), grouped [B|1, K, G, T, 1]: the mapping's `bias`,
+    or -log n (n = the query's visible keys, at least 1) when it has none."""
+    given = normalizer.mapping.bias
+
+    def value_of(counts, align):
+        if given is None:
+            return default_sigmoid_bias(counts.astype(jnp.float32))
+        return align(given, "bias").astype(jnp.float32)
+
+    return _per_query(value_of, call)
+
+
+# ---------------------------------------------------------------------------------------------- dense
+
+
+def _dense_supports(normalizer: Callable, options: Options) -> str | None:
+    return _first((options.residual and families.family(normalizer) != SOFTMAX, lambda: _residual(normalizer)))
+
+
+def _dense_automatic(options: Options) -> str | None:
+    if options.weights or options.elements <= DENSE_MAX_ELEMENTS:
+        return None
+    return f"{options.elements} logits > DENSE_MAX_ELEMENTS = {DENSE_MAX_ELEMENTS}: a memory-efficient backend takes it"
+
+
+def _dense_run(normalizer: Callable, call: Call, options: Options) -> Result:
+    out, aux, residual = dense_attention(
+        call.q * call.scale, call.k, call.v, call.bias, call.visibility, normalizer,
+        want_stats=options.statistics, mass_keys=call.mass_keys, want_weights=options.weights,
+        want_residual=options.residual,
+    )  # fmt: skip
+    return Result(out, aux, residual)
+
+
+# ---------------------------------------------------------------------------------------------- online
+
+
+def _online_supports(normalizer: Callable, options: Options) -> str | None:
+    kind = families.online_kind(normalizer)
+    return _first(
+        (
+            kind is None,
+            lambda: (
+                "the online pass runs the 'softmax' family (no sink, or one concrete sink), alpha-entmax "
+                f"at a concrete alpha = 1 and the 'elementwise' family; {families.describe_family(normalizer)} is "
+                "none of them"
+            ),
+        ),
+        (options.weights, lambda: WEIGHTS),
+        (options.residual and families.family(normalizer) != SOFTMAX, lambda: _residual(normalizer)),
+    )
+
+
+def _online_run(normalizer: Callable, call: Call, options: Options) -> Result:
+    kind, sink = families.online_kind(normalizer)
+    q, bias = _folded(normalizer, call)
+    if kind == "elementwise":
+        # sigmoid(z + b): its per-query b (-log n by default) joins the attention bias.
+        b = _elementwise_bias(normalizer, call)
+        bias = b if bias is None else bias + b
+    blocks = {"key_block": call.key_block, "query_block": call.query_block or DEFAULT_QUERY_BLOCK}
+    out, rows = online_softmax_attention(q, call.k, call.v, bias, call.visibility, kind=kind, sink=sink, **blocks)
+    aux = {}
+    if options.statistics:
+        aux = softmax_statistics(q, call.k, bias, call.visibility, rows, call.mass_keys, kind=kind, sink=sink, **blocks)
+    return Result(out, aux, rows.lse if options.residual else None)
+
+
+# ---------------------------------------------------------------------------------------------- blocked entmax
+
+
+def _blocked_entmax_supports(normalizer: Callable, options: Options) -> str | None:
+    return _first(
+        (
+            families.static_entmax_alpha(normalizer) is None,
+            lambda: (
+                "the blocked entmax path runs the 'threshold' family with one concrete alpha in (1, 2] "
+                f"(not traced, not one per head); {families.describe_family(normalizer)} is not such a one"
+            ),
+        ),
+        (options.weights, lambda: WEIGHTS),
+        (options.residual, lambda: _residual(normalizer)),
+    )
+
+
+def _blocked_entmax_run(normalizer: Callable, call: Call, options: Options) -> Result:
+    q, bias = _folded(normalizer, call)
+    B, N, _, S, _, _ = _shape(call)
+    out, aux = sparse_blocked_attention(
+        q, call.k, call.v, bias, call.visibility, families.static_entmax_alpha(normalizer),
+        query_block=call.query_block or sparse_blocked.default_query_block(B, N, S),
+        want_stats=options.statistics, mass_keys=call.mass_keys,
+    )  # fmt: skip
+    return Result(out, aux)
+
+
+# ---------------------------------------------------------------------------------------------- query blocked
+
+
+def _query_blocked_supports(normalizer: Callable, options: Options) -> str | None:
+    return _first((options.weights, lambda: WEIGHTS), (options.residual, lambda: _residual(normalizer)))
+
+
+def _query_blocked_run(normalizer: Callable, call: Call, options: Options) -> Result:
+    B, N, _, S, _, _ = _shape(call)
+    out, aux = query_blocked_attention(
+        call.q * call.scale, call.k, call.v, call.bias, call.visibility, normalizer,
+        query_block=call.query_block or query_blocked.default_query_block(B, N, S),
+        want_stats=options.statistics, mass_keys=call.mass_keys,
+    )  # fmt: skip
+    return Result(out, aux)
+
+
+# ---------------------------------------------------------------------------------------------- cuDNN
+
+
+def _cudnn_supports(normalizer: Callable, options: Options) -> str | None:
+    softmax = families.family(normalizer) == SOFTMAX and getattr(normalizer.mapping, "sink", None) is None
+    window = options.local_window
+    return _first(
+        (
+            not softmax,
+            lambda: (
+                "cuDNN attention takes softmax-type normalizers only (family 'softmax' without a sink: "
+                f"softmax, scaled_softmax, ssmax); got {families.describe_family(normalizer)}"
+            ),
+        ),
+        (
+            options.platform != "gpu",
+            lambda: f"cuDNN attention needs a GPU; the default backend is {options.platform!r}",
+        ),
+        (
+            jnp.dtype(options.dtype) not in HALF_PRECISION,
+            lambda: f"cuDNN attention takes float16 or bfloat16 inputs; got {jnp.dtype(options.dtype)}",
+        ),
+        (
+            options.statistics,
+            lambda: "statistics are not available from the cuDNN kernel; use implementation='chunked'",
+        ),
+        (options.weights, lambda: WEIGHTS),
+        (
+            window is not None and window[1] != 0 and not options.is_causal,
+            lambda: f"cuDNN attention takes no right window ({window[1]}) without is_causal",
+        ),
+    )
+
+
+def _cudnn_run(normalizer: Callable, call: Call, options: Options) -> Result:
+    q, bias = _folded(normalizer, call)
+    _, K, G, T, _ = q.shape
+    visibility = call.visibility
+    mask = visibility.mask
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (*mask.shape[:3], T, call.k.shape[2]))
+    flat = lambda x: None if x is None else x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])  # noqa: E731
+    result = jax.nn.dot_product_attention(
+        ungroup_queries(q),
+        jnp.moveaxis(call.k, 1, 2),
+        jnp.moveaxis(call.v, 1, 2),
+        bias=flat(bias),
+        mask=flat(mask),
+        scale=1.0,
+        is_causal=visibility.is_causal,
+        query_seq_lengths=visibility.query_lengths,
+        key_value_seq_lengths=visibility.key_lengths,
+        local_window_size=visibility.local_window,
+        implementation="cudnn",
+        return_residual=options.residual,
+    )
+    out, residual = result if options.residual else (result, None)
+    if residual is not None:  # [B, T, N] -> [B, K, G, T]
+        residual = jnp.moveaxis(residual, 1, 2).reshape(residual.shape[0], K, G, T).astype(jnp.float32)
+    return Result(group_queries(out, K).astype(jnp.float32), {}, residual)
+
+
+# ---------------------------------------------------------------------------------------------- Pallas
+
+
+def _pallas_supports(normalizer: Callable, options: Options) -> str | None:
+    unsupported = {
+        "bias": options.bias,
+        "mask": options.mask,
+        "local_window_size": options.local_window is not None,
+        "query_seq_lengths": options.query_lengths,
+        "statistics": options.statistics,
+        "return_weights": options.weights,
+        "return_residual": options.residual,
+    }
+    names = ", ".join(name for name, given in unsupported.items() if given)
+    accepted = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+    return _first(
+        (
+            families.static_entmax_alpha(normalizer) is None,
+            lambda: (
+                "the Pallas kernel runs the entmax family with one alpha in (1, 2] only (sparsemax, "
+                f"entmax15, entmax(alpha), and their logn_ versions); got {families.describe_family(normalizer)}"
+            ),
+        ),
+        (
+            bool(names),
+            lambda: (
+                f"implementation='pallas' does not support {names} yet; it takes is_causal and "
+                "key_value_seq_lengths only (use implementation='chunked')"
+            ),
+        ),
+        (
+            jnp.dtype(options.dtype) not in accepted,
+            lambda: f"the Pallas kernel takes float32 or bfloat16 inputs; got {jnp.dtype(options.dtype)}",
+        ),
+    )
+
+
+def _pallas_run(normalizer: Callable, call: Call, options: Options) -> Result:
+    # Imported here: importing Pallas costs time that only this backend needs.
+    from attnlab.attention.pallas_sparse import pallas_sparse_attention
+
+    q, _ = _folded(normalizer, call)
+    K = q.shape[1]
+    out = pallas_sparse_attention(
+        ungroup_queries(q),
+        jnp.moveaxis(call.k, 1, 2),
+        jnp.moveaxis(call.v, 1, 2),
+        alpha=families.static_entmax_alpha(normalizer),
+        is_causal=call.visibility.is_causal,
+        key_lengths=call.visibility.key_lengths,
+    )
+    return Result(group_queries(out, K).astype(jnp.float32), {})
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+BACKENDS: dict[str, Backend] = {
+    backend.name: backend
+    for backend in (
+        Backend("dense", "the [B, N, T, S] logits once (the reference)", _dense_supports, _dense_run, _dense_automatic),
+        Backend("cudnn", "jax.nn.dot_product_attention with cuDNN (GPU, half precision)", _cudnn_supports, _cudnn_run),
+        Backend(
+            "online", "key blocks in one online pass per query block (softmax, sink, sigmoid)",
+            _online_supports, _online_run,
+        ),
+        Backend(
+            "blocked_entmax", "query blocks with exact entmax thresholds and a closed-form backward",
+            _blocked_entmax_supports, _blocked_entmax_run,
+        ),
+        Backend(
+            "query_blocked", "query blocks through the normalizer itself, rematerialised",
+            _query_blocked_supports, _query_blocked_run,
+        ),
+        Backend("pallas", "a Pallas entmax kernel that skips key blocks with no weight", _pallas_supports, _pallas_run),
+    )
+}  # fmt: skip
+"""Every backend, by name."""
+
+AUTOMATIC = ("dense", "cudnn", "online", "blocked_entmax", "query_blocked")
+"""implementation=None: the first of these that serves the call (and that `automatic` does not pass over)."""
+
+MEMORY_EFFICIENT = ("online", "blocked_entmax", "query_blocked")
+"""implementation="chunked": the first of these that serves the call; none builds the T x S logits."""
+
+ALIASES = {"xla": ("dense",), "chunked": MEMORY_EFFICIENT}
+"""Names that stand for the first backend of a list that serves the call."""
+
+IMPLEMENTATIONS = ("dense", "xla", "chunked", *(name for name in BACKENDS if name != "dense"))
+"""Every name `implementation=` accepts (besides None)."""
+
+
+def select(implementation: str | None, normalizer: Callable, options: Options) -> Backend:
+    """The backend that runs the call: see the module docstring.
+
+    Raises ValueError for an unknown name, and for a name (or None) whose backends cannot serve the
+    call, with each one's reason.
+    """
+    if implementation is None:
+        reasons = []
+        for name in AUTOMATIC:
+            backend = BACKENDS[name]
+            reason = backend.supports(normalizer, options) or backend.automatic(options)
+            if reason is None:
+                return backend
+            reasons.append(f"{name}: {reason}")
+        raise ValueError("no attention backend serves this call: " + "; ".join(reasons))
+    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}; accepted: None, {', '.join(map(repr, IMPLEMENTATIONS))}")
+    names = ALIASES.get(implementation, (implementation,))
+    reasons = []
+    for name in names:
+        reason = BACKENDS[name].supports(normalizer, options)
+        if reason is None:
+            return BACKENDS[name]
+        reasons.append(reason if len(names) == 1 else f"{name}: {reason}")
+    raise ValueError(f"implementation={implementation!r} cannot serve this call: " + "; ".join(reasons))
