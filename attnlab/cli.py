@@ -118,10 +118,10 @@ def _list(args: argparse.Namespace) -> int:
     print("experiment kinds:")
     for name, kind in experiments.KINDS.items():
         print(f"  {name:24s} {kind.description}")
-    print("normalizers:")
-    for name in normalizers.NAMES:
-        params = ", ".join(f"{k}={v}" for k, v in normalizers.parameters(name).items())
-        print(f"  {name:24s} {normalizers.summary(name)}" + (f"  [{params}]" if params else ""))
+    print("normalizers (name, attention family, math; parameters with defaults, * = a layer can learn it):")
+    for entry in normalizers.entries():
+        params = ", ".join(f"{p.name}={p.default}" + ("*" if p.learn else "") for p in entry.parameters)
+        print(f"  {entry.name:16s} {entry.family:12s} {entry.summary}" + (f"  [{params}]" if params else ""))
     return 0
 
 

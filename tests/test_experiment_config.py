@@ -35,7 +35,7 @@ from attnlab.experiments.checks import (
     setting,
 )
 from attnlab.experiments.config import ConfigError, Lengths
-from attnlab.nn import NormalizerSpec as LayerSpec
+from attnlab.normalizers import NormalizerSpec as LayerSpec
 
 SETTINGS = (
     fading_synthetic.Config,
@@ -197,12 +197,12 @@ def test_non_finite_entries_of_an_array_parameter_are_named():
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: LayerSpec("ssmax", s_init=math.inf), r"NormalizerSpec: parameter 's_init' must be finite; got \[inf"),
-        (lambda: LayerSpec("ssmax", learn_bias=True, bias_init=math.nan), r"parameter 'bias_init' must be finite"),
-        (lambda: LayerSpec("entmax", learn_alpha=True, alpha_init=math.nan), r"parameter 'alpha_init' must be finite"),
+        (lambda: LayerSpec("ssmax", {"s": math.inf}), r"ssmax: parameter 's' must be finite; got \[inf"),
+        (lambda: LayerSpec("ssmax", {"bias": math.nan}, learn=("bias",)), r"parameter 'bias' must be finite"),
+        (lambda: LayerSpec("entmax", {"alpha": math.nan}, learn=("alpha",)), r"parameter 'alpha' must be finite"),
         (
             lambda: LayerSpec("scaled_softmax", params={"temperature": math.inf}),
-            r"NormalizerSpec.params: parameter 'temperature' must be finite; got \[inf\]",
+            r"scaled_softmax: parameter 'temperature' must be finite; got \[inf\]",
         ),
         (lambda: LayerSpec("sigmoid", params={"bias": -math.inf}), r"parameter 'bias' must be finite; got \[-inf\]"),
         (
@@ -230,8 +230,8 @@ def test_trained_normalizers_and_outputs_in_a_config_must_be_finite(tmp_path):
     assert len(found) == 2, found
     assert any("outputs[1]: OutputNormalizer: parameter 'alpha' must be finite" in p for p in found)
     assert any("training.learning_rate: expected a finite number; got nan" in p for p in found)
-    path = _write(tmp_path, 'kind = "needle"\nnormalizers = [{ name = "ssmax", s_init = inf }]\n', "b.toml")
-    assert any("normalizers[0]: NormalizerSpec: parameter 's_init' must be finite" in p for p in _problems(path))
+    path = _write(tmp_path, 'kind = "needle"\nnormalizers = [{ name = "ssmax", s = inf }]\n', "b.toml")
+    assert any("normalizers[0]: ssmax: parameter 's' must be finite" in p for p in _problems(path))
 
 
 @pytest.mark.parametrize("setting_type", SETTINGS, ids=lambda c: f"{c.__module__}.{c.__name__}")

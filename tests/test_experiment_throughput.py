@@ -20,7 +20,8 @@ import pytest
 
 from attnlab import cli, experiments
 from attnlab.experiments import throughput
-from attnlab.experiments.config import ConfigError, Lengths, NormalizerSpec
+from attnlab.experiments.config import ConfigError, Lengths
+from attnlab.normalizers import NormalizerSpec
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = REPO / "experiments" / "throughput_quick.toml"

@@ -19,6 +19,7 @@ from attnlab import cli, experiments
 from attnlab.data import NeedleConfig, needle_train_batches
 from attnlab.experiments import lm
 from attnlab.experiments.config import ConfigError
+from attnlab.normalizers import NormalizerSpec
 
 REPO = Path(__file__).resolve().parent.parent
 LENGTH_QUICK = REPO / "experiments" / "length_generalization_quick.toml"
@@ -143,8 +144,8 @@ def test_nested_tables_and_trained_normalizers_are_checked(tmp_path):
     bad = _write(
         tmp_path,
         'kind = "length_generalization"\n'
-        'normalizers = ["softmax", { name = "softmax", learn_alpha = true, label = "x" }, '
-        '{ name = "ssmax", learn_s = "yes", label = "y" }]\n'
+        'normalizers = ["softmax", { name = "softmax", learn = ["alpha"], label = "x" }, '
+        '{ name = "ssmax", learn_s = false, label = "y" }]\n'
         "eval_length = 64\n"
         "[model]\nwidth = 30\nheads = 4\ndepth = 2\n"
         "[training]\nsteps = 'many'\n",
@@ -152,8 +153,8 @@ def test_nested_tables_and_trained_normalizers_are_checked(tmp_path):
     with pytest.raises(ConfigError) as err:
         experiments.load(bad)
     text = str(err.value)
-    assert "learn_alpha applies only to entmax, logn_entmax" in text
-    assert "learn_s must be True or False" in text
+    assert "'softmax' cannot learn 'alpha'; learnable: nothing" in text
+    assert "'learn_s' is no longer a key; write learn = [...] listing s (or learn = [] for a fixed s)" in text
     assert "model: unknown key 'depth'" in text and "layers, width, heads, rope_theta" in text
     assert "training.steps: expected an integer; got 'many'" in text
     assert all(str(bad) in p for p in err.value.problems)
@@ -177,8 +178,10 @@ def test_trained_normalizer_specs_round_trip_to_json():
     kind = experiments.KINDS["length_generalization"]
     specs = kind.config_json(kind.config_type())["normalizers"]
     assert [s["label"] for s in specs][:4] == ["softmax", "ssmax", "SSMax (fixed s)", "SSMax + bias"]
-    assert specs[2] == {"name": "ssmax", "label": "SSMax (fixed s)", "learn_s": False}
-    assert specs[6] == {"name": "entmax", "label": "α-entmax (learned α)", "learn_alpha": True}
+    assert specs[2] == {"name": "ssmax", "label": "SSMax (fixed s)", "learn": []}
+    assert specs[3] == {"name": "ssmax", "label": "SSMax + bias", "learn": ["s", "bias"]}
+    assert specs[6] == {"name": "entmax", "label": "α-entmax (learned α)", "learn": ["alpha"]}
+    assert [NormalizerSpec.parse(s) for s in specs] == list(kind.config_type().normalizers)
 
 
 def test_needle_training_stream_mixes_depths_and_is_deterministic():

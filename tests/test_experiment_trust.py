@@ -22,7 +22,6 @@ import pytest
 
 from attnlab import cli, experiments
 from attnlab.experiments import lm, results
-from attnlab.experiments.config import LayerNormalizer
 from attnlab.experiments.kind import settings_key
 from attnlab.nn import NormalizerSpec
 
@@ -92,9 +91,9 @@ def _run(*args: str) -> int:
 
 def test_every_determining_setting_changes_the_model_key_and_nothing_else_does():
     model, training = lm.ModelSetting(layers=1, width=16, heads=2), lm.TrainingSetting(seq_len=8, steps=4, warmup=1)
-    softmax = LayerNormalizer(NormalizerSpec("softmax"), "softmax")
-    ssmax = LayerNormalizer(NormalizerSpec("ssmax", s_init=0.4), "ssmax")
-    ssmax_other = LayerNormalizer(NormalizerSpec("ssmax", s_init=0.5), "ssmax")
+    softmax = NormalizerSpec("softmax")
+    ssmax = NormalizerSpec("ssmax", {"s": 0.4})
+    ssmax_other = NormalizerSpec("ssmax", {"s": 0.5})
 
     def key(model=model, training=training, normalizer=softmax, **kw):
         return settings_key(lm.model_settings(model, training, normalizer, **kw))
@@ -112,7 +111,7 @@ def test_every_determining_setting_changes_the_model_key_and_nothing_else_does()
     assert key(normalizer=ssmax) != key(normalizer=ssmax_other)  # a parameter under the same label
     # What does not change the model keeps its key: the checkpoint period and the display label.
     assert key(training=dataclasses.replace(training, checkpoint_every=1)) == reference
-    relabelled = LayerNormalizer(NormalizerSpec("softmax"), "plain softmax")
+    relabelled = NormalizerSpec("softmax", label="plain softmax")
     assert key(normalizer=relabelled) == reference
 
 

@@ -31,12 +31,12 @@ def test_logits_are_float32_batch_seq_vocab_and_causal():
 
 
 def test_each_layer_gets_its_own_normalizer_and_learned_parameters():
-    model = _model(normalizer=("ssmax", NormalizerSpec("entmax", learn_alpha=True, alpha_init=1.3)))
+    model = _model(normalizer=("ssmax", NormalizerSpec("entmax", {"alpha": 1.3}, learn=("alpha",))))
     first, second = model.blocks[0].attention.normalizer, model.blocks[1].attention.normalizer
     assert first.names == ("s",) and first.s[...].shape == (2, 1, 1)
     assert second.names == ("alpha_logit",)
-    assert model.config.normalizer[0].name == "ssmax" and model.config.normalizer[1].learn_alpha
-    assert model.config.to_json()["normalizer"][1] == {"name": "entmax", "learn_alpha": True, "alpha_init": 1.3}
+    assert model.config.normalizer[0].name == "ssmax" and model.config.normalizer[1].learn == ("alpha",)
+    assert model.config.to_json()["normalizer"][1] == {"name": "entmax", "alpha": 1.3, "learn": ["alpha"]}
 
 
 def test_a_single_normalizer_applies_to_every_layer():

@@ -67,7 +67,7 @@ def _fresh_state(model, config):
 
 
 def test_weight_decay_applies_to_kernels_and_embeddings_only():
-    _, params = split_model(_model(NormalizerSpec("ssmax", learn_bias=True)))
+    _, params = split_model(_model(NormalizerSpec("ssmax", learn=("s", "bias"))))
     decayed = {
         jax.tree_util.keystr(path): flag for path, flag in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]
     }
@@ -161,7 +161,7 @@ def test_train_config_errors_name_the_field():
 OVERFIT_DEFAULT = ("softmax", "sparsemax", "logn_entmax15")  # + learned alpha: entmax, the log n policy
 OVERFIT_CASES = [
     pytest.param(name, marks=() if name in OVERFIT_DEFAULT else pytest.mark.slow, id=name) for name in normalizers.NAMES
-] + [pytest.param(NormalizerSpec("entmax", learn_alpha=True), id="entmax_learned_alpha")]
+] + [pytest.param(NormalizerSpec("entmax", learn=("alpha",)), id="entmax_learned_alpha")]
 
 
 @pytest.mark.parametrize("normalizer", OVERFIT_CASES)
@@ -419,7 +419,7 @@ def test_a_sparse_output_trains_and_evaluates_with_its_own_loss():
     batch = _batch(3)
     model = TransformerLM(ModelConfig(**TINY, output="sparsemax"), rngs=nnx.Rngs(0))
     logits = model(batch.inputs)
-    want = float(np.mean(losses.sparsemax_loss(logits, batch.targets)))
+    want = float(np.mean(losses.multiclass_sparsemax_loss(logits, batch.targets)))
     assert evaluate(model, [batch]).loss == pytest.approx(want, rel=1e-5)
     probs = np.asarray(model.probabilities(logits))
     np.testing.assert_allclose(probs, np.asarray(normalizers.sparsemax(logits)), atol=1e-6)

@@ -33,10 +33,9 @@ from attnlab import calibration
 from attnlab.data import load_corpus, spread_batches, train_batches
 from attnlab.experiments import lm
 from attnlab.experiments.checks import at_least, check, multiple_of, setting
-from attnlab.experiments.config import LayerNormalizer
 from attnlab.experiments.kind import Kind
 from attnlab.losses import OutputNormalizer
-from attnlab.nn import NormalizerSpec
+from attnlab.normalizers import NormalizerSpec
 
 DEFAULT_OUTPUTS = (
     OutputNormalizer("softmax"),
@@ -45,7 +44,7 @@ DEFAULT_OUTPUTS = (
     OutputNormalizer("entmax15"),
     OutputNormalizer("sparsemax"),
 )
-ATTENTION = LayerNormalizer(NormalizerSpec("softmax"), "softmax")
+ATTENTION = NormalizerSpec("softmax")
 EVAL_BATCH = 8
 
 

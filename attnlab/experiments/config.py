@@ -8,8 +8,8 @@ in every table, outer and nested, and raises them together in one :class:`Config
 naming the file, the dotted key, the value and what is accepted.
 
 Field types understood by the checker: bool, int, float, str, tuple[int, ...],
-tuple[float, ...], tuple[str, ...], :class:`NormalizerSpec` tuples, :class:`LayerNormalizer`
-tuples (normalizers of a model to train, with what each layer learns), tuples of
+tuple[float, ...], tuple[str, ...], tuples of :class:`attnlab.normalizers.NormalizerSpec`
+(a normalizer, its parameters, what a trained layer learns, its label), tuples of
 :class:`attnlab.losses.OutputNormalizer` (a model's output layer), :class:`Lengths`, and
 nested frozen dataclasses, written as TOML tables (`[model]` / `model = {width = 64}`) and
 overridden with dotted keys (`--set model.width=64`).
@@ -31,7 +31,7 @@ from attnlab import normalizers
 from attnlab.experiments import checks
 from attnlab.experiments.checks import at_least, distinct, each, nonempty
 from attnlab.losses import MAPPINGS, OutputNormalizer
-from attnlab.nn import spec as layer_spec
+from attnlab.normalizers import NormalizerSpec
 
 
 class ConfigError(ValueError):
@@ -40,65 +40,6 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
-
-
-@dataclasses.dataclass(frozen=True)
-class NormalizerSpec:
-    """A registry name with bound parameters and the label figures show.
-
-    In TOML either a bare name, "ssmax", or a table, {name = "ssmax", s = 0.3, label = "SSMax s=0.3"}.
-    Construction builds the normalizer once, so the registry's checks (known name and parameters,
-    each parameter finite and in its range) reject a bad spec before any work.
-    """
-
-    name: str
-    params: tuple[tuple[str, Any], ...] = ()
-    label: str = ""
-
-    def __post_init__(self):
-        if not self.label:
-            object.__setattr__(self, "label", self.name)
-        self.build()
-
-    def build(self) -> normalizers.Normalizer:
-        return normalizers.get(self.name, **dict(self.params))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "label": self.label, **dict(self.params)}
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerNormalizer:
-    """A normalizer for the attention layers of a model to train, and the label figures show.
-
-    In TOML a bare name, "ssmax", or a table with `name`, an optional `label`, any field of
-    :class:`attnlab.nn.NormalizerSpec` (learn_s, s_init, train_length, learn_bias, bias_init,
-    learn_alpha, alpha_init, learn_temperature) and fixed parameters of the normalizer, e.g.
-    {name = "ssmax", learn_s = false, label = "SSMax (fixed s)"} or {name = "entmax", alpha = 1.3}.
-    """
-
-    spec: layer_spec.NormalizerSpec
-    label: str
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def to_json(self) -> dict[str, Any]:
-        out = {"name": self.spec.name, "label": self.label}
-        defaults = layer_spec.NormalizerSpec(name=self.spec.name)
-        for field in dataclasses.fields(layer_spec.NormalizerSpec):
-            value = getattr(self.spec, field.name)
-            if field.name == "params":
-                out.update(dict(value))
-            elif field.name != "name" and value != getattr(defaults, field.name):
-                out[field.name] = value
-        return out
-
-
-LAYER_SPEC_FIELDS = tuple(
-    f.name for f in dataclasses.fields(layer_spec.NormalizerSpec) if f.name not in ("name", "params")
-)
 
 
 LENGTH_RULES = (nonempty, each(at_least(1)), distinct)
@@ -126,10 +67,8 @@ def _describe(annotation: Any) -> str:
     if annotation is Lengths:
         return "a list of positive integers or a table {start, stop, num} (log-spaced)"
     if annotation == tuple[NormalizerSpec, ...]:
-        return f"a list of normalizer names or tables {{name, label, params...}}; names: {', '.join(normalizers.NAMES)}"
-    if annotation == tuple[LayerNormalizer, ...]:
         return (
-            f"a list of normalizer names or tables {{name, label, {', '.join(LAYER_SPEC_FIELDS)}, params...}}; "
+            "a list of normalizer names or tables {name, label, learn, <parameters>...}; "
             f"names: {', '.join(normalizers.NAMES)}"
         )
     if annotation == tuple[OutputNormalizer, ...]:
@@ -166,62 +105,24 @@ def _parse_scalar(value: Any, annotation: Any) -> Any:
     raise TypeError
 
 
-def _parse_normalizer(value: Any, where: str, problems: list[str]) -> NormalizerSpec | None:
-    if isinstance(value, str):
-        table: dict[str, Any] = {"name": value}
-    elif isinstance(value, dict):
-        table = dict(value)
-    else:
-        problems.append(f"{where}: expected a normalizer name or table, got {value!r}")
-        return None
-    name = table.pop("name", None)
-    label = table.pop("label", "")
-    if not isinstance(name, str):
-        problems.append(f"{where}: a normalizer table needs name = one of {', '.join(normalizers.NAMES)}")
-        return None
-    if not isinstance(label, str):
-        problems.append(f"{where}.label: expected a string, got {label!r}")
-        return None
-    try:
-        return NormalizerSpec(name, tuple(sorted(table.items())), label)
-    except (ValueError, TypeError) as err:
-        problems.append(f"{where}: {err}")
-        return None
-
-
-def _parse_layer_normalizer(value: Any, where: str, problems: list[str]) -> LayerNormalizer | None:
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        problems.append(
-            f"{where}: expected a normalizer name or a table with name = one of {', '.join(normalizers.NAMES)}"
-        )
-        return None
-    table = dict(value)
-    name, label = table.pop("name"), table.pop("label", None)
-    if label is not None and not isinstance(label, str):
-        problems.append(f"{where}.label: expected a string, got {label!r}")
-        return None
-    fields = {key: table.pop(key) for key in LAYER_SPEC_FIELDS if key in table}
-    try:
-        spec = layer_spec.NormalizerSpec(name=name, params=table, **fields)
-    except (ValueError, TypeError) as err:
-        problems.append(f"{where}: {err}")
-        return None
-    return LayerNormalizer(spec, label or name)
-
-
 def _parse_specs(value: Any, annotation: Any, where: str, problems: list[str]) -> tuple | None:
     """A non-empty list of normalizer specs with unique labels."""
     if not isinstance(value, list) or not value:
         problems.append(f"{where}: expected {_describe(annotation)}; got {value!r}")
         return None
-    parse = _parse_normalizer if annotation == tuple[NormalizerSpec, ...] else _parse_layer_normalizer
-    specs = [parse(v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    specs = [_parse_normalizer(v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
     labels = [s.label for s in specs if s is not None]
     if len(set(labels)) != len(labels):
         problems.append(f"{where}: labels must be unique (give a label to repeated names); got {labels}")
     return tuple(specs)
+
+
+def _parse_normalizer(value: Any, where: str, problems: list[str]) -> NormalizerSpec | None:
+    try:
+        return NormalizerSpec.parse(value, where)
+    except ValueError as err:
+        problems.append(str(err))
+        return None
 
 
 def _parse_outputs(value: Any, where: str, problems: list[str]) -> tuple[OutputNormalizer, ...] | None:
@@ -270,7 +171,7 @@ def _parse_field(value: Any, annotation: Any, source: str, key: str, problems: l
     where = f"{source}: {key}"
     if annotation is Lengths:
         return _parse_lengths(value, where, problems)
-    if annotation in (tuple[NormalizerSpec, ...], tuple[LayerNormalizer, ...]):
+    if annotation == tuple[NormalizerSpec, ...]:
         return _parse_specs(value, annotation, where, problems)
     if annotation == tuple[OutputNormalizer, ...]:
         return _parse_outputs(value, where, problems)
@@ -404,7 +305,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def to_json(value: Any) -> Any:
     """A config (nested frozen dataclasses, specs, lengths, tuples) as plain JSON values."""
-    if isinstance(value, (NormalizerSpec, LayerNormalizer, OutputNormalizer)):
+    if isinstance(value, (NormalizerSpec, OutputNormalizer)):
         return value.to_json()
     if isinstance(value, Lengths):
         return list(value.values)

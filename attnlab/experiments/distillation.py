@@ -44,13 +44,12 @@ from attnlab.experiments.checks import (
     positive,
     setting,
 )
-from attnlab.experiments.config import LayerNormalizer
 from attnlab.experiments.kind import Kind
-from attnlab.nn import NormalizerSpec
+from attnlab.normalizers import NormalizerSpec
 from attnlab.train import distillation_objective
 
 TEACHER, BASELINE, STUDENT = "teacher", "baseline", "student"
-ATTENTION = LayerNormalizer(NormalizerSpec("softmax"), "softmax")
+ATTENTION = NormalizerSpec("softmax")
 EVAL_BATCH = 8
 
 

@@ -29,9 +29,9 @@ import numpy as np
 
 from attnlab.experiments import theory
 from attnlab.experiments.checks import at_least, between, check, distinct, each, finite, nonempty, positive, setting
-from attnlab.experiments.config import Lengths, NormalizerSpec
+from attnlab.experiments.config import Lengths
 from attnlab.experiments.kind import Kind
-from attnlab.normalizers import Normalizer, Softmax, stats
+from attnlab.normalizers import Normalizer, NormalizerSpec, Softmax, stats
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,31 +32,30 @@ import numpy as np
 from attnlab.data import eval_batches, load_corpus, train_batches
 from attnlab.experiments import lm
 from attnlab.experiments.checks import at_least, check, distinct, each, nonempty, positive, setting
-from attnlab.experiments.config import LayerNormalizer
 from attnlab.experiments.kind import Kind
-from attnlab.nn import NormalizerSpec
+from attnlab.normalizers import NormalizerSpec
 
 DEFAULT_NORMALIZERS = (
-    LayerNormalizer(NormalizerSpec("softmax"), "softmax"),
-    LayerNormalizer(NormalizerSpec("ssmax"), "ssmax"),
-    LayerNormalizer(NormalizerSpec("ssmax", learn_s=False), "SSMax (fixed s)"),
-    LayerNormalizer(NormalizerSpec("ssmax", learn_bias=True), "SSMax + bias"),
-    LayerNormalizer(NormalizerSpec("sparsemax"), "sparsemax"),
-    LayerNormalizer(NormalizerSpec("entmax15"), "entmax15"),
-    LayerNormalizer(NormalizerSpec("entmax", learn_alpha=True, alpha_init=1.5), "α-entmax (learned α)"),
+    NormalizerSpec("softmax"),
+    NormalizerSpec("ssmax"),
+    NormalizerSpec("ssmax", learn=(), label="SSMax (fixed s)"),
+    NormalizerSpec("ssmax", learn=("s", "bias"), label="SSMax + bias"),
+    NormalizerSpec("sparsemax"),
+    NormalizerSpec("entmax15"),
+    NormalizerSpec("entmax", learn=("alpha",), label="α-entmax (learned α)"),
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """normalizers: the models to train (see `LayerNormalizer`); model, training: their shape and
+    """normalizers: the models to train (see `NormalizerSpec`); model, training: their shape and
     training (`lm.ModelSetting`, `lm.TrainingSetting`); eval_length: evaluation window length
     (>= training.seq_len; the paper's question needs >= 8 L); eval_windows: validation windows
     (contiguous, from the start of the validation split); rope_theta_factors: RoPE
     bases to evaluate with, as multiples of model.rope_theta; position_bins: about this many
     log-spaced bins of positions for the statistics."""
 
-    normalizers: tuple[LayerNormalizer, ...] = DEFAULT_NORMALIZERS
+    normalizers: tuple[NormalizerSpec, ...] = DEFAULT_NORMALIZERS
     model: lm.ModelSetting = dataclasses.field(default_factory=lm.ModelSetting)
     training: lm.TrainingSetting = dataclasses.field(default_factory=lm.TrainingSetting)
     eval_length: int = setting(1024, at_least(2))

@@ -27,9 +27,10 @@ import numpy as np
 from flax import nnx
 
 from attnlab.experiments.checks import at_least, check, positive, setting
-from attnlab.experiments.config import LayerNormalizer, to_json
+from attnlab.experiments.config import to_json
 from attnlab.experiments.kind import settings_key
-from attnlab.nn import ModelConfig, TransformerLM, alpha_from_logit
+from attnlab.nn import ModelConfig, TransformerLM
+from attnlab.normalizers import NormalizerSpec
 from attnlab.train import (
     EvalResult,
     Objective,
@@ -62,14 +63,14 @@ class ModelSetting:
     def __post_init__(self):
         check(self)
 
-    def build(self, normalizer: LayerNormalizer, seed: int, output: Any = "softmax") -> TransformerLM:
+    def build(self, normalizer: NormalizerSpec, seed: int, output: Any = "softmax") -> TransformerLM:
         """A fresh model with this shape and `normalizer` in every layer, initialised from `seed`;
         `output` is its output normalizer (`attnlab.losses.OutputNormalizer` or a mapping name)."""
         config = ModelConfig(
             num_layers=self.layers,
             width=self.width,
             num_heads=self.heads,
-            normalizer=normalizer.spec,
+            normalizer=normalizer,
             rope_theta=self.rope_theta,
             output=output,
         )
@@ -126,7 +127,7 @@ UNKEYED_TRAINING = ("checkpoint_every",)
 def model_settings(
     model_setting: ModelSetting,
     training: TrainingSetting,
-    normalizer: LayerNormalizer,
+    normalizer: NormalizerSpec,
     output: Any = "softmax",
     settings: dict[str, Any] | None = None,
     eval_every: int = 0,
@@ -155,7 +156,7 @@ def corpus_settings(corpus: Any, split: str = "train") -> dict[str, Any]:
 def train_model(
     model_setting: ModelSetting,
     training: TrainingSetting,
-    normalizer: LayerNormalizer,
+    normalizer: NormalizerSpec,
     batches: Iterable[Any],
     *,
     settings: dict[str, Any] | None = None,
@@ -280,20 +281,12 @@ class Probe:
 
 
 def learned_parameters(model: TransformerLM) -> dict[str, list[list[float]]]:
-    """The learned normalizer parameters of every layer, [layer][head], in their natural units:
-    s and bias as stored, alpha = clip(1 + sigmoid(alpha_logit), 1.01, 2), temperature = exp(.),
-    MultiMax's bends as stored and its slopes = exp(.)."""
-    readable = {
-        "alpha_logit": ("alpha", alpha_from_logit),
-        "log_temperature": ("temperature", jnp.exp),
-        "multimax_log_slope_low": ("multimax_slope_low", jnp.exp),
-        "multimax_log_slope_high": ("multimax_slope_high", jnp.exp),
-    }
+    """The learned normalizer parameters of every layer, [layer][head], in their natural units
+    (alpha, not its logit; a temperature, not its log), named as the normalizer's parameters."""
     out: dict[str, list[list[float]]] = {}
     for block in model.blocks:
         learned = block.attention.normalizer
-        for name in learned.names:
-            label, transform = readable.get(name, (name, jnp.asarray))
-            values = np.asarray(transform(getattr(learned, name)[...]), np.float64).reshape(-1)
-            out.setdefault(label, []).append(values.tolist())
+        stored = {name: getattr(learned, name)[...] for name in learned.spec.learned}
+        for name, value in learned.spec.learned_values(stored).items():
+            out.setdefault(name, []).append(np.asarray(value, np.float64).reshape(-1).tolist())
     return out

@@ -37,15 +37,15 @@ from attnlab.experiments.checks import (
     positive,
     setting,
 )
-from attnlab.experiments.config import LayerNormalizer, to_json
+from attnlab.experiments.config import to_json
 from attnlab.experiments.kind import Kind
-from attnlab.nn import NormalizerSpec
+from attnlab.normalizers import NormalizerSpec
 
 DEFAULT_NORMALIZERS = (
-    LayerNormalizer(NormalizerSpec("softmax"), "softmax"),
-    LayerNormalizer(NormalizerSpec("ssmax"), "ssmax"),
-    LayerNormalizer(NormalizerSpec("sparsemax"), "sparsemax"),
-    LayerNormalizer(NormalizerSpec("entmax15"), "entmax15"),
+    NormalizerSpec("softmax"),
+    NormalizerSpec("ssmax"),
+    NormalizerSpec("sparsemax"),
+    NormalizerSpec("entmax15"),
 )
 EVAL_SEED_OFFSET = 1_000_003  # evaluation sequences are drawn apart from the training stream
 
@@ -58,7 +58,7 @@ class Config:
     eval_examples: sequences per (length, depth) cell; rope_theta_factors: RoPE bases to test,
     as multiples of model.rope_theta."""
 
-    normalizers: tuple[LayerNormalizer, ...] = DEFAULT_NORMALIZERS
+    normalizers: tuple[NormalizerSpec, ...] = DEFAULT_NORMALIZERS
     model: lm.ModelSetting = dataclasses.field(default_factory=lambda: lm.ModelSetting(layers=2, width=64, heads=4))
     training: lm.TrainingSetting = dataclasses.field(
         default_factory=lambda: lm.TrainingSetting(batch_size=32, steps=1500, learning_rate=3e-3, warmup=50)

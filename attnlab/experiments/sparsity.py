@@ -53,16 +53,15 @@ from flax import nnx
 from attnlab.data import Batch, eval_batches, load_corpus, train_batches
 from attnlab.experiments import lm
 from attnlab.experiments.checks import at_least, check, distinct, each, nonempty, one_of, positive, setting
-from attnlab.experiments.config import LayerNormalizer, Lengths, NormalizerSpec
+from attnlab.experiments.config import Lengths
 from attnlab.experiments.kind import Kind
-from attnlab.nn import NormalizerSpec as LayerSpec
 from attnlab.nn import TransformerLM
 from attnlab.nn.inspect import attention_logits
-from attnlab.normalizers import Normalizer, stats
+from attnlab.normalizers import Normalizer, NormalizerSpec, stats
 from attnlab.train.step import token_losses
 
 INPUTS = ("synthetic", "model")
-SOFTMAX = LayerNormalizer(LayerSpec("softmax"), "softmax")
+SOFTMAX = NormalizerSpec("softmax")
 CACHE_SIZE = 2
 
 
@@ -91,7 +90,7 @@ class Config:
         NormalizerSpec("softmax"),
         NormalizerSpec("sparsemax"),
         NormalizerSpec("entmax15"),
-        NormalizerSpec("entmax", (("alpha", 1.3),), "entmax α=1.3"),
+        NormalizerSpec("entmax", {"alpha": 1.3}, label="entmax α=1.3"),
         NormalizerSpec("logn_sparsemax"),
         NormalizerSpec("logn_entmax15"),
         *(NormalizerSpec(name) for name in ("softmax1", "sigmoid", "stablemax", "softpick", "multimax")),

@@ -85,9 +85,9 @@ import numpy as np
 from attnlab.attention import IMPLEMENTATIONS, dot_product_attention
 from attnlab.attention.api import static_entmax_alpha
 from attnlab.experiments.checks import at_least, check, distinct, each, noted, one_of, positive, setting
-from attnlab.experiments.config import Lengths, NormalizerSpec, to_json
+from attnlab.experiments.config import Lengths, to_json
 from attnlab.experiments.kind import Kind
-from attnlab.normalizers import Normalizer, Softmax
+from attnlab.normalizers import Normalizer, NormalizerSpec, Softmax
 
 MODES = ("forward", "forward+backward")
 JAX_NN = "jax.nn"  # the case label of the jax.nn.dot_product_attention baseline

@@ -7,54 +7,29 @@ from pathlib import Path
 import matplotlib
 
 from attnlab.atomic import write_atomic
+from attnlab.normalizers import registry
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-# One colour per registry name, the same in every figure (colour-blind-safe Tableau 10 order).
-COLORS = {
-    "softmax": "#4e79a7",
-    "scaled_softmax": "#76b7b2",
-    "ssmax": "#e15759",
-    "sparsemax": "#59a14f",
-    "entmax15": "#f28e2b",
-    "entmax": "#b07aa1",
-    "logn_sparsemax": "#9c755f",
-    "logn_entmax15": "#edc948",
-    "logn_entmax": "#ff9da7",
-    "softmax1": "#17becf",
-    "sigmoid": "#bcbd22",
-    "stablemax": "#000000",
-    "softpick": "#c51b7d",
-    "multimax": "#542788",
-}
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "h", "*"]
+# Colours for repeated names and names this process has not registered.
 _EXTRA = ["#bab0ac", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5", "#c49c94"]
 
-LABELS = {
-    "softmax": "softmax",
-    "scaled_softmax": "scaled softmax",
-    "ssmax": "SSMax",
-    "sparsemax": "sparsemax",
-    "entmax15": "1.5-entmax",
-    "entmax": "α-entmax",
-    "logn_sparsemax": "log-n sparsemax",
-    "logn_entmax15": "log-n 1.5-entmax",
-    "logn_entmax": "log-n α-entmax",
-    "softmax1": "softmax1 (off-by-one)",
-    "sigmoid": "sigmoid (b = -log n)",
-    "stablemax": "StableMax",
-    "softpick": "softpick",
-    "multimax": "MultiMax",
-}
+
+def _entry(name: str) -> registry.Entry | None:
+    """The registry entry of `name` (colour and label come from it), or None for a name this
+    process does not know (a normalizer registered by the run that wrote the JSON, not here)."""
+    return registry.entry(name) if name in registry.NAMES else None
 
 
 def colors_for(specs: list[dict]) -> dict[str, str]:
-    """label -> colour: a name's first entry gets the registry colour, repeats get extras in order."""
+    """label -> colour: a name's first entry gets its registry colour, repeats get extras in order."""
     out, seen, extra = {}, set(), iter(_EXTRA * 4)
     for spec in specs:
-        if spec["name"] in COLORS and spec["name"] not in seen:
-            out[spec["label"]] = COLORS[spec["name"]]
+        known = _entry(spec["name"])
+        if known is not None and spec["name"] not in seen:
+            out[spec["label"]] = known.color
         else:
             out[spec["label"]] = next(extra)
         seen.add(spec["name"])
@@ -62,8 +37,9 @@ def colors_for(specs: list[dict]) -> dict[str, str]:
 
 
 def display_label(spec: dict) -> str:
-    """What the legend shows: the registry's pretty name unless the config gave its own label."""
-    return LABELS.get(spec["label"], spec["label"])
+    """What the legend shows: the registry's label when the config gave none of its own (label = name)."""
+    known = _entry(spec["label"])
+    return known.label if known is not None else spec["label"]
 
 
 def setup() -> None:

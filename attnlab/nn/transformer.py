@@ -124,13 +124,8 @@ class ModelConfig:
 
 
 def _spec_json(spec: NormalizerSpec) -> dict[str, Any]:
-    defaults = NormalizerSpec(name=spec.name)
-    out = {"name": spec.name}
-    for field in dataclasses.fields(NormalizerSpec):
-        value = getattr(spec, field.name)
-        if field.name != "name" and value != getattr(defaults, field.name):
-            out[field.name] = dict(value) if field.name == "params" else value
-    return out
+    """The spec's table less its display label (which does not change the model)."""
+    return {key: value for key, value in spec.to_json().items() if key != "label"}
 
 
 class MLP(nnx.Module):

@@ -66,9 +66,9 @@ class NormalizerSpec:
       name: a name from `attnlab.normalizers.NAMES`.
       params: parameter values (numbers), as a mapping or (name, value) pairs: fixed values, and
         the start values of learned parameters; the rest take their defaults.
+      label: what figures and tables show (default: the name).
       learn: the parameters a layer learns per head (each must be learnable: its description has
         a `learn` parametrisation). None: those its description learns by default (SSMax's s).
-      label: what figures and tables show (default: the name).
 
     Bad values raise ValueError naming the field, the value and what is accepted. A plain string
     is accepted wherever a spec is, meaning `NormalizerSpec(name=...)`.
@@ -76,14 +76,12 @@ class NormalizerSpec:
 
     name: str = "softmax"
     params: Any = ()
-    learn: Any = None
     label: str = ""
+    learn: Any = None
 
     def __post_init__(self):
         where = "NormalizerSpec"
-        if not isinstance(self.name, str) or self.name not in registry.NAMES:
-            raise ValueError(f"{where}.name={self.name!r}; accepted: {', '.join(registry.NAMES)}")
-        entry = registry.entry(self.name)
+        entry = registry.entry(self.name)  # ValueError naming the valid names
         object.__setattr__(self, "params", self._check_params(self.params, entry))
         object.__setattr__(self, "learn", self._check_learn(self.learn, entry))
         if not isinstance(self.label, str):
@@ -119,7 +117,7 @@ class NormalizerSpec:
                 _unknown(key, entry)
             if not _is_number(value):
                 raise ValueError(f"NormalizerSpec.params[{key!r}] must be a number; got {value!r}")
-            check_finite(key, value, where="NormalizerSpec.params")
+            check_finite(key, value, where=entry.name)
         return tuple(sorted((key, float(value)) for key, value in items))
 
     @staticmethod
@@ -155,7 +153,7 @@ class NormalizerSpec:
                 raise ValueError(f"{where}: {key!r} is no longer a key; write {_REPLACED[key]}")
         name, label, learn = table.pop("name"), table.pop("label", ""), table.pop("learn", None)
         try:
-            return cls(name, table, None if learn is None else tuple(learn), label)
+            return cls(name, table, label, None if learn is None else tuple(learn))
         except (ValueError, TypeError) as error:
             raise ValueError(f"{where}: {error}") from None
 
@@ -197,6 +195,10 @@ class NormalizerSpec:
             for p in self._learned_parameters()
         }
 
+    def learned_values(self, learned: Mapping[str, Any]) -> dict[str, Any]:
+        """The learned parameters' values (natural units: alpha, not its logit) from their stored ones."""
+        return {p.name: p.learn.to_value(learned[p.learn.stored_name(p.name)]) for p in self._learned_parameters()}
+
     def build(self, learned: Mapping[str, Any] | None = None) -> Normalizer:
         """The Normalizer for the stored learned parameters' current values (arrays [N, 1, 1]), or at
         the start values when `learned` is None."""
@@ -205,8 +207,7 @@ class NormalizerSpec:
             missing = sorted(set(self.learned) - set(learned))
             if missing:
                 raise ValueError(f"NormalizerSpec.build: missing learned parameters {missing} for {self.name!r}")
-            for p in self._learned_parameters():
-                values[p.name] = p.learn.to_value(learned[p.learn.stored_name(p.name)])
+            values.update(self.learned_values(learned))
         return registry.get(self.name, **values)
 
     def to_json(self) -> dict[str, Any]:
@@ -220,7 +221,7 @@ class NormalizerSpec:
 def _unknown(key: str, entry: registry.Entry) -> None:
     if key in _REPLACED:
         raise ValueError(f"NormalizerSpec.params: {key!r} is no longer a key; write {_REPLACED[key]}")
-    raise ValueError(f"NormalizerSpec.params: {entry.name!r} does not take {key!r}; it accepts: {entry.accepted()}")
+    raise ValueError(f"normalizer {entry.name!r} does not take {key}; it accepts {entry.accepted()}")
 
 
 def as_spec(normalizer: Any, where: str = "normalizer") -> NormalizerSpec:
