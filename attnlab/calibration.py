@@ -39,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from attnlab.losses import OutputNormalizer, fenchel_young_loss
 from attnlab.normalizers import entmax
@@ -50,7 +51,7 @@ _SEPARABLE = (
 )
 
 
-def _check(logits: Any, labels: Any, where: str) -> tuple[jax.Array, jax.Array]:
+def _check(logits: ArrayLike, labels: ArrayLike, where: str) -> tuple[jax.Array, jax.Array]:
     logits = jnp.asarray(logits, jnp.float32)
     labels = jnp.asarray(labels)
     if logits.ndim != 2:
@@ -96,7 +97,7 @@ def _objective(output: OutputNormalizer) -> Any:
     return lambda beta, logits, labels: _fy_and_derivatives(beta, logits, labels, output.entropy_alpha)
 
 
-def nll(logits: Any, labels: Any, temperature: float = 1.0) -> float:
+def nll(logits: ArrayLike, labels: ArrayLike, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood (nats) of softmax(logits / temperature) on integer labels."""
     logits, labels = _check(logits, labels, "nll")
     if not temperature > 0:
@@ -105,7 +106,7 @@ def nll(logits: Any, labels: Any, temperature: float = 1.0) -> float:
 
 
 def fit_temperature(
-    logits: Any, labels: Any, *, output: Any = "softmax", max_iter: int = 50, tol: float = 1e-7
+    logits: ArrayLike, labels: ArrayLike, *, output: Any = "softmax", max_iter: int = 50, tol: float = 1e-7
 ) -> float:
     """The T > 0 minimising the NLL of softmax(logits / T) on (logits [N, K], labels [N]); for a
     sparse `output` (an `attnlab.losses.OutputNormalizer` or a mapping name: "sparsemax",
@@ -163,7 +164,7 @@ class ReliabilityBins:
         return float(np.sum(self.count[full] * gaps) / np.sum(self.count))
 
 
-def reliability_bins(probs: Any, labels: Any, *, bins: int = 15, scheme: str = "width") -> ReliabilityBins:
+def reliability_bins(probs: Any, labels: ArrayLike, *, bins: int = 15, scheme: str = "width") -> ReliabilityBins:
     """Bin the examples of probs [N, K] (rows on the simplex) by confidence c: equal-width bin m holds
     e_m < c <= e_{m+1} (the first also c = 0); equal-mass bins split the examples sorted by c into M
     runs of N // M or N // M + 1. See the module docstring."""
@@ -193,12 +194,12 @@ def reliability_bins(probs: Any, labels: Any, *, bins: int = 15, scheme: str = "
     return ReliabilityBins(edges, count.astype(int), mean_confidence, accuracy)
 
 
-def expected_calibration_error(probs: Any, labels: Any, *, bins: int = 15, scheme: str = "width") -> float:
+def expected_calibration_error(probs: Any, labels: ArrayLike, *, bins: int = 15, scheme: str = "width") -> float:
     """ECE of probs [N, K] against labels [N] with `bins` equal-width or equal-mass bins."""
     return reliability_bins(probs, labels, bins=bins, scheme=scheme).ece
 
 
-def scores(probs: Any, labels: Any, *, bins: int = 15) -> dict[str, float]:
+def scores(probs: Any, labels: ArrayLike, *, bins: int = 15) -> dict[str, float]:
     """The calibration report of probs [N, K] (rows on the simplex, exact zeros allowed) against labels [N]:
 
     accuracy: fraction whose argmax is the label;

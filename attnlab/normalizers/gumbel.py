@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from attnlab.normalizers._rows import align_param, check_param, compute_dtype, output_dtype
 from attnlab.normalizers.normalizer import _check_axis
@@ -18,12 +19,12 @@ from attnlab.normalizers.registry import softmax
 
 def gumbel_softmax(
     key: jax.Array,
-    logits: Any,
+    logits: ArrayLike,
     temperature: Any,
     hard: bool = False,
     *,
     axis: int = -1,
-    where: Any = None,
+    where: ArrayLike | None = None,
 ) -> jax.Array:
     """A Gumbel-softmax sample along `axis` (Jang et al. 2016; Maddison et al. 2016).
 

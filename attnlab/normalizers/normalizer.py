@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from attnlab.normalizers._rows import align_param, prepare_rows_with_infinity, register_pytree_dataclass, restore_rows
 from attnlab.normalizers.describe import ELEMENTWISE
@@ -62,7 +63,7 @@ class Normalizer:
         # Scale policies multiply a row by one factor: a shift stays a shift.
         return self.mapping.description.shift_invariant
 
-    def __call__(self, logits: Any, *, axis: int = -1, where: Any = None) -> jax.Array:
+    def __call__(self, logits: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
         logits = jnp.asarray(logits)
         axis = _check_axis(axis, logits.ndim, self.name)
         align = partial(_align, shape=logits.shape, axis=axis)

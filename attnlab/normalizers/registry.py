@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+from jax.typing import ArrayLike
 
 from attnlab.normalizers._rows import check_finite
 from attnlab.normalizers.describe import Parameter
@@ -214,7 +215,7 @@ register("multimax", MultiMax, color="#542788")
 
 
 def _functional(name: str, doc: str) -> Callable[..., jax.Array]:
-    def normalize(logits: Any, *, axis: int = -1, where: Any = None, **params: Any) -> jax.Array:
+    def normalize(logits: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None, **params: Any) -> jax.Array:
         return get(name, **params)(logits, axis=axis, where=where)
 
     lines = "".join(f"  {p.name}: {p.summary}; {p.accepted()} (default {p.default}).\n" for p in entry(name).parameters)
