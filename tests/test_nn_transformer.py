@@ -124,3 +124,12 @@ def test_config_errors_name_the_field_and_value(overrides, match):
 def test_tokens_must_be_an_int_matrix():
     with pytest.raises(ValueError, match=r"tokens must be an int array \[batch, seq\]"):
         _model()(jnp.zeros((2, 3), jnp.float32))
+
+
+def test_tokens_outside_the_vocabulary_are_named_not_turned_into_nan():
+    model = _model()
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"token {vocab} at \(1, 2\) is outside \[0, vocab_size={vocab}\)"):
+        model(jnp.asarray([[0, 1, 2], [3, 4, vocab]]))
+    with pytest.raises(ValueError, match=r"token -1 at \(0, 0\)"):
+        model(jnp.asarray([[-1, 1, 2]]))

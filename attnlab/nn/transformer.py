@@ -128,6 +128,22 @@ def _spec_json(spec: NormalizerSpec) -> dict[str, Any]:
     return {key: value for key, value in spec.to_json().items() if key != "label"}
 
 
+def _check_token_range(tokens: jax.Array, vocab_size: int) -> None:
+    """ValueError naming the first token outside [0, vocab_size), when the tokens are concrete.
+
+    (The embedding lookup would give NaN logits for it, as flax's Embed does. Under jit the values
+    are not known here; the training loop then stops on the non-finite loss.)"""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if bool(jnp.any(bad)):
+        index = tuple(int(i) for i in jnp.argwhere(bad)[0])
+        raise ValueError(
+            f"TransformerLM: token {int(tokens[index])} at {index} is outside [0, vocab_size={vocab_size}); "
+            "use a tokenizer with this vocabulary or a larger ModelConfig.vocab_size"
+        )
+
+
 class MLP(nnx.Module):
     """mlp(u) = W_2 gelu(W_1 u + b_1) + b_2, [..., D] -> [..., D]."""
 
@@ -248,6 +264,7 @@ class TransformerLM(nnx.Module):
             raise ValueError(
                 f"TransformerLM: tokens must be an int array [batch, seq]; got {tokens.dtype}{tokens.shape}"
             )
+        _check_token_range(tokens, self.config.vocab_size)
         statistics = statistics or mass_keys is not None
         h = self.embed(tokens)
         layer_stats = []
