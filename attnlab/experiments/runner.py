@@ -50,7 +50,7 @@ class Experiment:
 
     @property
     def spec(self) -> Kind:
-        from attnlab.experiments import KINDS
+        from attnlab.experiments.kinds import KINDS
 
         return KINDS[self.kind]
 
@@ -66,7 +66,7 @@ def check_name(name: Any, where: str) -> str | None:
 
 def from_table(table: dict[str, Any], source: str, default_name: str) -> Experiment:
     """Check a TOML table and build its Experiment, or raise ConfigError with every problem."""
-    from attnlab.experiments import KINDS
+    from attnlab.experiments.kinds import KINDS
 
     problems: list[str] = []
     kind = table.get("kind")

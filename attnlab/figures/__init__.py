@@ -19,7 +19,7 @@ FIGURES = "figures"
 
 def renderers() -> dict[str, Any]:
     """kind -> its figure module's render(payload, out_dir), from the one registry of kinds."""
-    from attnlab.experiments import KINDS
+    from attnlab.experiments.kinds import KINDS
 
     return {name: importlib.import_module(kind.figures).render for name, kind in KINDS.items() if kind.figures}
 

@@ -1,0 +1,17 @@
+"""The registry of experiment kinds: name -> `Kind`, read by `attnlab run`, `figures` and `list`."""
+
+from attnlab.experiments import (
+    calibration,
+    distillation,
+    fading_synthetic,
+    length_generalization,
+    needle,
+    sparsity,
+    throughput,
+)
+from attnlab.experiments.kind import Kind
+
+KINDS: dict[str, Kind] = {
+    module.KIND.name: module.KIND
+    for module in (fading_synthetic, sparsity, throughput, length_generalization, needle, calibration, distillation)
+}
