@@ -98,7 +98,8 @@ def _check_lengths(name: str, lengths: ArrayLike | None, batch: int) -> jax.Arra
 def _check_window(local_window_size) -> tuple[int, int] | None:
     if local_window_size is None:
         return None
-    window = (local_window_size, local_window_size) if isinstance(local_window_size, int) else local_window_size
+    single = isinstance(local_window_size, (int, np.integer))
+    window = (local_window_size, local_window_size) if single else local_window_size
     if (
         not isinstance(window, (tuple, list))
         or len(window) != 2

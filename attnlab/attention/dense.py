@@ -10,7 +10,8 @@ keeps about ten. With dz = factor * dlogits + dfactor * z (z the normalizer's pr
     SOFTMAX      dp = p * (dz - sum(p dz)) - p * (1 - sum p) dsink
     THRESHOLD    dp = s * (dz - sum(s dz) / sum(s)) + dp/dalpha dalpha,   s = p^(2 - alpha) on the support
                  dp/dalpha = (p - s / sum s) / (alpha - 1)^2 + (h - s / sum s * sum h) / (alpha - 1),
-                 h = -p log p (0 at alpha = 1, where entmax is softmax)
+                 h = -p log p (below alpha = 1 + softmax_band, where the mapping is softmax: s = p,
+                 dp/dalpha = 0)
     ELEMENTWISE  dp = p (1 - p) (dz + dbias)
 
 and dp = 0 on a row cut to its +inf logits (the normalizer's limit there is a constant). GENERIC
@@ -33,7 +34,7 @@ from attnlab.attention import families, statistics
 from attnlab.attention.masks import Visibility
 from attnlab.normalizers import ELEMENTWISE, SOFTMAX, THRESHOLD
 from attnlab.normalizers._rows import align_param, prepare_rows_with_infinity
-from attnlab.normalizers.mappings import jacobian_weights
+from attnlab.normalizers.mappings import jacobian_weights, softmax_band
 
 GROUPED_LOGITS = "bkgth,bksh->bkgts"
 GROUPED_OUTPUT = "bkgts,bksh->bkgth"
@@ -157,17 +158,22 @@ def _weights_jvp(static: _Static, primals, tangents):
             dp = dp - p * (1.0 - jnp.sum(p, axis=-1, keepdims=True)) * d_param
     elif kind == THRESHOLD:
         alpha = param if param is not None else float(normalizer.mapping.alpha)
-        s = jacobian_weights(p, alpha)
+        # alpha-entmax is softmax (s = p) below 1 + softmax_band, as the mapping evaluates it
+        near_one = alpha < 1.0 + softmax_band(F32)
+        if isinstance(alpha, float):  # static: the closed forms of jacobian_weights (alpha 1.5, 2)
+            s = p if near_one else jacobian_weights(p, alpha)
+        else:
+            s = jnp.where(near_one, p, jacobian_weights(p, jnp.where(near_one, 2.0, alpha)))
         s_total = jnp.sum(s, axis=-1, keepdims=True)
         s_total = jnp.where(s_total == 0, 1.0, s_total)
         dp = s * (dz - jnp.sum(s * dz, axis=-1, keepdims=True) / s_total)
         if params_move and param is not None:
-            dp = dp + _entmax_alpha_derivative(p, s, s_total, alpha) * d_param
+            dp = dp + jnp.where(near_one, 0.0, _entmax_alpha_derivative(p, s, s_total, alpha) * d_param)
     else:
         assert kind == ELEMENTWISE
         if params_move and param is not None:
             dz = dz + d_param
-        dp = p * (1.0 - p) * dz
+        dp = p * (dz - p * dz)  # p (1 - p) dz, written so that the backward keeps p alone
     # A row cut to its +inf logits is constant; a factor (not a where) keeps only [.., 1] for the backward.
     return p, (dp * grouped(~infinite).astype(F32)).astype(p.dtype)
 
@@ -176,14 +182,12 @@ _weights.defjvp(_weights_jvp, symbolic_zeros=True)
 
 
 def _entmax_alpha_derivative(p: jax.Array, s: jax.Array, s_total: jax.Array, alpha: jax.Array) -> jax.Array:
-    """dp/dalpha of alpha-entmax (Correia et al. 2019), 0 where alpha = 1 (softmax)."""
-    at_one = alpha == 1.0
-    shift = jnp.where(at_one, 1.0, alpha - 1.0)
+    """dp/dalpha of alpha-entmax (Correia et al. 2019), for alpha > 1."""
+    shift = jnp.maximum(alpha - 1.0, softmax_band(F32))
     p_tilde = s / s_total
     support = p > 0
     h = jnp.where(support, -p * jnp.log(jnp.where(support, p, 1.0)), 0.0)
-    derivative = (p - p_tilde) / shift**2 + (h - p_tilde * jnp.sum(h, axis=-1, keepdims=True)) / shift
-    return jnp.where(at_one, 0.0, derivative)
+    return (p - p_tilde) / shift**2 + (h - p_tilde * jnp.sum(h, axis=-1, keepdims=True)) / shift
 
 
 def log_normaliser(normalizer: Callable, logits: jax.Array, visible: jax.Array) -> jax.Array:

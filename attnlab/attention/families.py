@@ -18,8 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
+
 from attnlab.normalizers import ELEMENTWISE, GENERIC, SOFTMAX, THRESHOLD, Normalizer
 from attnlab.normalizers._rows import concrete_values
+from attnlab.normalizers.mappings import softmax_band
 
 # The parameter through which each family's mapping tells attention what it needs.
 FAMILY_ATTRIBUTE = {SOFTMAX: "sink", THRESHOLD: "alpha", ELEMENTWISE: "bias"}
@@ -51,21 +54,27 @@ def static_alpha(normalizer: Callable) -> float | None:
     return static_value(normalizer.mapping.alpha)
 
 
+def softmax_like(alpha: float) -> bool:
+    """Whether alpha-entmax at this alpha is evaluated as softmax (alpha below 1 + softmax_band in
+    float32, the logits' dtype here), as `attnlab.normalizers.mappings.entmax_rows` does."""
+    return alpha < 1.0 + softmax_band(jnp.float32)
+
+
 def static_entmax_alpha(normalizer: Callable) -> float | None:
     """alpha in (1, 2] when `normalizer` is of the THRESHOLD family with one concrete alpha there.
 
     Those run on the blocked entmax backend (attention.sparse_blocked) and the Pallas kernel; a
-    traced or per-head alpha, alpha > 2 or alpha = 1 (softmax) do not.
+    traced or per-head alpha, alpha > 2 or alpha near 1 (softmax, see `softmax_like`) do not.
     """
     alpha = static_alpha(normalizer)
-    return alpha if alpha is not None and 1.0 < alpha <= 2.0 else None
+    return alpha if alpha is not None and not softmax_like(alpha) and alpha <= 2.0 else None
 
 
 def online_kind(normalizer: Callable) -> tuple[str, float | None] | None:
     """How the key-blocked online pass (attention.online_softmax) runs `normalizer`, or None when it cannot.
 
     ("softmax", sink): the SOFTMAX family with no sink (None) or one concrete sink logit, and the
-    THRESHOLD family at a concrete alpha = 1 (softmax itself); ("elementwise", None): the
+    THRESHOLD family at a concrete alpha near 1 (softmax there, `softmax_like`); ("elementwise", None): the
     ELEMENTWISE family (its bias joins the attention bias).
     """
     kind = family(normalizer)
@@ -75,8 +84,9 @@ def online_kind(normalizer: Callable) -> tuple[str, float | None] | None:
             return "softmax", None
         value = static_value(sink)
         return None if value is None else ("softmax", value)
-    if kind == THRESHOLD and static_alpha(normalizer) == 1.0:
-        return "softmax", None
+    if kind == THRESHOLD:
+        alpha = static_alpha(normalizer)
+        return ("softmax", None) if alpha is not None and softmax_like(alpha) else None
     if kind == ELEMENTWISE:
         return "elementwise", None
     return None

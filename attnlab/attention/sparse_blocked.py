@@ -4,8 +4,8 @@ For a static alpha in (1, 2] the weights of query t are
 
     p_t = [u_t - tau_t]_+^(1/(alpha-1)) / Z_t,     u_t = (alpha - 1) s_t,     s_t = q_t K^T + b_t,
 
-with tau_t the exact threshold (attnlab.normalizers.thresholds, in the units of u, no shift by
-the row maximum) and Z_t = sum p (1 up to rounding). The factor alpha - 1 rides on the queries
+with tau_t the exact threshold (attnlab.normalizers.thresholds, of u shifted so that its maximum is
+0) and Z_t = sum p (1 up to rounding). The factor alpha - 1 rides on the queries
 and the bias, so the logits come out of the matmul as u. Queries go `query_block` at a time;
 each block builds only the logits of the keys its queries can see: under a causal mask the query
 blocks are gathered into a few groups, each with one static key extent (the largest end among
@@ -15,7 +15,7 @@ Per block: one pass takes the maxima of 128-key chunks (their maximum is the row
 threshold is a lower bound that starts the row's Newton search close to its root; then a few
 passes (one per Newton step) find tau; one more forms the weights, and out = (w V) / Z.
 
-The forward keeps tau and Z per query (O(T) memory), so the backward rebuilds p in one
+The forward keeps tau, Z and the shift per query (O(T) memory), so the backward rebuilds p in one
 elementwise pass, with no threshold search, and applies the entmax Jacobian in closed form:
 
     dp = dout V^T,   w = p^(2 - alpha) on the support,   dz = w * dp - w * sum(w dp) / sum(w),
@@ -46,7 +46,7 @@ from attnlab.normalizers.thresholds import entmax_threshold
 F32 = jnp.float32
 # Key extents are rounded up to whole multiples of this, so that they split into whole chunks.
 EXTENT_MULTIPLE = 128
-# Keys per chunk whose maxima seed the threshold search (see _origin_and_start).
+# Keys per chunk whose maxima seed the threshold search (see _shifted).
 CHUNK = 128
 # Query blocks hold about this many logits ([B, N, query_block, S]): small enough that the
 # threshold passes over a block stay in cache ...
@@ -153,28 +153,36 @@ def _unnormalised(alpha: float, u: jax.Array, tau: jax.Array) -> jax.Array:
     return _power(jnp.maximum(u - tau[..., None], 0.0), 1.0 / (alpha - 1.0))
 
 
-def _origin_and_start(alpha: float, u: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """Each row's maximum and a lower bound of its threshold [..., 1], from one pass.
+def _shifted(alpha: float, u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """u with each row's maximum moved to 0, the shift [..., 1] (0 for a row with nothing visible),
+    the rows' origin for the threshold search (0; -inf for a row with nothing visible) and a lower
+    bound of the shifted rows' thresholds (or None).
 
-    The pass takes the maximum of every chunk of CHUNK keys. The threshold of those chunk maxima
-    alone (a small problem) is a lower bound of the row's threshold, since dropping entries only
-    lowers it, and it is usually close: Newton on the whole row then starts near the root and
-    needs about half the passes it needs from max - 1.
+    Shifting first keeps the gaps u - tau exact for large logits (at |u| = 1e4 float32 rounds
+    them to 1e-3). One pass takes the maximum of every chunk of CHUNK keys (their maximum is the
+    row's); the threshold of the chunk maxima alone (a small problem) is a lower bound of the row's
+    threshold, since dropping entries only lowers it, and it is usually close: Newton on the whole
+    row then starts near the root and needs about half the passes it needs from max - 1.
     """
     n = u.shape[-1]
-    if n % CHUNK or n < 2 * CHUNK:
-        return jnp.max(u, axis=-1, keepdims=True), None
-    chunk_max = jnp.max(u.reshape(*u.shape[:-1], n // CHUNK, CHUNK), axis=-1)
-    m = jnp.max(chunk_max, axis=-1, keepdims=True)
-    return m, entmax_threshold(chunk_max, None, alpha, origin=m)
+    chunked = n % CHUNK == 0 and n >= 2 * CHUNK
+    if chunked:
+        chunk_max = jnp.max(u.reshape(*u.shape[:-1], n // CHUNK, CHUNK), axis=-1)
+        m = jnp.max(chunk_max, axis=-1, keepdims=True)
+    else:
+        m = jnp.max(u, axis=-1, keepdims=True)
+    shift = jnp.where(jnp.isfinite(m), m, 0.0)
+    origin = m - shift
+    start = entmax_threshold(chunk_max - shift, None, alpha, origin=origin) if chunked else None
+    return u - shift, shift, origin, start
 
 
 def _forward_block(static, blk: _Block, mass_keys, want_stats: bool):
-    """out [B, K, G, Tq, H], the row constants (tau, Z) [B, K, G, Tq] and statistics."""
+    """out [B, K, G, Tq, H], the row constants (tau, Z, shift) [B, K, G, Tq] and statistics."""
     alpha = static.alpha
     u, _ = _logits(blk)
-    m, start = _origin_and_start(alpha, u)
-    tau = entmax_threshold(u, None, alpha, origin=m, start=start)[..., 0]
+    u, shift, origin, start = _shifted(alpha, u)
+    tau = entmax_threshold(u, None, alpha, origin=origin, start=start)[..., 0]
     weights = _unnormalised(alpha, u, tau)
     total = jnp.sum(weights, axis=-1)
     total = jnp.where(total > 0, total, 1.0)  # a row with no visible key: weights and output 0
@@ -184,7 +192,7 @@ def _forward_block(static, blk: _Block, mass_keys, want_stats: bool):
     if want_stats:
         p = weights / total[..., None]
         stats = statistics.from_weights(p, None if mass_keys is None else mass_keys[..., : u.shape[-1]])
-    return out, (tau, total), stats
+    return out, (tau, total, shift[..., 0]), stats
 
 
 def _blocks_of(static, group: Group):
@@ -206,7 +214,7 @@ def _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, want
         rows.append(row)
         stats.append(stat)
     join = partial(_join_blocks, static.num_queries)
-    row = tuple(join([r[i] for r in rows]) for i in range(2))
+    row = tuple(join([r[i] for r in rows]) for i in range(3))
     return join(outs), row, {name: join([s[name] for s in stats]) for name in stats[0]}
 
 
@@ -248,12 +256,13 @@ def _bias_grad_block(ds: jax.Array, bias_shape: tuple[int, ...], num_keys: int) 
 
 
 def _attention_bwd(static, want_stats, residuals, cotangents):
-    q, k, v, bias, mask, q_lengths, kv_lengths, (tau, total) = residuals
+    q, k, v, bias, mask, q_lengths, kv_lengths, (tau, total, shift) = residuals
     alpha = static.alpha
     block = static.query_block
     pad = partial(_pad_queries, static)
     q_p, bias_p, mask_p = pad(q), pad(bias), pad(mask)
-    d_out_p, tau_p, total_p = (pad(x) for x in (cotangents[0].astype(F32), tau[..., None], total[..., None]))
+    d_out_p = pad(cotangents[0].astype(F32))
+    tau_p, total_p, shift_p = (pad(x[..., None]) for x in (tau, total, shift))
     bias_over_queries = bias is not None and bias.shape[3] != 1
     dk, dv = jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32)
     dbias_acc = None if bias is None or bias_over_queries else jnp.zeros(bias.shape, F32)
@@ -266,6 +275,7 @@ def _attention_bwd(static, want_stats, residuals, cotangents):
             rows = lambda x: jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=3)[..., 0]  # noqa: E731
             total_i = rows(total_p)[..., None]  # 0 on padding rows, whose weights are all 0
             u, infinite = _logits(blk)
+            u = u - rows(shift_p)[..., None]
             p = _unnormalised(alpha, u, rows(tau_p)) / jnp.where(total_i > 0, total_i, 1.0)
             d_out_i = jax.lax.dynamic_slice_in_dim(d_out_p, index * block, block, axis=3)
             dv = dv.at[:, :, :extent].add(jnp.einsum("bkgts,bkgth->bksh", p, d_out_i))
