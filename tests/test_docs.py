@@ -37,7 +37,7 @@ def test_python_blocks_run_in_order(page: Path, monkeypatch):
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     # A page may register a normalizer (docs/normalizers.md shows how): the registry is global, so it
     # goes back to what it was, and other tests in this process see only the built-in names.
-    saved = dict(registry._REGISTRY)
+    built_in = set(registry.NAMES)
     try:
         for i, block in enumerate(blocks):
             try:
@@ -45,8 +45,8 @@ def test_python_blocks_run_in_order(page: Path, monkeypatch):
             except Exception as err:  # the message is the point
                 raise AssertionError(f"{page.name} python block {i} failed: {err!r}\n{block}") from err
     finally:
-        registry._REGISTRY.clear()
-        registry._REGISTRY.update(saved)
+        for name in set(registry.NAMES) - built_in:
+            registry.unregister(name)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])

@@ -42,7 +42,12 @@ class PowerSoftmax:
         return softmax_rows(align(self.a, "a") * z, valid)
 
 
-N.register("power_softmax", PowerSoftmax, label="power softmax (a)")
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    """Registered for this module's tests only: other tests in the process see the built-in names."""
+    N.register("power_softmax", PowerSoftmax, label="power softmax (a)")
+    yield
+    N.unregister("power_softmax")
 
 
 def _qkv(T=24, S=24, N_heads=2, H=8):
@@ -60,6 +65,8 @@ def test_it_is_registered_with_its_description():
         N.get("power_softmax", a=-1.0)
     with pytest.raises(ValueError, match="a different normalizer is already registered"):
         N.register("power_softmax", PowerSoftmax, label="another")
+    with pytest.raises(ValueError, match="unknown normalizer 'no_such'"):
+        N.unregister("no_such")
 
 
 def test_dense_and_chunked_attention_agree_with_softmax_of_scaled_scores():

@@ -462,3 +462,32 @@ def test_logn_entmax_near_one_is_ssmax():
         x64 = x.astype(np.float64)
         near = np.asarray(N.get("logn_entmax", alpha=1 + 1e-6)(x64))
         assert 0 < np.abs(near - np.asarray(ssmax(x64))).max() < 1e-5
+
+
+@pytest.mark.parametrize("implementation", ["dense"])
+def test_masked_attention_makes_no_infinity_under_jax_debug_infs(implementation):
+    # jax's own debugging flag raises FloatingPointError on any op that makes an inf; masking and
+    # empty rows must not (they used -inf internally).
+    from attnlab.attention import dot_product_attention
+
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 2, 8))
+    mask = jnp.ones((1, 1, 4, 4), bool).at[..., 0, :].set(False)  # query 0 sees nothing
+    jax.config.update("jax_debug_infs", True)
+    try:
+        for name in N.NAMES:
+            out = dot_product_attention(
+                q, q, q, mask=mask, is_causal=True, normalizer=name, implementation=implementation
+            )
+            assert bool(jnp.all(out[:, 0] == 0)), name
+            N.get(name)(jnp.ones((2, 3)), where=jnp.asarray([[True, False, True], [False, False, False]]))
+    finally:
+        jax.config.update("jax_debug_infs", False)
+
+
+@names
+def test_an_empty_normalised_axis_gives_an_empty_result(name):
+    for shape, axis in (((0,), -1), ((3, 0), -1), ((0, 4), 0), ((0, 4), 1)):
+        p = N.get(name)(jnp.zeros(shape), axis=axis)
+        assert p.shape == shape and p.dtype == jnp.float32
+    grad = jax.grad(lambda z: jnp.sum(N.get(name)(z)))(jnp.zeros((2, 0)))
+    assert grad.shape == (2, 0)

@@ -49,6 +49,7 @@ from attnlab.normalizers.registry import (
     ssmax,
     stablemax,
     summary,
+    unregister,
 )
 from attnlab.normalizers.scaling import LogN, Temperature
 from attnlab.normalizers.spec import NormalizerSpec, as_spec, inverse_mean_log_n
@@ -99,4 +100,5 @@ __all__ = [
     "stablemax",
     "stats",
     "summary",
+    "unregister",
 ]

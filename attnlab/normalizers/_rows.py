@@ -32,8 +32,10 @@ def output_dtype(dtype: Any) -> jnp.dtype:
 
 def row_max(z: jax.Array, valid: jax.Array) -> jax.Array:
     """max over the valid entries of each row, [..., 1]; 0 for a row with no finite maximum."""
-    m = jnp.max(jnp.where(valid, z, -jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(jnp.isfinite(m), m, 0.0)
+    # The lowest finite value, not -inf, stands for "no entry": no op makes an infinity from
+    # finite logits (jax_debug_infs stays quiet), and a row with none valid gets 0.
+    m = jnp.max(jnp.where(valid, z, jnp.finfo(z.dtype).min), axis=-1, keepdims=True)
+    return jnp.where(jnp.any(valid, axis=-1, keepdims=True) & jnp.isfinite(m), m, 0.0)
 
 
 def prepare_rows(
@@ -64,10 +66,10 @@ def prepare_rows_with_infinity(
         where = jnp.broadcast_to(jnp.asarray(where, dtype=bool), x.shape)
         where = jnp.moveaxis(where, axis, -1)
     x = jnp.moveaxis(x, axis, -1)
-    valid = x != -jnp.inf
+    valid = ~(x < jnp.finfo(x.dtype).min)  # not -inf (NaN stays valid); no inf constant (jax_debug_infs)
     if where is not None:
         valid = valid & where
-    pos_inf = valid & (x == jnp.inf)
+    pos_inf = valid & (x > jnp.finfo(x.dtype).max)
     row_has_pos_inf = jnp.any(pos_inf, axis=-1, keepdims=True)
     valid = jnp.where(row_has_pos_inf, pos_inf, valid)
     x = jnp.where(pos_inf, 0.0, x)

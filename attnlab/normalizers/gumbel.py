@@ -62,7 +62,7 @@ def gumbel_softmax(
     dtype = compute_dtype(logits.dtype)
     x = logits.astype(dtype)
 
-    valid = x != -jnp.inf
+    valid = ~(x < jnp.finfo(x.dtype).min)  # not -inf (NaN stays valid); no inf constant (jax_debug_infs)
     if where is not None:
         valid = valid & jnp.broadcast_to(jnp.asarray(where, dtype=bool), x.shape)
 

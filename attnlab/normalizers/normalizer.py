@@ -10,7 +10,13 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from attnlab.normalizers._rows import align_param, prepare_rows_with_infinity, register_pytree_dataclass, restore_rows
+from attnlab.normalizers._rows import (
+    align_param,
+    output_dtype,
+    prepare_rows_with_infinity,
+    register_pytree_dataclass,
+    restore_rows,
+)
 from attnlab.normalizers.describe import ELEMENTWISE
 
 Mapping = Any
@@ -66,6 +72,8 @@ class Normalizer:
     def __call__(self, logits: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
         logits = jnp.asarray(logits)
         axis = _check_axis(axis, logits.ndim, self.name)
+        if logits.size == 0:  # an empty row (or no rows): nothing to normalise, as jax.nn.softmax
+            return jnp.zeros(logits.shape, output_dtype(logits.dtype))
         align = partial(_align, shape=logits.shape, axis=axis)
         shift = self.shift_invariant
         z, valid, infinite_row = prepare_rows_with_infinity(logits, axis, where, shift=shift)

@@ -142,6 +142,12 @@ def register(
     return entry
 
 
+def unregister(name: str) -> Entry:
+    """Remove `name` from the registry (a normalizer a test or a notebook registered); returns its entry."""
+    entry(name)  # ValueError listing the names for an unknown one
+    return _REGISTRY.pop(name)
+
+
 class _Names(Sequence):
     """The registered names, in registration order (a live view: later registrations appear)."""
 

@@ -72,7 +72,7 @@ def _row_pass(u: jax.Array, valid: jax.Array, tau: jax.Array, q) -> dict[str, ja
     g = jnp.where(inside, gap, 0.0)
     sums = {
         "count": _sum_rows(inside.astype(u.dtype)),
-        "lowest": _min_rows(jnp.where(inside, u, jnp.inf)),
+        "lowest": _min_rows(jnp.where(inside, u, jnp.finfo(u.dtype).max)),
     }
     if isinstance(q, float) and q == 1.0:
         sums["g"] = _sum_rows(g)
