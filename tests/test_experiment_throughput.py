@@ -197,7 +197,11 @@ def test_memory_points_skip_peers_and_dense_paths_beyond_their_cap():
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("implementations=['chunked', 'flash']", "implementations must all be one of dense, chunked, cudnn, pallas"),
+        (
+            "implementations=['chunked', 'flash']",
+            "implementations must all be one of dense, xla, chunked, cudnn, online, blocked_entmax, "
+            "query_blocked, pallas",
+        ),
         ("reps=-1", "reps must be >= 1; got -1"),
         ("jax_nn=['triton']", "jax_nn must all be one of xla, cudnn; got ['triton']"),
         ("peers=['flash_attn']", "peers must all be one of torch_sdpa, entmax_lib; got ['flash_attn']"),

@@ -83,11 +83,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnlab.attention import IMPLEMENTATIONS, dot_product_attention
-from attnlab.attention.api import static_entmax_alpha
+from attnlab.attention.families import static_entmax_alpha
 from attnlab.experiments.checks import at_least, check, distinct, each, noted, one_of, positive, setting
 from attnlab.experiments.config import Lengths, to_json
 from attnlab.experiments.kind import Kind
-from attnlab.normalizers import Normalizer, NormalizerSpec, Softmax
+from attnlab.normalizers import SOFTMAX, Normalizer, NormalizerSpec
 
 MODES = ("forward", "forward+backward")
 JAX_NN = "jax.nn"  # the case label of the jax.nn.dot_product_attention baseline
@@ -182,7 +182,7 @@ def peer_takes(peer: str, normalizer: Any) -> bool:
     if not isinstance(normalizer, Normalizer) or normalizer.scale is not None:
         return False
     if peer == "torch_sdpa":
-        return isinstance(normalizer.mapping, Softmax)
+        return _softmax_type(normalizer)
     return static_entmax_alpha(normalizer) is not None
 
 
@@ -289,7 +289,12 @@ def _dense(case: str, implementation: str) -> bool:
 
 
 def _softmax_type(normalizer: Any) -> bool:
-    return isinstance(normalizer, Normalizer) and isinstance(normalizer.mapping, Softmax)
+    """The softmax family without a sink (softmax, scaled_softmax, ssmax): what cuDNN and torch SDPA compute."""
+    return (
+        isinstance(normalizer, Normalizer)
+        and normalizer.family == SOFTMAX
+        and getattr(normalizer.mapping, "sink", None) is None
+    )
 
 
 # ---------------------------------------------------------------------------------------------- JAX programs
