@@ -25,6 +25,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +52,7 @@ def grouped_logits(q: jax.Array, k: jax.Array, bias: jax.Array | None) -> jax.Ar
 
 def to_heads(x: jax.Array) -> jax.Array:
     """[B, K, G, T, S] -> [B, N, T, S] (N = K * G), broadcasting size-1 axes first."""
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+    return einops.rearrange(x, "b k g ... -> b (k g) ...")
 
 
 def normalize_grouped(normalizer: Callable, logits: jax.Array, visible: jax.Array) -> jax.Array:

@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import einops
 import jax
 import jax.numpy as jnp
 
 
 def group_queries(query: jax.Array, num_kv_heads: int) -> jax.Array:
     """query [B, T, N, H] -> [B, K, G, T, H] (query head n = k * G + g reads key/value head k)."""
-    B, T, N, H = query.shape
-    query_BxTxKxGxH = query.reshape(B, T, num_kv_heads, N // num_kv_heads, H)
-    return jnp.moveaxis(query_BxTxKxGxH, 1, 3)
+    return einops.rearrange(query, "b t (k g) h -> b k g t h", k=num_kv_heads)
 
 
-def ungroup_queries(x_BxKxGxTxH: jax.Array) -> jax.Array:
+def ungroup_queries(x: jax.Array) -> jax.Array:
     """[B, K, G, T, H] -> [B, T, N, H], the inverse of `group_queries`."""
-    B, K, G, T, H = x_BxKxGxTxH.shape
-    return jnp.moveaxis(x_BxKxGxTxH, 3, 1).reshape(B, T, K * G, H)
+    return einops.rearrange(x, "b k g t h -> b t (k g) h")
 
 
 def to_grouped(x: jax.Array | None, num_kv_heads: int, groups: int, name: str) -> jax.Array | None:
