@@ -78,7 +78,8 @@ def test_nnx_models_take_a_jitted_optax_step(make_attention):
             assert _changed(old, new), (name, part)
     if make_attention is _ours_nnx:
         # the ssmax layer's per-head s moved too
-        assert _changed(before["layers"][1]["normalizer"]["s"][...], after["layers"][1]["normalizer"]["s"][...])
+        i = NORMALIZERS.index("ssmax")
+        assert _changed(before["layers"][i]["normalizer"]["s"][...], after["layers"][i]["normalizer"]["s"][...])
     assert np.isfinite(float(step(model, optimizer, tokens, targets)))
 
 
@@ -124,12 +125,12 @@ def test_linen_models_take_a_jitted_optax_step(make_attention):
     new_params, _, loss = step(params, opt_state)
     assert np.isfinite(float(loss)) and float(loss) > 0
     layer_names = sorted(k for k in params if k != "Embed_0" and k != "Dense_0")
-    assert len(layer_names) == 3
+    assert len(layer_names) == len(NORMALIZERS)
     for layer in layer_names:
         for part in ("query", "key", "value", "out"):
             assert _changed(params[layer][part]["kernel"], new_params[layer][part]["kernel"]), (layer, part)
     if make_attention is _ours_linen:
-        ssmax_layer = layer_names[1]
+        ssmax_layer = layer_names[NORMALIZERS.index("ssmax")]
         assert params[ssmax_layer]["normalizer"]["s"].shape == (N, 1, 1)
         assert _changed(params[ssmax_layer]["normalizer"]["s"], new_params[ssmax_layer]["normalizer"]["s"])
 
@@ -234,7 +235,7 @@ def test_attention_fn_options_and_normalizer_errors():
         attention_fn(NormalizerSpec("ssmax"))
     with pytest.raises(ValueError, match="implementation='flash'"):
         attention_fn("softmax", implementation="flash")
-    fn = attention_fn(NormalizerSpec("ssmax", learn_s=False, s_init=0.5))
+    fn = attention_fn(NormalizerSpec("ssmax", {"s": 0.5}, learn=()))
     q = _x(6, (B, T, N, F // N))
     with pytest.raises(ValueError, match="qk_attn_weights_einsum"):
         fn(q, q, q, qk_attn_weights_einsum=lambda *a: None)
@@ -246,11 +247,34 @@ def test_attention_fn_names_the_keywords_linen_filters_on():
 
     names = set(inspect.signature(attention_fn("softmax")).parameters)
     assert {"mask", "bias", "dropout_rng", "dropout_rate", "broadcast_dropout", "deterministic", "dtype"} <= names
-    assert {"module", "is_causal", "kwargs"} <= names
+    assert {"module", "is_causal", "force_fp32_for_softmax", "kwargs"} <= names
+
+
+def test_attention_fn_refuses_query_and_key_with_different_batch_axes():
+    q, k = jnp.zeros((2, T, N, F // N)), jnp.zeros((3, T, N, F // N))
+    with pytest.raises(ValueError, match=r"same batch axes.*query \(2, 6, 4, 4\), key \(3, 6, 4, 4\)"):
+        attention_fn("softmax")(q, k, k)
+
+
+def test_attention_fn_computes_the_softmax_in_float32_as_force_fp32_for_softmax_asks():
+    q, k, v = (_x(seed, (B, T, N, 4)).astype(jnp.bfloat16) for seed in (8, 9, 10))
+    fn = attention_fn("softmax")
+    call = lambda module: fn(q, k, v, dtype=jnp.bfloat16, module=module, force_fp32_for_softmax=True)  # noqa: E731
+    out, sown = nnx.capture(call, nnx.Intermediate)(nnx.Module())
+    (weights,) = sown["attention_weights"].get_value()
+    # head_dim 4: the scale 1/2 is exact in bfloat16, so the float32 reference sees the same logits
+    logits = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k.astype(jnp.float32)) / 2
+    expected = jax.nn.softmax(logits, axis=-1)
+    assert out.dtype == jnp.bfloat16 and weights.dtype == jnp.float32
+    np.testing.assert_allclose(weights, expected, rtol=1e-6, atol=1e-7)
+    in_bfloat16 = jax.nn.softmax(logits.astype(jnp.bfloat16), axis=-1).astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(in_bfloat16 - expected))) > 1e-4  # the tolerance tells the two apart
+    # (flax's Linen layer passes the keyword because the signature names it: the test above)
 
 
 # ------------------------------------------------------------------------------------------------
-# The Linen layer: parity with flax's Linen layer and with the NNX layer
+# The Linen layer: parity with flax's Linen layer (the checks shared with the NNX layer are in
+# tests/test_nn_layers.py)
 
 
 def test_linen_layer_softmax_equals_flax_linen_layer():
@@ -263,35 +287,3 @@ def test_linen_layer_softmax_equals_flax_linen_layer():
     expected = theirs.apply(variables, x, mask=mask)
     np.testing.assert_allclose(ours.apply(variables, x, mask=mask), expected, atol=1e-5)
     np.testing.assert_allclose(ours.apply(variables, x, is_causal=True), expected, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "normalizer", ["ssmax", NormalizerSpec("logn_entmax", learn_alpha=True, learn_bias=True, alpha_init=1.3)]
-)
-def test_linen_layer_equals_nnx_layer_with_the_same_weights(normalizer):
-    nnx_layer = MultiHeadAttention(N, F, num_kv_heads=2, normalizer=normalizer, rope_theta=100.0, rngs=nnx.Rngs(0))
-    # distinct per-head values, so a head mix-up would show
-    for name in nnx_layer.normalizer_spec.learned:
-        param = getattr(nnx_layer.normalizer, name)
-        param[...] = param[...] + jnp.linspace(0.0, 0.3, N).reshape(N, 1, 1)
-    linen_layer = LinenMultiHeadAttention(N, num_kv_heads=2, normalizer=normalizer, rope_theta=100.0)
-    params = nnx.to_pure_dict(nnx.state(nnx_layer, nnx.Param))
-    x = _x(8)
-    expected = nnx_layer(x, is_causal=True, rope_theta=1000.0)
-    got = linen_layer.apply({"params": params}, x, is_causal=True, rope_theta=1000.0)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_linen_layer_sows_statistics_and_rejects_bad_configurations():
-    layer = LinenMultiHeadAttention(N, normalizer="entmax15", sow_statistics=True)
-    x = _x(9)
-    variables = layer.init(jax.random.key(0), x)
-    _, state = layer.apply(variables, x, is_causal=True, mutable=["intermediates"])
-    (stats,) = state["intermediates"]["attention_statistics"]
-    assert {k: v.shape for k, v in stats.items()} == {k: (B, N, T) for k in ("max_weight", "entropy", "support_size")}
-    with pytest.raises(ValueError, match=r"num_heads \(4\) must be divisible by num_kv_heads \(3\)"):
-        LinenMultiHeadAttention(N, num_kv_heads=3).init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"dropout.*unsupported.*sparsemax"):
-        LinenMultiHeadAttention(N, normalizer="sparsemax", dropout_rate=0.1).init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"normalizer='nope'; accepted names"):
-        LinenMultiHeadAttention(N, normalizer="nope").init(jax.random.key(0), x)

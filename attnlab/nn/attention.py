@@ -62,9 +62,12 @@ class MultiHeadAttention(nnx.Module):
       dropout_rate: attention-weight dropout; supported for softmax-type normalizers on the dense
         path only, and rejected here at construction otherwise (see `attnlab.nn.core`).
 
-    Not supported (unlike flax's layer): autoregressive decoding with a cache (`decode`), inputs
-    with more or fewer than one batch axis. `precision` applies to the projections; the attention
-    itself accumulates in float32.
+    Inputs have one batch axis or none ([T, F], e.g. inside vmap). Not supported (unlike flax's
+    layer): autoregressive decoding with a cache (`decode`), several batch axes (ValueError).
+    `precision` applies to the projections; the attention itself accumulates in float32.
+
+    `attnlab.nn.LinenMultiHeadAttention` is this layer for `flax.linen`, built from it through
+    `flax.nnx.bridge` (see `attnlab.nn.linen`): what holds here holds there.
     """
 
     def __init__(
@@ -174,13 +177,15 @@ class MultiHeadAttention(nnx.Module):
         rope_theta: float | None = None,
         key_value_seq_lengths: jax.Array | None = None,
         deterministic: bool | None = None,
-        rngs: nnx.Rngs | nnx.RngStream | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | Callable[[], jax.Array] | None = None,
         sow_weights: bool = False,
         return_statistics: bool = False,
         mass_keys: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Attention of inputs_q [B, T, F] over inputs_k [B, S, F_kv] (default inputs_q) and inputs_v
-        (default inputs_k); returns [B, T, out_features].
+        (default inputs_k); returns [B, T, out_features]. As in flax, inputs_v without inputs_k is
+        refused (ValueError), and inputs without a batch axis ([T, F], [S, F_kv]) give results
+        without one (output, statistics and sown values).
 
         Args:
           mask: bool (or 0/1) broadcasting against [B, N, T, S]; False hides a key from a query.
@@ -191,7 +196,10 @@ class MultiHeadAttention(nnx.Module):
           rope_theta: overrides the layer's rope_theta for this call (e.g. 50x at evaluation);
             only for a layer built with RoPE.
           key_value_seq_lengths: [B] valid key counts (padding on the right).
-          deterministic, rngs: dropout control, as in `flax.nnx.MultiHeadAttention`.
+          deterministic, rngs: dropout control, as in `flax.nnx.MultiHeadAttention` (the call's
+            deterministic overrides the constructor's). rngs: an `nnx.Rngs` (its dropout stream), an
+            `nnx.RngStream`, or any function of no arguments returning a key, called only when
+            dropout is active (the Linen layer passes `make_rng("dropout")` this way).
           sow_weights: sow the weights [B, N, T, S] into nnx.Intermediate as "attention_weights"
             (dense path).
           return_statistics: return (out, statistics) with statistics {"max_weight", "entropy",
@@ -199,33 +207,47 @@ class MultiHeadAttention(nnx.Module):
           mass_keys: bool [B, S] or [S]: also return "key_mass", the weight each query puts on
             these keys (e.g. the needle's positions); implies return_statistics.
         """
-        inputs_k = inputs_q if inputs_k is None else inputs_k
-        inputs_v = inputs_k if inputs_v is None else inputs_v
-        core.check_inputs(inputs_q, inputs_k, inputs_v, self.in_features, self.in_kv_features)
+        inputs_k, inputs_v = core.key_value_inputs(inputs_q, inputs_k, inputs_v)
+        unbatched = core.check_inputs(inputs_q, inputs_k, inputs_v, self.in_features, self.in_kv_features)
+        if unbatched:
+            inputs_q, inputs_k, inputs_v = inputs_q[None], inputs_k[None], inputs_v[None]
+            if key_value_seq_lengths is not None:
+                key_value_seq_lengths = jnp.reshape(key_value_seq_lengths, (1,))
         query, key, value = self.project(inputs_q, inputs_k, inputs_v, positions, key_positions, rope_theta)
 
         deterministic, dropout_rng = self._dropout_state(deterministic, rngs)
-        out = core.layer_attention(
-            self,
+        returned = return_statistics or mass_keys is not None
+        out, aux = core.attend(
             query,
             key,
             value,
             self.normalizer(),
-            sow=lambda name, value: self.sow(nnx.Intermediate, name, value),
             bias=bias,
             mask=mask,
             is_causal=is_causal,
             key_value_seq_lengths=key_value_seq_lengths,
-            sow_weights=sow_weights,
-            dropout_rng=dropout_rng,
-            deterministic=deterministic,
-            return_statistics=return_statistics,
+            implementation=self.implementation,
+            key_block=self.key_block,
+            query_block=self.query_block,
+            statistics=self.sow_statistics or returned,
             mass_keys=mass_keys,
+            return_weights=sow_weights,
+            dropout_rate=self.dropout_rate,
+            dropout_rng=dropout_rng,
+            broadcast_dropout=self.broadcast_dropout,
+            deterministic=deterministic,
         )
-        if isinstance(out, tuple):
-            out, statistics = out
-            return self.out(out), statistics
-        return self.out(out)
+        # Unbatched inputs give unbatched results, sown ones included (as flax's layer does).
+        unbatch = (lambda tree: jax.tree.map(lambda x: x[0], tree)) if unbatched else (lambda tree: tree)
+        if self.sow_statistics:
+            self.sow(nnx.Intermediate, "attention_statistics", unbatch({name: aux[name] for name in core.STATISTICS}))
+        if sow_weights:
+            self.sow(nnx.Intermediate, "attention_weights", unbatch(aux["weights"]))
+        out = unbatch(self.out(out))
+        if returned:
+            names = (*core.STATISTICS, "key_mass") if mass_keys is not None else core.STATISTICS
+            return out, unbatch({name: aux[name] for name in names})
+        return out
 
     def project(
         self,
@@ -260,5 +282,8 @@ class MultiHeadAttention(nnx.Module):
         stream = rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs
         stream = self.rngs if stream is None else stream
         if stream is None:
-            raise ValueError("attnlab.nn.MultiHeadAttention: dropout needs rngs (keep_rngs=False was given)")
+            raise ValueError(
+                "attnlab.nn.MultiHeadAttention: dropout needs rngs: the layer was built with keep_rngs=False, "
+                "so pass rngs=nnx.Rngs(dropout=...) to the call"
+            )
         return False, stream()

@@ -1,8 +1,8 @@
-"""Framework-free pieces shared by the NNX layer, the Linen layer and `attention_fn`.
+"""Framework-free pieces shared by the NNX layer (and so the Linen layer built from it) and `attention_fn`.
 
-Everything here is a pure function of arrays and static options: configuration checks, RoPE on
-queries and keys, and `attend`, which calls `attnlab.attention.dot_product_attention` and adds
-attention-weight dropout.
+Everything here is a pure function of arrays and static options: configuration and input checks,
+RoPE on queries and keys, and `attend`, which calls `attnlab.attention.dot_product_attention` and
+adds attention-weight dropout.
 
 Dropout policy: attention-weight dropout (the kind flax applies, p -> keep * p / (1 - rate)) is
 implemented for softmax-type normalizers (softmax, scaled_softmax, ssmax) on the dense path,
@@ -65,26 +65,50 @@ def resolve_rope_theta(layer_theta: float | None, call_theta: Any) -> Any:
     return call_theta
 
 
-def check_inputs(inputs_q: Any, inputs_k: Any, inputs_v: Any, in_features: int | None, in_kv_features: int | None):
-    """Inputs must be [batch, length, features]; features must match the layer's when it declares them."""
+def key_value_inputs(inputs_q: Any, inputs_k: Any, inputs_v: Any) -> tuple[Any, Any]:
+    """flax's defaults: keys default to the queries, values to the keys; values without keys are refused."""
+    if inputs_k is None:
+        if inputs_v is not None:
+            raise ValueError(
+                "inputs_k cannot be None when inputs_v is given (as in flax's MultiHeadAttention): pass the keys "
+                "as inputs_k, or pass the values as inputs_k and leave inputs_v None to use them for both"
+            )
+        inputs_k = inputs_q
+    return inputs_k, inputs_k if inputs_v is None else inputs_v
+
+
+def check_inputs(
+    inputs_q: Any, inputs_k: Any, inputs_v: Any, in_features: int | None, in_kv_features: int | None
+) -> bool:
+    """Inputs must all be [batch, length, features] or all [length, features] (returns True for the
+    latter: no batch axis); features must match the layer's when it declares them."""
     for name, x, features in (
         ("inputs_q", inputs_q, in_features),
         ("inputs_k", inputs_k, in_kv_features),
         ("inputs_v", inputs_v, in_kv_features),
     ):
-        if jnp.ndim(x) != 3:
-            raise ValueError(f"{name} must be [batch, length, features]; got shape {jnp.shape(x)}")
+        if jnp.ndim(x) not in (2, 3):
+            raise ValueError(
+                f"{name} must be [batch, length, features] or [length, features]; got shape {jnp.shape(x)} "
+                "(for several batch axes, reshape them into one, or vmap the layer)"
+            )
         if features is not None and jnp.shape(x)[-1] != features:
             raise ValueError(f"{name} has {jnp.shape(x)[-1]} features; the layer expects {features}")
-    if not jnp.shape(inputs_q)[0] == jnp.shape(inputs_k)[0] == jnp.shape(inputs_v)[0]:
+    if not jnp.ndim(inputs_q) == jnp.ndim(inputs_k) == jnp.ndim(inputs_v):
+        raise ValueError(
+            "inputs_q, inputs_k, inputs_v must all have a batch axis or all have none; got shapes "
+            f"{jnp.shape(inputs_q)}, {jnp.shape(inputs_k)}, {jnp.shape(inputs_v)}"
+        )
+    if jnp.ndim(inputs_q) == 3 and not jnp.shape(inputs_q)[0] == jnp.shape(inputs_k)[0] == jnp.shape(inputs_v)[0]:
         raise ValueError(
             f"inputs_q, inputs_k, inputs_v must share the batch size; got {jnp.shape(inputs_q)}, "
             f"{jnp.shape(inputs_k)}, {jnp.shape(inputs_v)}"
         )
-    if jnp.shape(inputs_k)[1] != jnp.shape(inputs_v)[1]:
+    if jnp.shape(inputs_k)[-2] != jnp.shape(inputs_v)[-2]:
         raise ValueError(
             f"inputs_k and inputs_v must have the same length; got {jnp.shape(inputs_k)}, {jnp.shape(inputs_v)}"
         )
+    return jnp.ndim(inputs_q) == 2
 
 
 def check_implementation(implementation: Any, key_block: Any, query_block: Any, where: str) -> None:
@@ -226,58 +250,3 @@ def _weighted_values(weights: jax.Array, value: jax.Array) -> jax.Array:
     grouped = weights.reshape(B, K, N // K, T, S)
     out = jnp.einsum("bkgts,bskh->btkgh", grouped, value.astype(jnp.float32), preferred_element_type=jnp.float32)
     return out.reshape(B, T, N, H)
-
-
-def layer_attention(
-    layer: Any,
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    normalizer: Callable,
-    *,
-    sow: Callable[[str, Any], None],
-    bias: jax.Array | None,
-    mask: jax.Array | None,
-    is_causal: bool,
-    key_value_seq_lengths: jax.Array | None,
-    sow_weights: bool,
-    dropout_rng: jax.Array | None,
-    deterministic: bool,
-    return_statistics: bool = False,
-    mass_keys: jax.Array | None = None,
-) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
-    """:func:`attend` with a layer's settings (implementation, blocks, dropout), sowing what it asks for.
-
-    Shared by the NNX and Linen layers, which differ only in how they sow (`sow(name, value)`).
-    With `return_statistics` (or `mass_keys`, bool [B, S] or [S]) returns (out, statistics), the
-    statistics {max_weight, entropy, support_size[, key_mass]} each [B, N, T]; else out.
-    """
-    returned = return_statistics or mass_keys is not None
-    out, aux = attend(
-        query,
-        key,
-        value,
-        normalizer,
-        bias=bias,
-        mask=mask,
-        is_causal=is_causal,
-        key_value_seq_lengths=key_value_seq_lengths,
-        implementation=layer.implementation,
-        key_block=layer.key_block,
-        query_block=layer.query_block,
-        statistics=layer.sow_statistics or returned,
-        mass_keys=mass_keys,
-        return_weights=sow_weights,
-        dropout_rate=layer.dropout_rate,
-        dropout_rng=dropout_rng,
-        broadcast_dropout=layer.broadcast_dropout,
-        deterministic=deterministic,
-    )
-    if layer.sow_statistics:
-        sow("attention_statistics", {name: aux[name] for name in STATISTICS})
-    if sow_weights:
-        sow("attention_weights", aux["weights"])
-    if returned:
-        names = (*STATISTICS, "key_mass") if mass_keys is not None else STATISTICS
-        return out, {name: aux[name] for name in names}
-    return out

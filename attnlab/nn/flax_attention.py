@@ -15,6 +15,10 @@ What flax 0.12 passes, and what happens to it:
   - dtype: query, key and value are cast to it (default: their promoted dtype); the output is in it.
   - module: set by flax when sow_weights=True; the weights [batch..., heads, q_len, kv_len] are sown
     as "attention_weights" (nnx.Intermediate for NNX modules, "intermediates" for Linen).
+  - force_fp32_for_softmax (Linen): honoured by construction, whatever its value: the logits are
+    computed in float32 from query and key in their own dtype (float32 accumulation), and the
+    normalizer runs on them in float32; the weights it sows are float32. False does not lower
+    that precision to flax's (flax then runs softmax in `dtype`).
   - precision: accepted and not used (the logits and outputs accumulate in float32, as in
     flax's own fast path through jax.nn.dot_product_attention, which also ignores it).
   - any other keyword (newer flax releases add some) is accepted and ignored, except
@@ -81,8 +85,8 @@ def attention_fn(normalizer: str | NormalizerSpec | Normalizer | Callable = "sof
     Returns:
       fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
       dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
-      is_causal=False, **kwargs) -> [batch..., q_len, heads, head_dim]; see the module docstring for
-      how each keyword is used.
+      is_causal=False, force_fp32_for_softmax=False, **kwargs) -> [batch..., q_len, heads, head_dim];
+      see the module docstring for how each keyword is used.
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -109,6 +113,7 @@ def attention_fn(normalizer: str | NormalizerSpec | Normalizer | Callable = "sof
         precision: Any = None,
         module: Any = None,
         is_causal: bool = False,
+        force_fp32_for_softmax: bool = False,
         **kwargs: Any,
     ) -> jax.Array:
         for keyword in UNSUPPORTED_KEYWORDS:
@@ -123,6 +128,11 @@ def attention_fn(normalizer: str | NormalizerSpec | Normalizer | Callable = "sof
                 f"axes; got shapes {query.shape}, {key.shape}, {value.shape}"
             )
         batch = query.shape[:-3]
+        if not batch == key.shape[:-3] == value.shape[:-3]:
+            raise ValueError(
+                f"attention_fn: query, key and value must have the same batch axes (flax requires it too); got "
+                f"query {query.shape}, key {key.shape}, value {value.shape} ([batch..., length, heads, head_dim])"
+            )
         flat = lambda x: x.reshape((math.prod(batch), *x.shape[-3:]))  # noqa: E731
         out, aux = core.attend(
             flat(query),

@@ -1,78 +1,95 @@
-"""`MultiHeadAttention` for `flax.linen`: the Linen twin of `attnlab.nn.MultiHeadAttention`.
+"""`MultiHeadAttention` for `flax.linen`, derived from the NNX layer `attnlab.nn.MultiHeadAttention`.
 
-Same features, same shared code (`attnlab.nn.core`, `attnlab.nn.spec`); parameters are named as
-in `flax.linen.MultiHeadDotProductAttention` (query, key, value, out) plus, for learned
-normalizer parameters, a submodule "normalizer" holding s, bias, alpha_logit or log_temperature,
-each [N, 1, 1].
+The Linen module holds no attention code. At each call it builds the NNX layer through
+`flax.nnx.bridge.ToLinen` (in_features and in_kv_features from the inputs, Linen style; every
+other constructor argument from the field of the same name, whose default is read from the NNX
+constructor) and hands it every call argument. The bridge stores the NNX layer's variables as
+Linen variables at init and loads them back at apply, so the parameters are ordinary Linen
+parameters: `jax.grad` of `apply` reaches all of them, the normalizer's learned ones included.
+Once parameters are stored (at apply, or a second call of a shared layer at init) the NNX layer
+is built abstractly (`nnx.eval_shape`): no initial values are computed only to be replaced.
+
+Variables. The bridge shares this module's scope (`nn.share_scope`), so the NNX layer's attributes
+sit directly under the module, with the names and shapes of `flax.linen.MultiHeadDotProductAttention`
+(N query heads, K key/value heads, H = qkv_features / N):
+
+    params/query/kernel [F, N, H], params/query/bias [N, H]
+    params/key/..., params/value/...    kernel [F_kv, K, H], bias [K, H]
+    params/out/kernel [N, H, F_out], params/out/bias [F_out]
+    params/query_ln/scale, params/key_ln/scale [H]             with normalize_qk
+    params/normalizer/<name> [N, 1, 1]                         each of NormalizerSpec.learned
+    intermediates/attention_statistics, intermediates/attention_weights
+                                                               when sown (mutable=["intermediates"])
+
+This is the layout of `nnx.to_pure_dict(nnx.state(nnx_layer, nnx.Param))`, so weights move between
+the two layers as they are.
+
+Linen conventions kept: dropout draws its key from `make_rng("dropout")` unless `dropout_rng` is
+passed; sown values go to "intermediates", a tuple per name growing at each call. The NNX layer's
+rules hold otherwise: the call's `deterministic` overrides the field (no error when both are set),
+and configuration errors are raised at init, naming `attnlab.nn.MultiHeadAttention`.
 """
 
 from __future__ import annotations
 
-import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from flax.core import FrozenDict, meta
 
-from attnlab.nn import core
-from attnlab.nn.spec import NormalizerSpec, as_spec
-from attnlab.normalizers import Normalizer
+from attnlab.nn import attention, core
+from attnlab.nn.spec import NormalizerSpec
 
 Initializer = Callable[..., jax.Array]
 
+NNX_ARGUMENTS = inspect.signature(attention.MultiHeadAttention.__init__).parameters
+FROM_INPUTS = ("in_features", "in_kv_features")
+NNX_ONLY = ("self", "rngs", "keep_rngs")
+# The NNX call with what it sows returned (an nnx.State of Intermediates) rather than kept on the
+# layer, which the bridge rebuilds at every call; this module sows it again, Linen style.
+CAPTURING_CALL = nnx.capture(attention.MultiHeadAttention.__call__, nnx.Intermediate)
 
-class LearnedNormalizer(nn.Module):
-    """Holds the learned normalizer parameters ([num_heads, 1, 1] each); returns the Normalizer."""
 
-    spec: NormalizerSpec
-    num_heads: int
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self) -> Normalizer:
-        values = {
-            name: self.param(name, lambda _rng, v=value: jnp.asarray(v, self.param_dtype))
-            for name, value in self.spec.initial_params(self.num_heads).items()
-        }
-        return self.spec.build(values)
+def _default(name: str) -> Any:
+    return NNX_ARGUMENTS[name].default
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention with an attnlab normalizer, for Linen models.
+    """`attnlab.nn.MultiHeadAttention` as a Linen module (see the module docstring).
 
-    Fields follow `flax.linen.MultiHeadDotProductAttention` (num_heads, qkv_features, out_features,
-    dtype, param_dtype, broadcast_dropout, dropout_rate, deterministic, precision, kernel_init,
-    out_kernel_init, bias_init, out_bias_init, use_bias, normalize_qk) plus num_kv_heads
-    (grouped-query attention), normalizer (a name or a `NormalizerSpec`), rope_theta,
-    implementation / key_block / query_block and sow_statistics, with the meanings documented on
-    `attnlab.nn.MultiHeadAttention`. Statistics are sown into "intermediates" as
-    "attention_statistics" (pass mutable=["intermediates"] to apply).
+    Fields: the NNX constructor's arguments with the same meanings and defaults, except
+    in_features and in_kv_features (taken from the inputs) and rngs, keep_rngs (Linen rngs are
+    passed to init and apply). Statistics and weights are sown into "intermediates" (pass
+    mutable=["intermediates"] to apply).
     """
 
     num_heads: int
-    qkv_features: int | None = None
-    out_features: int | None = None
-    num_kv_heads: int | None = None
-    normalizer: str | NormalizerSpec = "softmax"
-    rope_theta: float | None = None
-    implementation: str | None = None
-    key_block: int = 512
-    query_block: int | None = None
-    sow_statistics: bool = False
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    broadcast_dropout: bool = True
-    dropout_rate: float = 0.0
-    deterministic: bool | None = None
-    precision: Any = None
-    kernel_init: Initializer = nn.initializers.lecun_normal()
-    out_kernel_init: Initializer | None = None
-    bias_init: Initializer = nn.initializers.zeros_init()
-    out_bias_init: Initializer | None = None
-    use_bias: bool = True
-    normalize_qk: bool = False
+    qkv_features: int | None = _default("qkv_features")
+    out_features: int | None = _default("out_features")
+    num_kv_heads: int | None = _default("num_kv_heads")
+    normalizer: str | NormalizerSpec = _default("normalizer")
+    rope_theta: float | None = _default("rope_theta")
+    implementation: str | None = _default("implementation")
+    key_block: int = _default("key_block")
+    query_block: int | None = _default("query_block")
+    sow_statistics: bool = _default("sow_statistics")
+    dtype: Any = _default("dtype")
+    param_dtype: Any = _default("param_dtype")
+    broadcast_dropout: bool = _default("broadcast_dropout")
+    dropout_rate: float = _default("dropout_rate")
+    deterministic: bool | None = _default("deterministic")
+    precision: Any = _default("precision")
+    kernel_init: Initializer = _default("kernel_init")
+    out_kernel_init: Initializer | None = _default("out_kernel_init")
+    bias_init: Initializer = _default("bias_init")
+    out_bias_init: Initializer | None = _default("out_bias_init")
+    use_bias: bool = _default("use_bias")
+    normalize_qk: bool = _default("normalize_qk")
 
     @nn.compact
     def __call__(
@@ -81,84 +98,60 @@ class MultiHeadAttention(nn.Module):
         inputs_k: jax.Array | None = None,
         inputs_v: jax.Array | None = None,
         *,
-        mask: jax.Array | None = None,
-        bias: jax.Array | None = None,
-        is_causal: bool = False,
-        positions: jax.Array | None = None,
-        key_positions: jax.Array | None = None,
-        rope_theta: float | None = None,
-        key_value_seq_lengths: jax.Array | None = None,
-        deterministic: bool | None = None,
         dropout_rng: jax.Array | None = None,
-        sow_weights: bool = False,
-    ) -> jax.Array:
-        """inputs_q [B, T, F], inputs_k/v [B, S, F_kv] -> [B, T, out_features]; keywords as on
-        `attnlab.nn.MultiHeadAttention.__call__` (dropout_rng as in Linen: default make_rng('dropout'))."""
-        where = "attnlab.nn.LinenMultiHeadAttention"
-        inputs_k = inputs_q if inputs_k is None else inputs_k
-        inputs_v = inputs_k if inputs_v is None else inputs_v
-        core.check_inputs(inputs_q, inputs_k, inputs_v, None, None)
-        qkv_features = self.qkv_features or inputs_q.shape[-1]
-        num_kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-        head_dim = core.check_heads(self.num_heads, num_kv_heads, qkv_features, where)
-        spec = as_spec(self.normalizer, f"{where}: normalizer")
-        core.check_rope_theta(self.rope_theta, head_dim, where)
-        core.check_implementation(self.implementation, self.key_block, self.query_block, where)
-        core.check_dropout(self.dropout_rate, spec.softmax_type, self.implementation, spec.name, where)
+        **kwargs: Any,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """inputs_q [B, T, F] (or [T, F]), inputs_k/v [B, S, F_kv] -> [B, T, out_features].
 
-        dense = functools.partial(
-            nn.DenseGeneral,
-            axis=-1,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=self.kernel_init,
-            bias_init=self.bias_init,
-            use_bias=self.use_bias,
-            precision=self.precision,
+        Every keyword of `attnlab.nn.MultiHeadAttention.__call__` is passed on as it is (mask, bias,
+        is_causal, positions, key_positions, rope_theta, key_value_seq_lengths, deterministic,
+        sow_weights, return_statistics, mass_keys), with the same results; `rngs` is replaced by
+        `dropout_rng`, the key for dropout (default: `make_rng("dropout")`, drawn only when dropout
+        is active).
+        """
+        if "rngs" in kwargs:
+            raise TypeError(
+                "attnlab.nn.LinenMultiHeadAttention takes dropout_rng (or a 'dropout' rng passed to apply), not rngs"
+            )
+        keys, values = core.key_value_inputs(inputs_q, inputs_k, inputs_v)
+        core.check_inputs(inputs_q, keys, values, None, None)
+        fields = {name: getattr(self, name) for name in NNX_ARGUMENTS if name not in (*FROM_INPUTS, *NNX_ONLY)}
+        earlier = dict(self.variables.get("intermediates", {}))
+        stored = self.variables.get("params")
+
+        def build(**arguments: Any) -> attention.MultiHeadAttention:
+            if stored:
+                # Stored parameters replace the initial ones (the bridge loads them at apply; at init
+                # they are those of an earlier call, loaded here): build the layer without them.
+                layer = nnx.eval_shape(lambda: attention.MultiHeadAttention(**arguments, rngs=nnx.Rngs(0)))
+                if self.is_initializing():
+                    nnx.update(layer, meta.unbox(stored))
+            else:
+                layer = attention.MultiHeadAttention(**arguments, rngs=nnx.Rngs(params=self.make_rng("params")))
+            # The bridge shares this scope and loads every variable in it into the new layer: what
+            # an earlier call of this apply sowed needs a variable there (it goes back unchanged).
+            for name, value in earlier.items():
+                setattr(layer, name, nnx.Intermediate(value))
+            return layer
+
+        bridge = nnx.bridge.ToLinen(
+            build,
+            kwargs=FrozenDict(
+                fields,
+                in_features=jnp.shape(inputs_q)[-1],
+                in_kv_features=jnp.shape(keys)[-1],
+                keep_rngs=False,
+            ),
+            skip_rng=True,
+            name="nnx",
         )
-        query = dense(features=(self.num_heads, head_dim), name="query")(inputs_q)
-        key = dense(features=(num_kv_heads, head_dim), name="key")(inputs_k)
-        value = dense(features=(num_kv_heads, head_dim), name="value")(inputs_v)
-        if self.normalize_qk:
-            layer_norm = functools.partial(nn.LayerNorm, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-            query, key = layer_norm(name="query_ln")(query), layer_norm(name="key_ln")(key)
-        theta = core.resolve_rope_theta(self.rope_theta, rope_theta)
-        if theta is not None:
-            query, key = core.rope_query_key(query, key, theta, positions, key_positions)
+        nn.share_scope(self, bridge)
 
-        normalizer = LearnedNormalizer(spec, self.num_heads, self.param_dtype, name="normalizer")()
-        deterministic, dropout_rng = self._dropout_state(deterministic, dropout_rng)
-        out = core.layer_attention(
-            self,
-            query,
-            key,
-            value,
-            normalizer,
-            sow=lambda name, value: self.sow("intermediates", name, value),
-            bias=bias,
-            mask=mask,
-            is_causal=is_causal,
-            key_value_seq_lengths=key_value_seq_lengths,
-            sow_weights=sow_weights,
-            dropout_rng=dropout_rng,
-            deterministic=deterministic,
-        )
-        return nn.DenseGeneral(
-            features=self.out_features or inputs_q.shape[-1],
-            axis=(-2, -1),
-            kernel_init=self.out_kernel_init or self.kernel_init,
-            bias_init=self.out_bias_init or self.bias_init,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            precision=self.precision,
-            name="out",
-        )(out)
+        def dropout_key() -> jax.Array:
+            return self.make_rng("dropout") if dropout_rng is None else dropout_rng
 
-    def _dropout_state(self, deterministic: bool | None, dropout_rng: jax.Array | None):
-        if self.dropout_rate == 0.0:
-            return True, None
-        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-        if deterministic:
-            return True, None
-        return False, self.make_rng("dropout") if dropout_rng is None else dropout_rng
+        result, sown = bridge(inputs_q, inputs_k, inputs_v, rngs=dropout_key, nnx_method=CAPTURING_CALL, **kwargs)
+        for name, variable in sown.items():
+            for value in variable.get_value():
+                self.sow("intermediates", name, value)
+        return result
