@@ -1,4 +1,4 @@
-"""Shared fixtures: the normalizer tests' jit caches (tests/test_normalizers_*.py), and
+"""Shared fixtures: the normalizer tests' jit caches (tests/normalizers/test_normalizers_*.py), and
 `replace_run_point` for the experiment tests.
 
 Compilation dominates the cost of these tests, so they go through `normalize`, which jits each
@@ -27,7 +27,7 @@ from attnlab import normalizers as N
 
 # Many tests train the same tiny models, and each `train` call builds a new jitted step: a
 # persistent compilation cache serves an identical program from disk instead of compiling it again
-# (about a quarter of tests/test_train.py's time). One fresh folder per test process, shared with
+# (about a quarter of tests/train/test_train.py's time). One fresh folder per test process, shared with
 # the subprocesses it starts one at a time (through the environment), removed at exit; results
 # never depend on it.
 _COMPILATION_CACHE = tempfile.mkdtemp(prefix="attnlab-tests-jax-cache-")

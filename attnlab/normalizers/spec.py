@@ -99,7 +99,7 @@ class NormalizerSpec:
             if low_high is not None and not low_high[0] <= start <= low_high[1]:
                 raise ValueError(
                     f"{where}: {name!r} learned as {parameter.learn.formula} cannot start at {start!r}; "
-                    f"accepted: [{low_high[0]:g}, {low_high[1]:g}]"
+                    f"accepted: [{low_high[0]:g}, {low_high[1]:.7g}]"
                 )
         # Building once with the start values runs the normalizer's own range checks now.
         self.build()

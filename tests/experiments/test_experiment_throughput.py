@@ -23,7 +23,7 @@ from attnlab.experiments import throughput
 from attnlab.experiments.config import ConfigError, Lengths
 from attnlab.normalizers import NormalizerSpec
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QUICK = REPO / "experiments" / "throughput_quick.toml"
 FIGURES = [
     "throughput_quick_compile_time",

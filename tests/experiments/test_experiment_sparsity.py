@@ -19,7 +19,7 @@ from attnlab.nn import ModelConfig, TransformerLM
 from attnlab.nn.inspect import attention_logits, causal_mask, query_key_value
 from attnlab.normalizers import get, softmax
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QUICK = REPO / "experiments" / "sparsity_quick.toml"
 RECORD_KEYS = {
     "input",

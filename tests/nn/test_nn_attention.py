@@ -1,6 +1,6 @@
 """attnlab.nn.MultiHeadAttention (NNX): parity with flax's NNX layer, options, the start values of
 learned normalizer parameters, errors. The checks run on both the NNX and the Linen layer are in
-tests/test_nn_layers.py; NormalizerSpec's own errors in tests/test_normalizers_descriptions.py."""
+tests/nn/test_nn_layers.py; NormalizerSpec's own errors in tests/normalizers/test_normalizers_descriptions.py."""
 
 import math
 
@@ -27,7 +27,7 @@ def _layer(normalizer="softmax", **kwargs):
 
 # ------------------------------------------------------------------------------------------------
 # Parity with flax, options (the output against dot_product_attention on the projections, GQA, RoPE,
-# statistics and dropout: tests/test_nn_layers.py, on both layers)
+# statistics and dropout: tests/nn/test_nn_layers.py, on both layers)
 
 
 @pytest.mark.parametrize(("num_kv_heads", "masking"), [(N, "none"), (2, "causal"), (2, "mask")])
@@ -50,8 +50,8 @@ def test_softmax_without_rope_equals_flax_multihead_attention(num_kv_heads, mask
 
 
 def test_values_without_keys_are_refused_as_flax_refuses_them():
-    # (checked on both layers in tests/test_nn_layers.py; flax takes [T, F] inputs too, as ours do:
-    # tests/test_nn_flax_integration.py runs flax's layer on them)
+    # (checked on both layers in tests/nn/test_nn_layers.py; flax takes [T, F] inputs too, as ours do:
+    # tests/nn/test_nn_flax_integration.py runs flax's layer on them)
     x = _x()
     with pytest.raises(ValueError, match="inputs_k` cannot be None if `inputs_v` is not None"):
         nnx.MultiHeadAttention(N, F, decode=False, rngs=nnx.Rngs(1))(x, inputs_v=x)
@@ -60,7 +60,7 @@ def test_values_without_keys_are_refused_as_flax_refuses_them():
 
 
 def test_query_with_no_visible_key_gives_the_output_bias():
-    # (its zero output and zero gradients before the output projection: tests/test_attention.py)
+    # (its zero output and zero gradients before the output projection: tests/attention/test_attention.py)
     layer = _layer("ssmax")
     mask = jnp.ones((B, 1, T, T), bool).at[0, :, 2, :].set(False)
     out = layer(_x(2), mask=mask)
@@ -86,7 +86,7 @@ def test_key_value_seq_lengths_hide_padding():
 
 
 # ------------------------------------------------------------------------------------------------
-# Learned normalizer parameters (their gradients: tests/test_nn_layers.py)
+# Learned normalizer parameters (their gradients: tests/nn/test_nn_layers.py)
 
 
 def test_learned_parameters_start_at_their_given_values():

@@ -1,6 +1,6 @@
 """Training: optimizer, overfitting every normalizer, determinism, checkpoints and resumption (from
 the saved data position, refusing other settings), divergence, evaluation, and data parallelism on 4
-forced CPU devices (in a subprocess). The checkpoint folder itself: tests/test_checkpoint.py."""
+forced CPU devices (in a subprocess). The checkpoint folder itself: tests/train/test_checkpoint.py."""
 
 import os
 import subprocess

@@ -25,7 +25,7 @@ from attnlab.experiments import lm, results
 from attnlab.experiments.kind import settings_key
 from attnlab.nn import NormalizerSpec
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FADING_QUICK = REPO / "experiments" / "fading_synthetic_quick.toml"
 TINY_FADING = ["--set", "normalizers=['softmax']", "--set", "seeds=1", "--set", "sigmas=[1.0]"]
 

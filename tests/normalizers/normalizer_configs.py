@@ -1,4 +1,4 @@
-"""Normalizer configurations shared by the tests/test_normalizers_*.py files."""
+"""Normalizer configurations shared by the tests/normalizers/test_normalizers_*.py files."""
 
 import pytest
 
@@ -24,7 +24,7 @@ all_configs = pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 
 # The normalizers proposed since SSMax (attnlab.normalizers.recent). None is shift invariant and
 # softmax1, sigmoid and softpick do not sum to 1, so the simplex properties above do not apply;
-# tests/test_normalizers_recent.py checks what does (masking, limits, gradients, references).
+# tests/normalizers/test_normalizers_recent.py checks what does (masking, limits, gradients, references).
 RECENT_CONFIGS = [
     ("softmax1", ()),
     ("sigmoid", ()),

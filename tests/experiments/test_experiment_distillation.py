@@ -18,7 +18,7 @@ from attnlab import cli, experiments
 from attnlab.experiments import distillation, lm
 from attnlab.experiments.config import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QUICK = REPO / "experiments" / "distillation_quick.toml"
 FIELDS = {
     "point_key",

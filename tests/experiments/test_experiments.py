@@ -16,7 +16,7 @@ from attnlab.experiments import fading_synthetic, theory
 from attnlab.experiments.config import ConfigError, Lengths
 from attnlab.experiments.results import write_json_atomic
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QUICK = REPO / "experiments" / "fading_synthetic_quick.toml"
 
 

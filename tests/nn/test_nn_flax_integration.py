@@ -274,7 +274,7 @@ def test_attention_fn_computes_the_softmax_in_float32_as_force_fp32_for_softmax_
 
 # ------------------------------------------------------------------------------------------------
 # The Linen layer: parity with flax's Linen layer (the checks shared with the NNX layer are in
-# tests/test_nn_layers.py)
+# tests/nn/test_nn_layers.py)
 
 
 def test_linen_layer_softmax_equals_flax_linen_layer():

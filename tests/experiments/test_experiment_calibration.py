@@ -16,7 +16,7 @@ import pytest
 from attnlab import cli, experiments
 from attnlab.experiments.config import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 QUICK = REPO / "experiments" / "calibration_quick.toml"
 SCORE_KEYS = {
     "accuracy",

@@ -21,7 +21,7 @@ from attnlab.experiments import lm
 from attnlab.experiments.config import ConfigError
 from attnlab.normalizers import NormalizerSpec
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LENGTH_QUICK = REPO / "experiments" / "length_generalization_quick.toml"
 NEEDLE_QUICK = REPO / "experiments" / "needle_quick.toml"
 
