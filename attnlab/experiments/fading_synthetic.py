@@ -31,7 +31,7 @@ from attnlab.experiments import theory
 from attnlab.experiments.checks import at_least, between, check, distinct, each, finite, nonempty, positive, setting
 from attnlab.experiments.config import Lengths
 from attnlab.experiments.kind import Kind
-from attnlab.normalizers import Normalizer, NormalizerSpec, Softmax, stats
+from attnlab.normalizers import Normalizer, NormalizerSpec, stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +109,7 @@ def run_point(config: Config, point: dict[str, Any]) -> list[dict[str, Any]]:
     spec = next(s for s in config.normalizers if s.label == point["normalizer"])
     normalizer = spec.build()
     n = int(point["n"])
-    softmax_type = isinstance(normalizer.mapping, Softmax)
+    softmax_type = normalizer.softmax_type
     factor = _scale_factor(normalizer, n) if softmax_type else math.nan
     records = []
 

@@ -87,7 +87,7 @@ from attnlab.attention.families import static_entmax_alpha
 from attnlab.experiments.checks import at_least, check, distinct, each, noted, one_of, positive, setting
 from attnlab.experiments.config import Lengths, to_json
 from attnlab.experiments.kind import Kind
-from attnlab.normalizers import SOFTMAX, Normalizer, NormalizerSpec
+from attnlab.normalizers import Normalizer, NormalizerSpec
 
 MODES = ("forward", "forward+backward")
 JAX_NN = "jax.nn"  # the case label of the jax.nn.dot_product_attention baseline
@@ -289,12 +289,7 @@ def _dense(case: str, implementation: str) -> bool:
 
 
 def _softmax_type(normalizer: Any) -> bool:
-    """The softmax family without a sink (softmax, scaled_softmax, ssmax): what cuDNN and torch SDPA compute."""
-    return (
-        isinstance(normalizer, Normalizer)
-        and normalizer.family == SOFTMAX
-        and getattr(normalizer.mapping, "sink", None) is None
-    )
+    return isinstance(normalizer, Normalizer) and normalizer.softmax_type
 
 
 # ---------------------------------------------------------------------------------------------- JAX programs

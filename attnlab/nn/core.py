@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from attnlab.attention import IMPLEMENTATIONS, dot_product_attention
 from attnlab.nn.rope import apply_rope
-from attnlab.normalizers import Normalizer, Softmax
+from attnlab.normalizers import Normalizer
 
 STATISTICS = ("max_weight", "entropy", "support_size")
 
@@ -144,7 +144,7 @@ def check_dropout(dropout_rate: Any, softmax_type: bool, implementation: Any, na
 
 
 def is_softmax_type(normalizer: Callable) -> bool:
-    return isinstance(normalizer, Normalizer) and isinstance(normalizer.mapping, Softmax)
+    return isinstance(normalizer, Normalizer) and normalizer.softmax_type
 
 
 def rope_query_key(

@@ -17,7 +17,7 @@ from attnlab.normalizers._rows import (
     register_pytree_dataclass,
     restore_rows,
 )
-from attnlab.normalizers.describe import ELEMENTWISE
+from attnlab.normalizers.describe import ELEMENTWISE, SOFTMAX
 
 Mapping = Any
 """A described mapping class instance (`attnlab.normalizers.describe.described`): `m(z, valid, align)`."""
@@ -52,6 +52,12 @@ class Normalizer:
     def family(self) -> str:
         """The attention family of the mapping (`attnlab.normalizers.describe`)."""
         return self.mapping.description.family
+
+    @property
+    def softmax_type(self) -> bool:
+        """Plain softmax after the scale policy (softmax, scaled_softmax, ssmax): the softmax family
+        without a sink, what cuDNN and torch SDPA compute; never exactly zero."""
+        return self.family == SOFTMAX and getattr(self.mapping, "sink", None) is None
 
     @property
     def sparse(self) -> bool:

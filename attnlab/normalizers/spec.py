@@ -29,7 +29,7 @@ import numpy as np
 
 from attnlab.normalizers import registry
 from attnlab.normalizers._rows import check_finite
-from attnlab.normalizers.describe import SOFTMAX, Parameter
+from attnlab.normalizers.describe import Parameter
 from attnlab.normalizers.normalizer import Normalizer
 
 # TOML keys of the spec itself; every other key of a table is a parameter of the normalizer.
@@ -184,9 +184,8 @@ class NormalizerSpec:
 
     @property
     def softmax_type(self) -> bool:
-        """Whether the mapping is plain softmax (softmax, scaled_softmax, ssmax): never exactly zero, no sink."""
-        mapping = self.build().mapping
-        return mapping.description.family == SOFTMAX and getattr(mapping, "sink", None) is None
+        """Whether the normalizer is plain softmax after its scale policy (`Normalizer.softmax_type`)."""
+        return self.build().softmax_type
 
     def initial_params(self, num_heads: int) -> dict[str, np.ndarray]:
         """Start values of the stored learned parameters, each float32 [num_heads, 1, 1]."""
