@@ -1,0 +1,82 @@
+"""GPU paths proven before the GPU: every kernel lowers for CUDA (and the XLA backends for TPU) here.
+
+`jax.export` with `platforms=["cuda"]` lowers a Pallas kernel to Triton IR on this CPU-only machine
+(the Triton custom call's safety check is disabled: it is checked on the device), so a kernel that
+cannot lower fails here, not in the few device minutes. cuDNN cannot be lowered without cuDNN; it is
+checked on the device (issue 17).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+import attnlab.normalizers as N
+from attnlab.attention import dot_product_attention
+from attnlab.attention.pallas_sparse import pallas_sparse_attention
+
+TRITON = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+
+
+def _spec(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _lowers(fn, *args, platforms, disabled=()):
+    exported = export.export(jax.jit(fn), platforms=platforms, disabled_checks=list(disabled))(*args)
+    assert exported.platforms == tuple(platforms)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize(
+    ("alpha", "block", "is_causal", "lengths"),
+    [
+        (alpha, block, causal, lengths)
+        for (alpha, block), causal, lengths in itertools.product(
+            [(1.5, 16), (2.0, 32), (1.3, 64), (1.5, 128)], [True, False], [False, True]
+        )
+        if not (causal and lengths and block == 128)
+    ],
+)
+def test_the_pallas_entmax_kernel_lowers_for_cuda_forward_and_backward(alpha, block, is_causal, lengths):
+    q = _spec((2, 128, 4, 64))
+    key_lengths = jnp.asarray([128, 77]) if lengths else None
+
+    def forward(q, k, v):
+        return pallas_sparse_attention(
+            q, k, v, alpha=alpha, is_causal=is_causal, key_lengths=key_lengths, block_q=block, block_k=block,
+            interpret=False,
+        )  # fmt: skip
+
+    module = _lowers(forward, q, q, q, platforms=["cuda"], disabled=TRITON)
+    assert "triton" in module
+    grad = jax.grad(lambda q, k, v: jnp.sum(forward(q, k, v)), argnums=(0, 1, 2))
+    _lowers(grad, q, q, q, platforms=["cuda"], disabled=TRITON)
+
+
+@pytest.mark.parametrize("implementation", ["dense", "online", "blocked_entmax", "query_blocked"])
+def test_the_xla_backends_lower_for_cuda_and_tpu(implementation):
+    q = _spec((1, 256, 2, 32), jnp.bfloat16)
+    served = 0
+    for name in N.NAMES:
+        normalizer = N.get(name)
+
+        def loss(q, k, v, normalizer=normalizer):
+            out = dot_product_attention(
+                q, k, v, normalizer=normalizer, is_causal=True, implementation=implementation, key_block=64,
+                query_block=64,
+            )  # fmt: skip
+            return jnp.sum(out.astype(jnp.float32))
+
+        try:
+            jax.eval_shape(loss, q, q, q)
+        except ValueError as err:  # this backend does not serve this normalizer: it says why
+            assert "cannot" in str(err) or "support" in str(err) or "only" in str(err), str(err)
+            continue
+        _lowers(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, q, q, platforms=["cuda", "tpu"])
+        served += 1
+    assert served >= 1
