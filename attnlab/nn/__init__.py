@@ -17,8 +17,9 @@ from attnlab.nn.attention import LearnedNormalizer, MultiHeadAttention
 from attnlab.nn.flax_attention import attention_fn
 from attnlab.nn.linen import MultiHeadAttention as LinenMultiHeadAttention
 from attnlab.nn.rope import apply_rope
-from attnlab.nn.spec import NormalizerSpec, alpha_from_logit, inverse_mean_log_n
 from attnlab.nn.transformer import ModelConfig, TransformerLM
+from attnlab.normalizers.describe import alpha_from_logit
+from attnlab.normalizers.spec import NormalizerSpec, inverse_mean_log_n
 
 __all__ = [
     "LearnedNormalizer",

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab.nn import core
-from attnlab.nn.spec import NormalizerSpec, as_spec
 from attnlab.normalizers import Normalizer
+from attnlab.normalizers.spec import NormalizerSpec, as_spec
 
 Initializer = Callable[..., jax.Array]
 default_kernel_init = nnx.initializers.lecun_normal()

@@ -42,8 +42,8 @@ from flax import nnx
 
 from attnlab.attention import resolve_normalizer
 from attnlab.nn import core
-from attnlab.nn.spec import NormalizerSpec
 from attnlab.normalizers import NAMES, Normalizer
+from attnlab.normalizers.spec import NormalizerSpec
 
 OPTIONS = {
     "implementation": None,

@@ -43,7 +43,7 @@ from flax import nnx
 from flax.core import FrozenDict, meta
 
 from attnlab.nn import attention, core
-from attnlab.nn.spec import NormalizerSpec
+from attnlab.normalizers.spec import NormalizerSpec
 
 Initializer = Callable[..., jax.Array]
 

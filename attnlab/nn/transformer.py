@@ -26,7 +26,7 @@ from flax import nnx
 from attnlab.losses import OutputNormalizer
 from attnlab.nn import core
 from attnlab.nn.attention import MultiHeadAttention
-from attnlab.nn.spec import NormalizerSpec, as_spec
+from attnlab.normalizers.spec import NormalizerSpec, as_spec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -72,13 +72,17 @@ class Entry:
     def accepted(self) -> str:
         return ", ".join(p.name for p in self.parameters) or "no parameters"
 
-    def build(self, **params: Any) -> Normalizer:
-        """The Normalizer with `params` bound (the rest at their defaults); params are checked first."""
-        unknown = sorted(set(params) - {p.name for p in self.parameters})
+    def check_names(self, names: Any) -> None:
+        """ValueError naming the parameters in `names` this normalizer does not take, and those it does."""
+        unknown = sorted(set(names) - {p.name for p in self.parameters})
         if unknown:
             raise ValueError(
                 f"normalizer {self.name!r} does not take {', '.join(unknown)}; it accepts {self.accepted()}"
             )
+
+    def build(self, **params: Any) -> Normalizer:
+        """The Normalizer with `params` bound (the rest at their defaults); params are checked first."""
+        self.check_names(params)
         for key, value in params.items():
             check_finite(key, value, where=self.name)
         own = {p.name for p in self.mapping.description.parameters}

@@ -113,8 +113,9 @@ class NormalizerSpec:
         else:
             raise ValueError(f"NormalizerSpec.params must be a mapping of parameter names to numbers; got {params!r}")
         for key, value in items:
-            if key not in {p.name for p in entry.parameters}:
-                _unknown(key, entry)
+            if key in _REPLACED:
+                raise ValueError(f"NormalizerSpec.params: {key!r} is no longer a key; write {_REPLACED[key]}")
+            entry.check_names([key])
             if not _is_number(value):
                 raise ValueError(f"NormalizerSpec.params[{key!r}] must be a number; got {value!r}")
             check_finite(key, value, where=entry.name)
@@ -215,12 +216,6 @@ class NormalizerSpec:
         if self.learn != type(self)(self.name).learn:
             out["learn"] = list(self.learn)
         return out
-
-
-def _unknown(key: str, entry: registry.Entry) -> None:
-    if key in _REPLACED:
-        raise ValueError(f"NormalizerSpec.params: {key!r} is no longer a key; write {_REPLACED[key]}")
-    raise ValueError(f"normalizer {entry.name!r} does not take {key}; it accepts {entry.accepted()}")
 
 
 def as_spec(normalizer: Any, where: str = "normalizer") -> NormalizerSpec:
