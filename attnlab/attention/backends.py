@@ -11,8 +11,10 @@
                     backward (attention.sparse_blocked)
     query_blocked   query blocks, whole rows through the normalizer    any normalizer (callables included)
                     (attention.query_blocked)
-    pallas          a Pallas kernel that skips weightless key blocks   THRESHOLD with one concrete alpha in (1, 2];
-                    (attention.pallas_sparse; GPU, else interpreted)   is_causal and key lengths only
+    pallas          Pallas kernels (GPU, else interpreted):            THRESHOLD with one concrete alpha in (1, 2]
+                    entmax skipping weightless key blocks              (pallas_sparse); SOFTMAX with no sink or a
+                    (attention.pallas_sparse); flash attention with    concrete one, residual*; ELEMENTWISE
+                    a sink or sigmoid (attention.pallas_online)        (pallas_online); is_causal, key lengths only
 
     * return_residual (jax.nn's log-sum-exp) exists for the SOFTMAX family only.
 
@@ -21,8 +23,9 @@ read from the normalizer's description (attention.families), never from its clas
 
 `implementation=None` takes the first backend of AUTOMATIC that serves the call: dense when the
 weights are wanted or the call is small (at most DENSE_MAX_ELEMENTS logits), cuDNN on GPU for
-half-precision softmax, else the memory-efficient backend of the normalizer's family (online,
-blocked_entmax, query_blocked). Names users pass are the backends' and two more: "xla" is dense
+half-precision softmax, a Pallas kernel on GPU once it has passed its backend check there
+(VERIFIED_ON_GPU; none has yet), else the memory-efficient backend of the normalizer's family
+(online, blocked_entmax, query_blocked). Names users pass are the backends' and two more: "xla" is dense
 (jax.nn's name for it) and "chunked" is the first of online, blocked_entmax, query_blocked that
 serves the call.
 """
@@ -123,15 +126,15 @@ class Backend:
       summary: one line, for documentation and `attnlab list`.
       supports: (normalizer, options) -> None if it can serve the call, else the reason it cannot.
       run: (normalizer, call, options) -> Result; called only when `supports` returned None.
-      automatic: options -> None, or why implementation=None passes it over although it could
-        serve the call (dense: the call is large).
+      automatic: (normalizer, options) -> None, or why implementation=None passes it over although
+        it could serve the call (dense: the call is large; pallas: off GPU, or not verified there).
     """
 
     name: str
     summary: str
     supports: Callable[[Callable, Options], str | None]
     run: Callable[[Callable, Call, Options], Result]
-    automatic: Callable[[Options], str | None] = lambda options: None
+    automatic: Callable[[Callable, Options], str | None] = lambda normalizer, options: None
 
 
 # ---------------------------------------------------------------------------------------------- reasons
@@ -207,7 +210,7 @@ def _dense_supports(normalizer: Callable, options: Options) -> str | None:
     return _first((options.residual and families.family(normalizer) != SOFTMAX, lambda: _residual(normalizer)))
 
 
-def _dense_automatic(options: Options) -> str | None:
+def _dense_automatic(normalizer: Callable, options: Options) -> str | None:
     if options.weights or options.elements <= DENSE_MAX_ELEMENTS:
         return None
     return f"{options.elements} logits > DENSE_MAX_ELEMENTS = {DENSE_MAX_ELEMENTS}: a memory-efficient backend takes it"
@@ -366,7 +369,27 @@ def _cudnn_run(normalizer: Callable, call: Call, options: Options) -> Result:
 # ---------------------------------------------------------------------------------------------- Pallas
 
 
+def pallas_kernel(normalizer: Callable) -> str | None:
+    """Which Pallas kernel runs `normalizer`: "entmax" (attention.pallas_sparse: the THRESHOLD family
+    with one concrete alpha in (1, 2]), "softmax" (attention.pallas_online: the SOFTMAX family with no
+    sink or one concrete sink), "elementwise" (attention.pallas_online: the ELEMENTWISE family), or None."""
+    if families.static_entmax_alpha(normalizer) is not None:
+        return "entmax"
+    kind = families.online_kind(normalizer)
+    if kind is None or (kind[0] == "softmax" and families.family(normalizer) != SOFTMAX):
+        return None  # alpha-entmax at alpha near 1 is softmax, which cuDNN and the online pass run
+    return kind[0]
+
+
+VERIFIED_ON_GPU: frozenset[str] = frozenset()
+"""The Pallas kernels ("entmax", "softmax", "elementwise") that `implementation=None` may pick on a GPU:
+those whose backend check (benchmarks/gpu.sh, experiments/backend_check_gpu.toml) passed on a GPU. Empty
+until a device run has passed: until then a GPU call takes cuDNN or the XLA paths, and the kernels run
+only when named (implementation="pallas")."""
+
+
 def _pallas_supports(normalizer: Callable, options: Options) -> str | None:
+    kernel = pallas_kernel(normalizer)
     unsupported = {
         "bias": options.bias,
         "mask": options.mask,
@@ -374,47 +397,68 @@ def _pallas_supports(normalizer: Callable, options: Options) -> str | None:
         "query_seq_lengths": options.query_lengths,
         "statistics": options.statistics,
         "return_weights": options.weights,
-        "return_residual": options.residual,
+        "return_residual": options.residual and kernel != "softmax",
     }
     names = ", ".join(name for name, given in unsupported.items() if given)
     accepted = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
     return _first(
         (
-            families.static_entmax_alpha(normalizer) is None,
+            kernel is None,
             lambda: (
-                "the Pallas kernel runs the entmax family with one alpha in (1, 2] only (sparsemax, "
-                f"entmax15, entmax(alpha), and their logn_ versions); got {families.describe_family(normalizer)}"
+                "the Pallas kernels run the 'threshold' family with one alpha in (1, 2] (sparsemax, entmax15, "
+                "entmax(alpha), their logn_ versions), the 'softmax' family with no sink or one concrete sink, "
+                f"and the 'elementwise' family; got {families.describe_family(normalizer)}"
             ),
         ),
         (
             bool(names),
             lambda: (
-                f"implementation='pallas' does not support {names} yet; it takes is_causal and "
+                f"implementation='pallas' does not support {names}; it takes is_causal and "
                 "key_value_seq_lengths only (use implementation='chunked')"
             ),
         ),
         (
             jnp.dtype(options.dtype) not in accepted,
-            lambda: f"the Pallas kernel takes float32 or bfloat16 inputs; got {jnp.dtype(options.dtype)}",
+            lambda: f"the Pallas kernels take float32 or bfloat16 inputs; got {jnp.dtype(options.dtype)}",
         ),
     )
 
 
+def _pallas_automatic(normalizer: Callable, options: Options) -> str | None:
+    if options.platform != "gpu":
+        return f"the Pallas kernels compile for GPU; on {options.platform!r} they would run in the interpreter"
+    kernel = pallas_kernel(normalizer)
+    if kernel not in VERIFIED_ON_GPU:
+        return f"the Pallas {kernel} kernel has not yet passed its backend check on a GPU (VERIFIED_ON_GPU)"
+    return None
+
+
 def _pallas_run(normalizer: Callable, call: Call, options: Options) -> Result:
     # Imported here: importing Pallas costs time that only this backend needs.
+    from attnlab.attention.pallas_online import pallas_online_attention
     from attnlab.attention.pallas_sparse import pallas_sparse_attention
 
     q, _ = _folded(normalizer, call)
     K = q.shape[1]
-    out = pallas_sparse_attention(
-        ungroup_queries(q),
-        jnp.moveaxis(call.k, 1, 2),
-        jnp.moveaxis(call.v, 1, 2),
-        alpha=families.static_entmax_alpha(normalizer),
-        is_causal=call.visibility.is_causal,
-        key_lengths=call.visibility.key_lengths,
-    )
-    return Result(group_queries(out, K).astype(jnp.float32), {})
+    operands = (ungroup_queries(q), jnp.moveaxis(call.k, 1, 2), jnp.moveaxis(call.v, 1, 2))
+    visible = {"is_causal": call.visibility.is_causal, "key_lengths": call.visibility.key_lengths}
+    kernel = pallas_kernel(normalizer)
+    residual = None
+    if kernel == "entmax":
+        out = pallas_sparse_attention(*operands, alpha=families.static_entmax_alpha(normalizer), **visible)
+    elif kernel == "softmax":
+        _, sink = families.online_kind(normalizer)
+        result = pallas_online_attention(
+            *operands, kind="softmax", sink=sink, return_residual=options.residual, **visible
+        )
+        out, residual = result if options.residual else (result, None)
+        if residual is not None:  # [B, N, T] -> [B, K, G, T]
+            residual = residual.reshape(residual.shape[0], K, -1, residual.shape[-1])
+    else:
+        B, N, T, _, _, _ = _shape(call)
+        row_bias = jnp.broadcast_to(_elementwise_bias(normalizer, call), (B, K, N // K, T, 1)).reshape(B, N, T)
+        out = pallas_online_attention(*operands, kind="elementwise", row_bias=row_bias, **visible)
+    return Result(group_queries(out, K).astype(jnp.float32), {}, residual)
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -436,12 +480,15 @@ BACKENDS: dict[str, Backend] = {
             "query_blocked", "query blocks through the normalizer itself, rematerialised",
             _query_blocked_supports, _query_blocked_run,
         ),
-        Backend("pallas", "a Pallas entmax kernel that skips key blocks with no weight", _pallas_supports, _pallas_run),
+        Backend(
+            "pallas", "Pallas kernels: entmax skipping weightless key blocks; softmax with a sink; sigmoid",
+            _pallas_supports, _pallas_run, _pallas_automatic,
+        ),
     )
 }  # fmt: skip
 """Every backend, by name."""
 
-AUTOMATIC = ("dense", "cudnn", "online", "blocked_entmax", "query_blocked")
+AUTOMATIC = ("dense", "cudnn", "pallas", "online", "blocked_entmax", "query_blocked")
 """implementation=None: the first of these that serves the call (and that `automatic` does not pass over)."""
 
 MEMORY_EFFICIENT = ("online", "blocked_entmax", "query_blocked")
@@ -464,7 +511,7 @@ def select(implementation: str | None, normalizer: Callable, options: Options) -
         reasons = []
         for name in AUTOMATIC:
             backend = BACKENDS[name]
-            reason = backend.supports(normalizer, options) or backend.automatic(options)
+            reason = backend.supports(normalizer, options) or backend.automatic(normalizer, options)
             if reason is None:
                 return backend
             reasons.append(f"{name}: {reason}")

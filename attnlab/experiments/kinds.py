@@ -1,6 +1,7 @@
 """The registry of experiment kinds: name -> `Kind`, read by `attnlab run`, `figures` and `list`."""
 
 from attnlab.experiments import (
+    backend_check,
     calibration,
     distillation,
     fading_synthetic,
@@ -13,5 +14,14 @@ from attnlab.experiments.kind import Kind
 
 KINDS: dict[str, Kind] = {
     module.KIND.name: module.KIND
-    for module in (fading_synthetic, sparsity, throughput, length_generalization, needle, calibration, distillation)
+    for module in (
+        fading_synthetic,
+        sparsity,
+        throughput,
+        backend_check,
+        length_generalization,
+        needle,
+        calibration,
+        distillation,
+    )
 }

@@ -15,14 +15,16 @@ Cases (one sweep; `cases` gives their order):
       "torch_sdpa"  torch.nn.functional.scaled_dot_product_attention (softmax);
       "entmax_lib"  the entmax library's sparsemax, entmax15 or entmax_bisect(alpha) on the full
                     score matrix (-inf above the diagonal when causal), then @ V;
+      "adasplash"   AdaSplash's Triton kernels (Gonçalves et al. 2025; `adasplash.adasplash`) for
+                    alpha-entmax, alpha in (1, 2]: on a CUDA GPU only, at n a power of two;
   - the softmax baseline `jax.nn.dot_product_attention(implementation=...)` for each of `jax_nn`
     ("xla", "cudnn"), under the case label "jax.nn".
 A combination that cannot run here is recorded with a `skipped` reason: cuDNN off GPU or in
-float32, Pallas off GPU unless `pallas_interpret`, cuDNN for a sparse map, Pallas for softmax, the
-dense paths (attnlab "dense", jax.nn "xla") beyond `dense_max_n` (their memory grows as n²), the
-entmax library beyond `peer_max_n` (it holds the n x n scores), a peer that is not installed (the
-reason says how to install it) and a peer whose single call at a shorter n took longer than
-`slow_s`. A fused kernel that fails to compile or run here (cuDNN, Pallas), a failing peer and
+float32, Pallas off GPU unless `pallas_interpret`, cuDNN for a sparse map, Pallas for a map it has
+no kernel for, the dense paths (attnlab "dense", jax.nn "xla") beyond `dense_max_n` (their memory
+grows as n²), the entmax library beyond `peer_max_n` (it holds the n x n scores), AdaSplash off a
+CUDA GPU, a peer that is not installed (the reason says how to install it) and a peer whose single
+call at a shorter n took longer than `slow_s`. A fused kernel that fails to compile or run here (cuDNN, Pallas), a failing peer and
 any out-of-memory failure are recorded under `error` instead of stopping the sweep.
 
 Measured per timing point ({"measure": "time", ...}; one jitted program compiled ahead of time):
@@ -83,6 +85,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnlab.attention import IMPLEMENTATIONS, dot_product_attention
+from attnlab.attention.backends import pallas_kernel
 from attnlab.attention.families import static_entmax_alpha
 from attnlab.experiments.checks import at_least, check, distinct, each, noted, one_of, positive, setting
 from attnlab.experiments.config import Lengths, to_json
@@ -92,8 +95,10 @@ from attnlab.normalizers import Normalizer, NormalizerSpec
 MODES = ("forward", "forward+backward")
 JAX_NN = "jax.nn"  # the case label of the jax.nn.dot_product_attention baseline
 JAX_NN_IMPLEMENTATIONS = ("xla", "cudnn")
-PEERS = ("torch_sdpa", "entmax_lib")
-PEER_LIBRARIES = {"torch_sdpa": ("torch",), "entmax_lib": ("torch", "entmax")}
+PEERS = ("torch_sdpa", "entmax_lib", "adasplash")
+DEFAULT_PEERS = ("torch_sdpa", "entmax_lib")  # AdaSplash runs on a CUDA GPU only: named in the GPU configs
+PEER_LIBRARIES = {"torch_sdpa": ("torch",), "entmax_lib": ("torch", "entmax"), "adasplash": ("torch", "adasplash")}
+PEER_LIBRARY = {"torch_sdpa": "torch", "entmax_lib": "entmax", "adasplash": "adasplash"}  # the `library` of its records
 PEER_INSTALL = "pip install 'attnlab[bench]' (on a CPU-only machine the CPU build of torch first; see the README)"
 DTYPES = ("float32", "bfloat16")
 ERROR_REFERENCE = "attnlab dense, float32, highest matmul precision"
@@ -122,8 +127,9 @@ class Config:
     # Labels of the normalizers also timed with implementation="dense"; empty: every normalizer.
     dense_normalizers: tuple[str, ...] = setting((), distinct)
     jax_nn: tuple[str, ...] = setting(JAX_NN_IMPLEMENTATIONS, *_sweep(JAX_NN_IMPLEMENTATIONS))
-    # Peers timed for each normalizer they compute (skipped, with the reason, when not installed).
-    peers: tuple[str, ...] = setting(PEERS, *_sweep(PEERS))
+    # Peers timed for each normalizer they compute (skipped, with the reason, when not installed or
+    # when they cannot run here: AdaSplash needs a CUDA GPU).
+    peers: tuple[str, ...] = setting(DEFAULT_PEERS, *_sweep(PEERS))
     lengths: Lengths = dataclasses.field(default_factory=lambda: Lengths((256, 512, 1024, 2048, 4096)))
     batch: int = setting(1, at_least(1))
     heads: int = setting(8, at_least(1))
@@ -177,8 +183,8 @@ class Config:
 
 
 def peer_takes(peer: str, normalizer: Any) -> bool:
-    """Whether `peer` computes `normalizer`: torch SDPA plain softmax; the entmax library sparsemax,
-    1.5-entmax and alpha-entmax with one alpha in (1, 2]; neither a scale policy."""
+    """Whether `peer` computes `normalizer`: torch SDPA plain softmax; the entmax library and AdaSplash
+    sparsemax, 1.5-entmax and alpha-entmax with one alpha in (1, 2]; none a scale policy."""
     if not isinstance(normalizer, Normalizer) or normalizer.scale is not None:
         return False
     if peer == "torch_sdpa":
@@ -259,6 +265,10 @@ def skip_reason(
     """Why (case, implementation) does not run at n on `backend`, or None when it does. The dense
     paths stop at config.dense_max_n, or for a memory point (memory=True) at memory_dense_max_n."""
     if implementation in PEERS:
+        if implementation == "adasplash" and backend != "gpu":
+            return f"AdaSplash runs Triton kernels on a CUDA GPU; this backend is {backend}"
+        if implementation == "adasplash" and n & (n - 1):
+            return f"AdaSplash takes n a power of two (without varlen); n = {n}"
         problem = peer_import(implementation)[1]
         if problem is not None:
             return problem
@@ -274,8 +284,11 @@ def skip_reason(
         normalizer = _spec(config, case).build()
         if implementation == "cudnn" and not _softmax_type(normalizer):
             return "cuDNN takes softmax-type normalizers only (softmax, scaled_softmax, ssmax)"
-        if implementation == "pallas" and static_entmax_alpha(normalizer) is None:
-            return "the Pallas kernel takes the entmax family with one alpha in (1, 2] only"
+        if implementation == "pallas" and pallas_kernel(normalizer) is None:
+            return (
+                "no Pallas kernel runs this normalizer (they take the entmax family with one alpha in (1, 2], "
+                "softmax with no sink or one concrete sink, and sigmoid)"
+            )
     if implementation == "pallas" and backend != "gpu" and not config.pallas_interpret:
         return f"Pallas compiles for GPU only; on {backend} it is interpreted, slowly (set pallas_interpret = true)"
     field = "memory_dense_max_n" if memory else "dense_max_n"
@@ -410,15 +423,20 @@ def peer_inputs(config: Config, n: int) -> dict[str, Any]:
 
 
 def peer_forward(config: Config, case: str, peer: str) -> Callable[..., Any]:
-    """f(q, k, v) -> out [B, N, n, H] in torch: SDPA, or the entmax library on the full scores
-    s = q k^T / sqrt(H) (-inf above the diagonal when causal), out = mapping(s) @ v."""
+    """f(q, k, v) -> out [B, N, n, H] in torch: SDPA; AdaSplash's kernel (it scales by 1/sqrt(H) too);
+    or the entmax library on the full scores s = q k^T / sqrt(H) (-inf above the diagonal when
+    causal), out = mapping(s) @ v."""
     import torch
 
     if peer == "torch_sdpa":
         return functools.partial(torch.nn.functional.scaled_dot_product_attention, is_causal=config.causal)
+    alpha = static_entmax_alpha(_spec(config, case).build())
+    if peer == "adasplash":
+        import adasplash
+
+        return functools.partial(adasplash.adasplash, alpha=alpha, is_causal=config.causal)
     import entmax
 
-    alpha = static_entmax_alpha(_spec(config, case).build())
     mapping = {2.0: entmax.sparsemax, 1.5: entmax.entmax15}.get(
         alpha, functools.partial(entmax.entmax_bisect, alpha=alpha)
     )
@@ -538,10 +556,7 @@ def _failure(err: BaseException) -> str:
 
 def _identity(config: Config, case: str, implementation: str) -> dict[str, Any]:
     """What every record of a case says about it: its library, normalizer and device."""
-    if implementation in PEERS:
-        library = "torch" if implementation == "torch_sdpa" else "entmax"
-    else:
-        library = "jax.nn" if case == JAX_NN else "attnlab"
+    library = PEER_LIBRARY.get(implementation) or ("jax.nn" if case == JAX_NN else "attnlab")
     return {
         "library": library,
         "normalizer": _reference_spec(config, case).name,

@@ -28,6 +28,7 @@ PEER_LINE = (0, (5, 1.5, 1, 1.5, 1, 1.5))  # dash-dot-dot
 PEER_STYLES = {
     "torch_sdpa": {"marker": "P", "label": "torch SDPA"},
     "entmax_lib": {"marker": "X", "label": "entmax library"},
+    "adasplash": {"marker": "*", "label": "AdaSplash"},
 }
 JAX_NN_STYLES = {
     "xla": {"color": "0.2", "marker": "s", "label": "jax.nn (XLA)"},

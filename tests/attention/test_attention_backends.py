@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from attnlab import normalizers
-from attnlab.attention import AUTOMATIC, BACKENDS, IMPLEMENTATIONS, Options, dot_product_attention
-from attnlab.attention.backends import DENSE_MAX_ELEMENTS, select
+from attnlab.attention import AUTOMATIC, BACKENDS, IMPLEMENTATIONS, Options, backends, dot_product_attention
+from attnlab.attention.backends import DENSE_MAX_ELEMENTS, pallas_kernel, select
 from attnlab.normalizers import SOFTMAX, THRESHOLD, Description, Normalizer, Parameter, described
 from attnlab.normalizers.mappings import entmax_rows, softmax_rows
 
@@ -126,8 +126,9 @@ def test_a_backend_that_cannot_serve_the_call_says_why():
         ("cudnn", sparsemax, {}, r"softmax-type normalizers only.*'sparsemax' \(family 'threshold'\)"),
         ("cudnn", softmax, {}, "cuDNN attention needs a GPU; the default backend is 'cpu'"),
         ("cudnn", softmax, {"platform": "gpu"}, "float16 or bfloat16 inputs; got float32"),
-        ("pallas", softmax, {}, "entmax family with one alpha in"),
-        ("pallas", sparsemax, {"mask": True, "statistics": True}, "does not support mask, statistics yet"),
+        ("pallas", normalizers.get("multimax"), {}, r"Pallas kernels run .*'multimax' \(family 'generic'\)"),
+        ("pallas", sparsemax, {"mask": True, "statistics": True}, "does not support mask, statistics;"),
+        ("pallas", sparsemax, {"residual": True}, "does not support return_residual"),
         ("online", sparsemax, {}, "online pass runs the 'softmax' family"),
         ("blocked_entmax", softmax, {}, "blocked entmax path runs the 'threshold' family"),
         ("chunked", softmax, {"weights": True}, "online: return_weights needs implementation='dense'"),
@@ -140,6 +141,20 @@ def test_a_backend_that_cannot_serve_the_call_says_why():
         select(None, sparsemax, _options(residual=True))
     with pytest.raises(ValueError, match="implementation='flash'; accepted: None, 'dense', 'xla', 'chunked'"):
         select("flash", softmax, _options())
+
+
+def test_pallas_kernels_are_picked_automatically_only_on_a_gpu_once_verified(monkeypatch):
+    sparsemax, softmax1 = normalizers.get("sparsemax"), normalizers.get("softmax1")
+    gpu = _options(**LARGE, platform="gpu")
+    assert [pallas_kernel(normalizers.get(n)) for n in ("sparsemax", "softmax1", "sigmoid", "softmax", "multimax")] == [
+        "entmax", "softmax", "elementwise", "softmax", None,
+    ]  # fmt: skip
+    assert select(None, sparsemax, gpu).name == "blocked_entmax"  # not yet verified on a GPU
+    assert "not yet passed its backend check" in BACKENDS["pallas"].automatic(sparsemax, gpu)
+    monkeypatch.setattr(backends, "VERIFIED_ON_GPU", frozenset({"entmax"}))
+    assert select(None, sparsemax, gpu).name == "pallas"
+    assert select(None, softmax1, gpu).name == "online"  # its kernel is not in the verified set
+    assert select(None, sparsemax, _options(**LARGE)).name == "blocked_entmax"  # off GPU: never
 
 
 def test_user_described_families_run_on_their_backends_and_match_dense():

@@ -220,5 +220,23 @@ def test_pallas_implementation_is_wired_for_the_entmax_family():
         _close(run(implementation="pallas"), run(implementation="dense"))
     with pytest.raises(ValueError, match="does not support bias"):
         dot_product_attention(q, k, v, bias, normalizer="sparsemax", implementation="pallas")
-    with pytest.raises(ValueError, match="entmax family"):
-        dot_product_attention(q, k, v, normalizer="softmax", implementation="pallas")
+    with pytest.raises(ValueError, match="Pallas kernels run"):
+        dot_product_attention(q, k, v, normalizer="multimax", implementation="pallas")
+
+
+def test_pallas_implementation_is_wired_for_sinks_and_sigmoid():
+    # ssmax: the scale folded into q before the plain-softmax kernel; sigmoid: its -log n bias per row.
+    q, k, v, _ = _inputs(seed=13, t=40, s=40)
+    lengths = jnp.array([40, 25])
+    for name in ("softmax1", "sigmoid", "ssmax"):
+        run = functools.partial(
+            dot_product_attention, q, k, v, normalizer=name, is_causal=True,
+            key_value_seq_lengths=lengths,
+        )  # fmt: skip
+        _close(run(implementation="pallas"), run(implementation="dense"))
+    out, lse = dot_product_attention(q, k, v, normalizer="softmax1", implementation="pallas", return_residual=True)
+    want_out, want_lse = dot_product_attention(
+        q, k, v, normalizer="softmax1", implementation="dense", return_residual=True
+    )
+    _close(out, want_out)
+    _close(lse, want_lse)

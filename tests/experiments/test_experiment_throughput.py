@@ -31,7 +31,7 @@ FIGURES = [
     "throughput_quick_relative_time",
     "throughput_quick_tokens_per_second",
 ]
-PEERS_INSTALLED = all(throughput.peer_import(peer)[1] is None for peer in throughput.PEERS)
+PEERS_INSTALLED = all(throughput.peer_import(peer)[1] is None for peer in throughput.DEFAULT_PEERS)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_memory_points_skip_peers_and_dense_paths_beyond_their_cap():
         ),
         ("reps=-1", "reps must be >= 1; got -1"),
         ("jax_nn=['triton']", "jax_nn must all be one of xla, cudnn; got ['triton']"),
-        ("peers=['flash_attn']", "peers must all be one of torch_sdpa, entmax_lib; got ['flash_attn']"),
+        ("peers=['flash_attn']", "peers must all be one of torch_sdpa, entmax_lib, adasplash; got ['flash_attn']"),
         ("modes=['backward']", "modes must all be one of forward, forward+backward; got ['backward']"),
         ("memory_modes=['backward']", "memory_modes must all be one of forward, forward+backward"),
         ("dtype=float64", "dtype must be one of float32, bfloat16; got 'float64'"),
@@ -240,21 +240,27 @@ def test_unknown_key_is_a_config_error():
 
 
 def test_unsupported_combinations_are_skipped_with_a_reason():
-    config = throughput.Config(normalizers=(NormalizerSpec("softmax"), NormalizerSpec("sparsemax")), dense_max_n=512)
+    config = throughput.Config(
+        normalizers=(NormalizerSpec("softmax"), NormalizerSpec("sparsemax"), NormalizerSpec("multimax")),
+        dense_max_n=512,
+    )
     reason = throughput.skip_reason
     assert "GPU" in reason(config, "jax.nn", "cudnn", 256, "cpu")
     assert "float32" in reason(config, "softmax", "cudnn", 256, "gpu")
     bf16 = throughput.Config(normalizers=config.normalizers, dtype="bfloat16")
     assert reason(bf16, "softmax", "cudnn", 256, "gpu") is None
     assert "softmax-type" in reason(bf16, "sparsemax", "cudnn", 256, "gpu")
-    assert "entmax family" in reason(config, "softmax", "pallas", 256, "gpu")
+    assert "no Pallas kernel" in reason(config, "multimax", "pallas", 256, "gpu")
     assert reason(config, "sparsemax", "pallas", 256, "gpu") is None
+    assert reason(config, "softmax", "pallas", 256, "gpu") is None
     assert "pallas_interpret" in reason(config, "sparsemax", "pallas", 256, "cpu")
     interpreted = throughput.Config(normalizers=config.normalizers, pallas_interpret=True)
     assert reason(interpreted, "sparsemax", "pallas", 256, "cpu") is None
     assert "dense_max_n = 512" in reason(config, "softmax", "dense", 1024, "cpu")
     assert "dense_max_n = 512" in reason(config, "jax.nn", "xla", 1024, "cpu")
     assert reason(config, "softmax", "chunked", 1 << 20, "cpu") is None
+    assert "CUDA GPU" in reason(config, "sparsemax", "adasplash", 1024, "cpu")
+    assert "power of two" in reason(config, "sparsemax", "adasplash", 1000, "gpu")
     if PEERS_INSTALLED:
         assert "peer_max_n = 4096" in reason(config, "sparsemax", "entmax_lib", 8192, "cpu")
         assert reason(config, "softmax", "torch_sdpa", 1 << 20, "cpu") is None
@@ -271,13 +277,18 @@ def test_each_peer_takes_the_normalizers_it_computes():
         NormalizerSpec("logn_sparsemax"),
         NormalizerSpec("softmax1"),
     ]
-    config = throughput.Config(normalizers=tuple(specs), implementations=("chunked",), jax_nn=())
+    config = throughput.Config(
+        normalizers=tuple(specs), implementations=("chunked",), jax_nn=(), peers=throughput.PEERS
+    )
     peers = [(case, impl) for case, impl in throughput.cases(config) if impl in throughput.PEERS]
     assert peers == [
         ("softmax", "torch_sdpa"),
         ("sparsemax", "entmax_lib"),
+        ("sparsemax", "adasplash"),
         ("entmax15", "entmax_lib"),
+        ("entmax15", "adasplash"),
         ("entmax 1.3", "entmax_lib"),
+        ("entmax 1.3", "adasplash"),
     ]
 
 
