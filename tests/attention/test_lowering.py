@@ -19,7 +19,8 @@ import attnlab.normalizers as N
 from attnlab.attention import dot_product_attention
 from attnlab.attention.pallas_sparse import pallas_sparse_attention
 
-TRITON = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+TRITON_CALL = "__gpu$xla.gpu.triton"
+TRITON = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
 
 
 def _spec(shape, dtype=jnp.float32):
@@ -53,9 +54,12 @@ def test_the_pallas_entmax_kernel_lowers_for_cuda_forward_and_backward(alpha, bl
         )  # fmt: skip
 
     module = _lowers(forward, q, q, q, platforms=["cuda"], disabled=TRITON)
-    assert "triton" in module
+    assert module.count(TRITON_CALL) == 1
+    # The backward is kernels too: the forward (saving its thresholds), dq, and dk/dv.
     grad = jax.grad(lambda q, k, v: jnp.sum(forward(q, k, v)), argnums=(0, 1, 2))
-    _lowers(grad, q, q, q, platforms=["cuda"], disabled=TRITON)
+    grad_module = _lowers(grad, q, q, q, platforms=["cuda"], disabled=TRITON)
+    assert grad_module.count(TRITON_CALL) == 3
+    assert "sparse_map_attention_dq" in grad_module and "sparse_map_attention_dkdv" in grad_module
 
 
 @pytest.mark.parametrize("implementation", ["dense", "online", "blocked_entmax", "query_blocked"])

@@ -3,13 +3,14 @@
 Sizes are small because the Pallas interpreter is slow; T and S are deliberately not multiples
 of the 64-wide blocks, so padding is always exercised. Every call with the same shapes, dtype,
 alpha and causality reuses one compiled kernel (key lengths are a traced input). The dense
-reference runs eagerly (its ops, compiled once, are shared by every case); gradients and the
-threshold iteration run under `jax.jit` (one compilation instead of one per eager op).
+reference, values and pullbacks, runs eagerly (its ops, compiled once per shape, are shared by
+every case; shapes that only one test uses are jitted instead), and so do the kernel's pullbacks:
+its forward and backward are jitted inside, once per static config. Compiling, not running, is
+what the interpreter costs here, so the gradient cases are few and each covers several properties.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -22,6 +23,7 @@ from attnlab import normalizers
 from attnlab.attention.pallas_sparse import (
     pallas_sparse_attention,
     sparse_attention_block_counts,
+    sparse_attention_gradient_block_counts,
     threshold_step,
 )
 from attnlab.normalizers.thresholds import entmax_threshold
@@ -68,6 +70,50 @@ def _max_error(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+def _dense_pullback(q, k, v, cotangent, *, alpha, is_causal, lengths=None, jit=False):
+    """(out, (dq, dk, dv)) of the dense reference on pre-scaled q, in float32 from the values given.
+
+    Eager by default, like the forward reference: its ops compile once per shape and the cases on
+    the shared shapes reuse them. `jit` for shapes used once: one compilation beats many ops'.
+    """
+
+    def pullback(q, k, v, cotangent):
+        def dense(q, k, v):
+            return attnlab.dot_product_attention(
+                q, k, v, normalizer=_normalizer(alpha), scale=1.0, is_causal=is_causal,
+                key_value_seq_lengths=lengths, implementation="dense",
+            )  # fmt: skip
+
+        out, vjp = jax.vjp(dense, q, k, v)
+        return out, vjp(cotangent)
+
+    return (jax.jit(pullback) if jit else pullback)(*(x.astype(jnp.float32) for x in (q, k, v, cotangent)))
+
+
+def _pullbacks(q, k, v, *, alpha, is_causal, lengths=None, seed=10, jit=False):
+    """The kernel's and the dense reference's (out, (dq, dk, dv)) at one random cotangent.
+
+    The same cotangent for both, so only the backward itself is compared; the reference runs in
+    float32 on the same values, so with bfloat16 inputs it is the exact answer the kernel rounds.
+    """
+    cotangent = jax.random.normal(jax.random.PRNGKey(seed), q.shape).astype(q.dtype)
+
+    def kernel(q, k, v):
+        return pallas_sparse_attention(q, k, v, alpha=alpha, is_causal=is_causal, key_lengths=lengths)
+
+    out, vjp = jax.vjp(kernel, q, k, v)
+    want = _dense_pullback(q, k, v, cotangent, alpha=alpha, is_causal=is_causal, lengths=lengths, jit=jit)
+    return (out, vjp(cotangent)), want
+
+
+def _assert_close(got, want, *, atol, rtol):
+    """got and want: (out, (dq, dk, dv)); every array nonzero somewhere and close elementwise."""
+    for name, g, w in zip(("out", "dq", "dk", "dv"), (got[0], *got[1]), (want[0], *want[1]), strict=True):
+        assert g.shape == w.shape, name
+        assert float(jnp.max(jnp.abs(w))) > 0, name
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=atol, rtol=rtol, err_msg=name)
+
+
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("alpha", list(ALPHAS.values()), ids=list(ALPHAS))
 def test_matches_dense_reference(alpha, is_causal):
@@ -84,93 +130,92 @@ def test_matches_dense_reference(alpha, is_causal):
     assert float(jnp.min(aux["support_size"][1])) < 77
 
 
-def test_zero_length_row_gives_zero_and_the_other_row_is_exact():
+def test_zero_length_row_gives_zero_and_visits_no_key_block():
     q, k, v = _inputs(seed=1)
     lengths = jnp.array([0, 45])
-    out = pallas_sparse_attention(_scaled(q), k, v, alpha=1.5, is_causal=False, key_lengths=lengths)
+    out, counts = sparse_attention_block_counts(_scaled(q), k, v, alpha=1.5, is_causal=False, key_lengths=lengths)
     np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
     assert _max_error(out, _dense(q, k, v, 1.5, False, lengths)) <= 1e-5
+    for name in ("reachable", "threshold", "output"):
+        np.testing.assert_array_equal(np.asarray(counts[name][0]), 0, err_msg=name)
+    # the 45 keys of row 1 fit in the first key block of 64
+    np.testing.assert_array_equal(np.asarray(counts["reachable"][1]), 1)
 
 
 def test_causal_without_lengths_and_block_counts_follow_the_diagonal():
+    # block_q = 16 != block_k = 64: T = 100 -> 7 query blocks of 16 (the last padded), S = 130 ->
+    # key blocks [0, 64), [64, 128) and [128, 192).
     q, k, v = _inputs(seed=2)
-    out, counts = sparse_attention_block_counts(_scaled(q), k, v, alpha=2.0, is_causal=True)
-    assert _max_error(out, _dense(q, k, v, 2.0, True)) <= 1e-5
-    # T = 100 -> query blocks [0, 64) and [64, 128); S = 130 -> key blocks of 64.
-    np.testing.assert_array_equal(np.asarray(counts["reachable"]), np.broadcast_to([1, 2], (B, N, 2)))
+    cotangent = jax.random.normal(jax.random.PRNGKey(11), q.shape)
+    out, grads, counts = sparse_attention_gradient_block_counts(
+        _scaled(q), k, v, cotangent, alpha=2.0, is_causal=True, block_q=16
+    )
+    want = _dense_pullback(_scaled(q), k, v, cotangent, alpha=2.0, is_causal=True)
+    _assert_close((out, grads), want, atol=1e-5, rtol=1e-5)
+    # Query block i reaches key block 1 from query 64 on (i = 4); key block 0 is seen by all 7
+    # query blocks, key block 1 by blocks 4..6, key block 2 by none (no query reaches past 99).
+    np.testing.assert_array_equal(np.asarray(counts["reachable"]), np.broadcast_to([1, 1, 1, 1, 2, 2, 2], (B, N, 7)))
+    np.testing.assert_array_equal(np.asarray(counts["dkdv_reachable"]), np.broadcast_to([7, 3, 0], (B, N, 3)))
+    assert bool(jnp.all(counts["dq"] <= counts["reachable"]))
+    assert bool(jnp.all(counts["dkdv"] <= counts["dkdv_reachable"]))
 
 
 @pytest.mark.parametrize("alpha", [2.0, 1.3], ids=["sparsemax", "entmax_1.3"])
-def test_key_blocks_without_support_are_skipped(alpha):
+def test_key_blocks_without_support_are_skipped_forward_and_backward(alpha):
     # Every query's large logits sit in key block 2 of 4 (keys 128..191); all other keys score far
-    # below the threshold, so only that block may be visited after the first pass.
+    # below the threshold, so only that block may be visited after the first pass, by the forward's
+    # output pass and by both backward kernels, and the gradients are still exact.
     t, s = 64, 256
     noise = jax.random.normal(jax.random.PRNGKey(3), (4, s))
     q = jnp.zeros((B, t, N, H)).at[..., 0].set(4.0).at[..., 1].set(0.5 * noise[0, :t, None])
     sign = jnp.where((jnp.arange(s) >= 128) & (jnp.arange(s) < 192), 1.0, -1.0)
     k = jnp.zeros((B, s, N, H)).at[..., 0].set((sign + 0.2 * noise[1])[:, None]).at[..., 1].set(0.5 * noise[2, :, None])
     v = jax.random.normal(jax.random.PRNGKey(4), (B, s, N, H))
+    cotangent = jax.random.normal(jax.random.PRNGKey(5), q.shape)
     iterations = 8
-    out, counts = sparse_attention_block_counts(q, k, v, alpha=alpha, is_causal=False, num_iterations=iterations)
-    dense = functools.partial(
-        attnlab.dot_product_attention, normalizer=_normalizer(alpha), scale=1.0, implementation="dense"
+    out, grads, counts = sparse_attention_gradient_block_counts(
+        q, k, v, cotangent, alpha=alpha, is_causal=False, num_iterations=iterations
     )
-    ref = jax.jit(dense)(q, k, v)
-    assert _max_error(out, ref) <= 1e-5
+    want = _dense_pullback(q, k, v, cotangent, alpha=alpha, is_causal=False, jit=True)
+    _assert_close((out, grads), want, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(counts["reachable"]), 4)
     np.testing.assert_array_equal(np.asarray(counts["output"]), 1)
     assert 1 <= int(jnp.max(counts["threshold"])) <= iterations
+    # t = 64 is one query block: the dq kernel visits 1 of its 4 key blocks, the dk/dv kernel
+    # visits its one query block for key block 2 only.
+    np.testing.assert_array_equal(np.asarray(counts["dq"]), 1)
+    np.testing.assert_array_equal(np.asarray(counts["dkdv_reachable"]), 1)
+    np.testing.assert_array_equal(np.asarray(counts["dkdv"]), np.broadcast_to([0, 0, 1, 0], (B, N, 4)))
 
 
-def test_bfloat16_inputs():
+def test_bfloat16_inputs_values_and_gradients():
     q, k, v = _inputs(seed=5, dtype=jnp.bfloat16)
-    lengths = jnp.array([S, 90])
-    out = pallas_sparse_attention(_scaled(q), k, v, alpha=1.5, is_causal=True, key_lengths=lengths)
-    ref = _dense(q, k, v, 1.5, True, lengths)
-    assert out.dtype == jnp.bfloat16
-    # both compute in float32 from the same bfloat16 inputs; the outputs differ by bfloat16 rounding
-    assert _max_error(out, ref) <= 2e-2
+    got, want = _pullbacks(_scaled(q), k, v, alpha=1.5, is_causal=True, lengths=jnp.array([S, 90]))
+    assert got[0].dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in got[1])
+    # The kernel computes in float32 from the bfloat16 values, like the reference; what differs is
+    # the final rounding of out, dq, dk and dv to bfloat16: half an ulp, 2**-9 relative (2**-8 here).
+    _assert_close(got, want, atol=1e-4, rtol=2**-8)
 
 
-def test_grouped_query_heads():
+def test_grouped_query_heads_values_and_gradients():
+    # N = 2 query heads share one key/value head: dk and dv sum both heads' contributions.
     q, k, v = _inputs(seed=6, kv_heads=1)
-    out = pallas_sparse_attention(_scaled(q), k, v, alpha=1.3, is_causal=False)
-    assert _max_error(out, _dense(q, k, v, 1.3, False)) <= 1e-5
+    got, want = _pullbacks(_scaled(q), k, v, alpha=1.3, is_causal=True, lengths=jnp.array([S, 0]), jit=True)
+    _assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g in got[1]:
+        np.testing.assert_array_equal(np.asarray(g[1]), 0.0)
 
 
-@pytest.mark.parametrize("alpha", [2.0, 1.3], ids=["sparsemax", "entmax_1.3"])
-def test_gradients_match_dense_reference(alpha):
+@pytest.mark.parametrize(("alpha", "is_causal"), [(2.0, True), (1.5, False)], ids=["sparsemax-causal", "entmax15-full"])
+def test_gradients_match_dense_reference(alpha, is_causal):
+    # With the grouped-query test (1.3, causal) and the skipping test (2 and 1.3, full), every
+    # alpha is checked with and without the causal mask in float32.
     q, k, v = _inputs(seed=7)
-    qs = _scaled(q)
-    lengths = jnp.array([0, 60])
-    cotangent = jax.random.normal(jax.random.PRNGKey(10), qs.shape)
-
-    def kernel(q, k, v):
-        return pallas_sparse_attention(q, k, v, alpha=alpha, is_causal=True, key_lengths=lengths)
-
-    def dense(q, k, v):
-        return attnlab.dot_product_attention(
-            q,
-            k,
-            v,
-            normalizer=_normalizer(alpha),
-            scale=1.0,
-            is_causal=True,
-            key_value_seq_lengths=lengths,
-            implementation="dense",
-        )
-
-    # The same cotangent for both, so only the backward itself is compared.
-    def pullback(f, q, k, v, cotangent):
-        return jax.vjp(f, q, k, v)[1](cotangent)
-
-    grads = jax.jit(functools.partial(pullback, kernel))(qs, k, v, cotangent)
-    expected = jax.jit(functools.partial(pullback, dense))(qs, k, v, cotangent)
-    for got, want in zip(grads, expected, strict=True):
-        assert float(jnp.max(jnp.abs(want))) > 0
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
-    # batch row 0 sees no key: its gradients are exactly zero
-    np.testing.assert_array_equal(np.asarray(grads[0][0]), 0.0)
+    got, want = _pullbacks(_scaled(q), k, v, alpha=alpha, is_causal=is_causal, lengths=jnp.array([0, 60]))
+    _assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # batch row 0 sees no key: its output and gradients are exactly zero
+    for g in (got[0], *got[1]):
+        np.testing.assert_array_equal(np.asarray(g[0]), 0.0)
 
 
 @pytest.mark.parametrize("alpha", [2.0, 1.5, 1.3, 1.1, 1.9])
@@ -219,3 +264,5 @@ def test_rejects_bad_arguments():
         pallas_sparse_attention(q, k, v, alpha=2.0, is_causal=False, block_k=48)
     with pytest.raises(ValueError, match="key_lengths"):
         pallas_sparse_attention(q, k, v, alpha=2.0, is_causal=False, key_lengths=jnp.array([3]))
+    with pytest.raises(ValueError, match="cotangent"):
+        sparse_attention_gradient_block_counts(q, k, v, q[:, :-1], alpha=2.0, is_causal=False)
