@@ -326,8 +326,9 @@ def _sparse_attention_kernel(
             d, inside = gaps_of(z, visible, tau)
             p = _power(d, inside, exponent)
             start = pl.multiple_of(j * block_k, block_k)
-            v = v_ref[pl.ds(start, block_k), :].astype(jnp.float32)
-            acc = acc + jnp.dot(p, v, precision=_HIGHEST, preferred_element_type=jnp.float32)
+            v = v_ref[pl.ds(start, block_k), :]
+            # p in v's dtype, as flash kernels do: bfloat16 inputs take the tensor cores.
+            acc = acc + jnp.dot(p.astype(v.dtype), v, precision=_HIGHEST, preferred_element_type=jnp.float32)
             return acc, total + jnp.sum(p, axis=1), n + 1
 
         return lax.cond(is_active(active, j), visit, lambda c: c, carry)
@@ -364,7 +365,7 @@ def _query_gradient_kernel(
     exponent = config.exponent
 
     q = q_ref[...]
-    dout = dout_ref[...].astype(jnp.float32)
+    dout = dout_ref[...]
     shift, tau, total = shift_ref[...], tau_ref[...], total_ref[...]
     key_end = jnp.minimum(lengths_ref[0], config.num_keys)
     num_blocks = _key_blocks_in_range(key_end, query_block, config)
@@ -379,11 +380,14 @@ def _query_gradient_kernel(
             # p ** (2 - alpha) without the row factor total ** (alpha - 2): A and Bk scale with
             # it and delta does not, so it multiplies dq once at the end.
             g = _power(d, inside, exponent - 1.0)
-            v = v_ref[pl.ds(start, block_k), :].astype(jnp.float32)
+            v = v_ref[pl.ds(start, block_k), :]
             dp = lax.dot_general(
-                dout, v, (((1,), (1,)), ((), ())), precision=_HIGHEST, preferred_element_type=jnp.float32
-            )
+                dout, v.astype(dout.dtype), (((1,), (1,)), ((), ())), precision=_HIGHEST,
+                preferred_element_type=jnp.float32,
+            )  # fmt: skip
             g_dp = g * dp
+            # float32 even for bfloat16 inputs: dq = A - delta Bk cancels, and rounding A and Bk
+            # apart would not cancel with it.
             k = k.astype(jnp.float32)
             a = a + jnp.dot(g_dp, k, precision=_HIGHEST, preferred_element_type=jnp.float32)
             bk = bk + jnp.dot(g, k, precision=_HIGHEST, preferred_element_type=jnp.float32)
@@ -418,7 +422,7 @@ def _key_gradient_kernel(
     num_query_blocks = q_ref.shape[0] // block_q
 
     k = k_ref[...]
-    v = v_ref[...].astype(jnp.float32)
+    v = v_ref[...]
     key_end = jnp.minimum(lengths_ref[0], config.num_keys)
     # Causal: query block i sees key block j iff its last query, (i + 1) block_q - 1, is at or
     # after the key block's first, j block_k: from i = j block_k // block_q on, which is past the
@@ -437,15 +441,19 @@ def _key_gradient_kernel(
             inverse, factor = _row_factors(total_ref[rows], config.alpha)
             p = _power(d, inside, exponent) * inverse[:, None]
             g = _power(d, inside, exponent - 1.0) * factor[:, None]
-            dout = dout_ref[rows, :].astype(jnp.float32)
+            dout = dout_ref[rows, :]
             dp = lax.dot_general(
-                dout, v, (((1,), (1,)), ((), ())), precision=_HIGHEST, preferred_element_type=jnp.float32
-            )
+                dout, v.astype(dout.dtype), (((1,), (1,)), ((), ())), precision=_HIGHEST,
+                preferred_element_type=jnp.float32,
+            )  # fmt: skip
             dz = g * (dp - delta_ref[rows][:, None])
+            # p and dz in the inputs' dtype, as flash kernels do (delta is known: no cancellation).
             transposed = (((0,), (0,)), ((), ()))
-            dv = dv + lax.dot_general(p, dout, transposed, precision=_HIGHEST, preferred_element_type=jnp.float32)
+            dv = dv + lax.dot_general(
+                p.astype(dout.dtype), dout, transposed, precision=_HIGHEST, preferred_element_type=jnp.float32
+            )
             dk = dk + lax.dot_general(
-                dz, q.astype(jnp.float32), transposed, precision=_HIGHEST, preferred_element_type=jnp.float32
+                dz.astype(q.dtype), q, transposed, precision=_HIGHEST, preferred_element_type=jnp.float32
             )
             return dk, dv, n + 1
 

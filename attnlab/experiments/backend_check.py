@@ -207,4 +207,5 @@ KIND = Kind(
     points=points,
     run_point=run_point,
     sweep_fields={"normalizers": "normalizer", "backends": "backend", "dtypes": "dtype", "causal": "causal"},
+    figures="attnlab.figures.backend_check",
 )

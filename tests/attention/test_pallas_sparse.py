@@ -192,9 +192,14 @@ def test_bfloat16_inputs_values_and_gradients():
     q, k, v = _inputs(seed=5, dtype=jnp.bfloat16)
     got, want = _pullbacks(_scaled(q), k, v, alpha=1.5, is_causal=True, lengths=jnp.array([S, 90]))
     assert got[0].dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in got[1])
-    # The kernel computes in float32 from the bfloat16 values, like the reference; what differs is
-    # the final rounding of out, dq, dk and dv to bfloat16: half an ulp, 2**-9 relative (2**-8 here).
-    _assert_close(got, want, atol=1e-4, rtol=2**-8)
+    # The reference computes in float32 from the same bfloat16 values. The kernel rounds p, dz and
+    # the cotangent to bfloat16 before their dots (as flash kernels do, so the GPU's bfloat16 tensor
+    # cores run them) and rounds out, dq, dk and dv to bfloat16: errors of a few bfloat16 ulps
+    # (2**-8 relative) of the largest entry, not of each entry.
+    for g, w in zip((got[0], *got[1]), (want[0], *want[1]), strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        error = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)))
+        assert scale > 0 and error <= 4 * 2**-8 * scale, (error, scale)
 
 
 def test_grouped_query_heads_values_and_gradients():
