@@ -7,7 +7,7 @@
 #
 # Steps, each under its own time limit so that one that overruns leaves the others' results (every
 # run writes its JSON point by point, and a rerun resumes it):
-#   0. install: `pip install --no-deps -e .` (the device image has jax, flax, optax, chex, einops,
+#   0. install: `pip install --no-deps --no-build-isolation -e .` (the device image has jax, flax, optax, chex, einops,
 #      orbax, matplotlib, rich, torch and triton, and reaches no registry) and every wheel carried
 #      in .wheels/ (AdaSplash: `pip download adasplash==0.2.2 --no-deps -d .wheels` on a machine
 #      that reaches PyPI, then carry .wheels)
@@ -33,7 +33,9 @@ case "${1:-}" in
 esac
 : "${OUT:?set OUT to the folder that receives the results}"
 mkdir -p "$OUT"
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
+# attnlab imports from this checkout even if the install step fails (the steps run from its root).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 STEP2_S=${STEP2_S:-150}
 STEP3_S=${STEP3_S:-330}
 # JAX would take 75% of the GPU at start; torch (the peers) runs in the same process.
@@ -61,7 +63,8 @@ if $rehearse; then
     --set heads=2 --set head_dim=16 --set reps=1 --set pallas_interpret=true --set 'memory_lengths=[64]'
     --set 'memory_cases=["softmax"]' --set 'modes=["forward"]')
 else
-  step install 120 bash -c "$PYTHON -m pip install --no-deps -q -e . && if ls .wheels/*.whl >/dev/null 2>&1; then $PYTHON -m pip install --no-deps -q .wheels/*.whl; fi"
+  # No build isolation: the device reaches no registry to fetch setuptools into one.
+  step install 120 bash -c "$PYTHON -m pip install --no-deps --no-build-isolation -q -e . && if ls .wheels/*.whl >/dev/null 2>&1; then $PYTHON -m pip install --no-deps -q .wheels/*.whl; fi"
   check_sets=()
   throughput_sets=()
 fi
