@@ -24,8 +24,9 @@ float32, Pallas off GPU unless `pallas_interpret`, cuDNN for a sparse map, Palla
 no kernel for, the dense paths (attnlab "dense", jax.nn "xla") beyond `dense_max_n` (their memory
 grows as n²), the entmax library beyond `peer_max_n` (it holds the n x n scores), AdaSplash off a
 CUDA GPU, a peer that is not installed (the reason says how to install it) and a peer whose single
-call at a shorter n took longer than `slow_s`. A fused kernel that fails to compile or run here (cuDNN, Pallas), a failing peer and
-any out-of-memory failure are recorded under `error` instead of stopping the sweep.
+call at a shorter n took longer than `slow_s`. A fused kernel that fails to compile or run here
+(cuDNN, Pallas), a failing peer and any out-of-memory failure are recorded under `error` instead of
+stopping the sweep.
 
 Measured per timing point ({"measure": "time", ...}; one jitted program compiled ahead of time):
   compile_seconds      tracing, lowering and compiling (`jit(f).lower(...).compile()`), apart from
@@ -45,6 +46,10 @@ Measured per timing point ({"measure": "time", ...}; one jitted program compiled
                        matmul precision on the same inputs (the output in forward mode, the three
                        gradients in forward+backward mode), with max_abs_reference the largest
                        |value| of that reference, so a fast path (and a peer) is checked in the same run;
+  key_blocks_reachable, key_blocks_with_weight, empty_key_block_fraction
+                       for the Pallas entmax kernel (maps without a scale policy): the key blocks in
+                       reach of the mask and those holding some weight, over batch, heads and query
+                       blocks, and the share it skipped;
   max_abs_error_vs_peer
                        at n <= `exact_max_n`, for an attnlab or jax.nn case whose normalizer a peer in
                        `peers` computes: against that peer's result (`peer` names it);
@@ -602,7 +607,32 @@ def _time_jax(config: Config, case: str, implementation: str, n: int, mode: str)
     measured = _to_numpy(timing.pop("result"))
     record = _timing_fields(config, n, timing, compile_seconds) | compiled_memory(compiled)
     record |= _exactness(config, case, n, mode, measured)
+    if implementation == "pallas":
+        record |= key_block_sparsity(config, case, args)
     return record | _against_peer(config, case, n, mode, measured)
+
+
+def key_block_sparsity(config: Config, case: str, args: tuple[jax.Array, ...]) -> dict[str, Any]:
+    """For the Pallas entmax kernel on a map without a scale policy: the key blocks in reach of the
+    causal mask (`key_blocks_reachable`) and those the p @ v pass visited (`key_blocks_with_weight`),
+    summed over batch, heads and query blocks, and `empty_key_block_fraction` = 1 - their ratio:
+    the share of the work the kernel skipped. Empty for other cases."""
+    normalizer = _spec(config, case).build()
+    alpha = static_entmax_alpha(normalizer)
+    if alpha is None or normalizer.scale is not None:
+        return {}
+    from attnlab.attention.pallas_sparse import sparse_attention_block_counts
+
+    q, k, v = args[:3]
+    _, counts = sparse_attention_block_counts(
+        q * (1.0 / math.sqrt(config.head_dim)), k, v, alpha=alpha, is_causal=config.causal
+    )
+    reachable, visited = (int(jnp.sum(counts[name])) for name in ("reachable", "output"))
+    return {
+        "key_blocks_reachable": reachable,
+        "key_blocks_with_weight": visited,
+        "empty_key_block_fraction": 1.0 - visited / reachable if reachable else None,
+    }
 
 
 def _against_peer(config: Config, case: str, n: int, mode: str, measured: tuple[np.ndarray, ...]) -> dict[str, Any]:
