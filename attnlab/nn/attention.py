@@ -1,5 +1,5 @@
 """`MultiHeadAttention`: an `flax.nnx` attention layer with any attnlab normalizer, per-head learned
-normalizer parameters, optional RoPE, and attention statistics."""
+normalizer parameters, optional RoPE, an optional output gate, and attention statistics."""
 
 from __future__ import annotations
 
@@ -18,6 +18,15 @@ from attnlab.normalizers.spec import NormalizerSpec, as_spec
 Initializer = Callable[..., jax.Array]
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
+
+GATES = ("headwise", "elementwise")
+
+
+def check_gate(gate: Any, where: str) -> None:
+    """ValueError unless `gate` is None or one of `GATES`."""
+    if gate is not None and (not isinstance(gate, str) or gate not in GATES):
+        accepted = ", ".join(["None", *map(repr, GATES)])
+        raise ValueError(f"{where}: gate={gate!r} is not an output gate; accepted: {accepted}")
 
 
 class LearnedNormalizer(nnx.Module):
@@ -46,7 +55,9 @@ class MultiHeadAttention(nnx.Module):
 
         q, k = rope(q, positions), rope(k, key_positions)       when rope_theta is set
         p[b, n, t, :] = normalizer(q[b, t, n] . k[b, :, n // G] / sqrt(H), where=visible)
-        out = (sum_s p[b, n, t, s] v[b, s, n // G]) @ W_out
+        o[b, t, n] = sum_s p[b, n, t, s] v[b, s, n // G]                           [B, T, N, H]
+        o[b, t, n] = o[b, t, n] * sigmoid(inputs_q[b, t] @ W_gate[:, n] + b_gate[n])   with a gate
+        out = o @ W_out
 
     with G = num_heads / num_kv_heads (grouped-query attention). The normalizer is rebuilt at each
     call from the current values of its learned parameters (`self.normalizer`, a
@@ -56,6 +67,14 @@ class MultiHeadAttention(nnx.Module):
       normalizer: a name from `attnlab.normalizers.NAMES` or a `NormalizerSpec` (which parameters to
         learn and how to start them). A plain "ssmax" learns s per head, starting at 0.43.
       rope_theta: None for no position embedding; a base > 0 applies RoPE to queries and keys.
+      gate: the output gate of gated attention (Qiu et al. 2025, "Gated Attention for Large Language
+        Models"; Qwen3-Next): each head's attention output is multiplied, before the output
+        projection, by a sigmoid of a projection of the layer's query input (`self.gate`, a
+        `LinearGeneral` from in_features). None (the default): no gate, no `gate` parameters;
+        "headwise": one gate per head and query, kernel [F, N], bias [N];
+        "elementwise": one per head dimension, kernel [F, N, H], bias [N, H].
+        It is initialised as the query projection (kernel_init, bias_init, use_bias), as in the
+        reference code, where the gate is extra output columns of the query projection.
       implementation, key_block, query_block: passed to `attnlab.attention.dot_product_attention`.
       sow_statistics: sow {"max_weight", "entropy", "support_size"}, each [B, N, T], into
         `nnx.Intermediate` as "attention_statistics" at every call.
@@ -97,6 +116,7 @@ class MultiHeadAttention(nnx.Module):
         out_bias_init: Initializer | None = None,
         use_bias: bool = True,
         normalize_qk: bool = False,
+        gate: str | None = None,
         rngs: nnx.Rngs,
         keep_rngs: bool = True,
     ):
@@ -111,6 +131,7 @@ class MultiHeadAttention(nnx.Module):
         self.normalizer_spec = as_spec(normalizer, f"{where}: normalizer")
         core.check_rope_theta(rope_theta, self.head_dim, where)
         core.check_implementation(implementation, key_block, query_block, where)
+        check_gate(gate, where)
         core.check_dropout(
             dropout_rate, self.normalizer_spec.softmax_type, implementation, self.normalizer_spec.name, where
         )
@@ -127,6 +148,7 @@ class MultiHeadAttention(nnx.Module):
         self.precision = precision
         self.use_bias = use_bias
         self.normalize_qk = normalize_qk
+        self.gate_kind = gate
 
         linear = functools.partial(
             nnx.LinearGeneral,
@@ -160,6 +182,13 @@ class MultiHeadAttention(nnx.Module):
             precision=precision,
             rngs=rngs,
         )
+        # Made after the other projections, so that adding a gate leaves their initial values as they were.
+        if gate == "headwise":
+            self.gate = linear(in_features, num_heads)
+        elif gate == "elementwise":
+            self.gate = linear(in_features, (num_heads, self.head_dim))
+        else:
+            self.gate = nnx.data(None)
         self.normalizer = LearnedNormalizer(self.normalizer_spec, num_heads, param_dtype=param_dtype)
         self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else nnx.data(None)
 
@@ -243,6 +272,8 @@ class MultiHeadAttention(nnx.Module):
             self.sow(nnx.Intermediate, "attention_statistics", unbatch({name: aux[name] for name in core.STATISTICS}))
         if sow_weights:
             self.sow(nnx.Intermediate, "attention_weights", unbatch(aux["weights"]))
+        if self.gate is not None:
+            out = out * self.output_gate(inputs_q).astype(out.dtype)
         out = unbatch(self.out(out))
         if returned:
             names = (*core.STATISTICS, "key_mass") if mass_keys is not None else core.STATISTICS
@@ -267,6 +298,14 @@ class MultiHeadAttention(nnx.Module):
         if theta is not None:
             query, key = core.rope_query_key(query, key, theta, positions, key_positions)
         return query, key, value
+
+    def output_gate(self, inputs_q: jax.Array) -> jax.Array:
+        """sigmoid(inputs_q @ W_gate + b_gate) for inputs_q [B, T, F]: [B, T, N, 1] head-wise, [B, T, N, H]
+        elementwise; the factor on each head's attention output. Only for a layer built with a gate."""
+        if self.gate is None:
+            raise ValueError("attnlab.nn.MultiHeadAttention: the layer was built without a gate (gate=None)")
+        logits = self.gate(inputs_q)
+        return jax.nn.sigmoid(logits[..., None] if self.gate_kind == "headwise" else logits)
 
     def _dropout_state(self, deterministic: bool | None, rngs: Any) -> tuple[bool, jax.Array | None]:
         if self.dropout_rate == 0.0:

@@ -17,6 +17,8 @@ sit directly under the module, with the names and shapes of `flax.linen.MultiHea
     params/key/..., params/value/...    kernel [F_kv, K, H], bias [K, H]
     params/out/kernel [N, H, F_out], params/out/bias [F_out]
     params/query_ln/scale, params/key_ln/scale [H]             with normalize_qk
+    params/gate/kernel [F, N], params/gate/bias [N]            with gate="headwise"
+    params/gate/kernel [F, N, H], params/gate/bias [N, H]      with gate="elementwise"
     params/normalizer/<name> [N, 1, 1]                         each of NormalizerSpec.learned
     intermediates/attention_statistics, intermediates/attention_weights
                                                                when sown (mutable=["intermediates"])
@@ -90,6 +92,7 @@ class MultiHeadAttention(nn.Module):
     out_bias_init: Initializer | None = _default("out_bias_init")
     use_bias: bool = _default("use_bias")
     normalize_qk: bool = _default("normalize_qk")
+    gate: str | None = _default("gate")
 
     @nn.compact
     def __call__(

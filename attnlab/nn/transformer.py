@@ -3,7 +3,8 @@
 For tokens x [B, T] (ints in [0, vocab_size)), width D, L layers:
 
     h_0 = embed(x)                                             [B, T, D]
-    h_l = h_{l-1} + attention_l(rmsnorm(h_{l-1}))             causal, RoPE on queries and keys
+    h_l = h_{l-1} + attention_l(rmsnorm(h_{l-1}))             causal, RoPE on queries and keys,
+                                                               an output gate when config.gate is set
     h_l = h_l + mlp_l(rmsnorm(h_l))                            mlp(u) = W_2 gelu(W_1 u), hidden 4D
     logits = rmsnorm(h_L) @ embed^T   (tied; an untied head when tie_embeddings=False)   [B, T, V]
 
@@ -25,7 +26,7 @@ from flax import nnx
 
 from attnlab.losses import OutputNormalizer
 from attnlab.nn import core
-from attnlab.nn.attention import MultiHeadAttention
+from attnlab.nn.attention import MultiHeadAttention, check_gate
 from attnlab.normalizers.spec import NormalizerSpec, as_spec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -61,6 +62,9 @@ class ModelConfig:
       output: the output normalizer (`attnlab.losses.OutputNormalizer`, or a mapping name such as
         "sparsemax"): predictions are output.probabilities(logits), and training minimises its
         loss (cross-entropy for softmax, the matching Fenchel-Young loss otherwise).
+      gate: the output gate of every attention layer (see `attnlab.nn.MultiHeadAttention`): None,
+        "headwise" (adds width * num_heads parameters per layer) or "elementwise" (width * width
+        per layer); no bias, initialised like the query kernel (normal, init_std).
     """
 
     vocab_size: int = 256
@@ -79,6 +83,7 @@ class ModelConfig:
     init_std: float = 0.02
     norm_eps: float = 1e-6
     output: Any = "softmax"
+    gate: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "output", OutputNormalizer.parse(self.output, "ModelConfig.output"))
@@ -91,6 +96,7 @@ class ModelConfig:
         core.check_heads(self.num_heads, self.num_kv_heads or self.num_heads, self.width, "ModelConfig")
         core.check_rope_theta(self.rope_theta, self.head_dim, "ModelConfig")
         core.check_implementation(self.implementation, self.key_block, self.query_block, "ModelConfig")
+        check_gate(self.gate, "ModelConfig")
         if self.dtype not in DTYPES:
             raise ValueError(f"ModelConfig.dtype={self.dtype!r}; accepted: {', '.join(DTYPES)}")
         for field in ("init_std", "norm_eps"):
@@ -169,6 +175,7 @@ class Block(nnx.Module):
             num_kv_heads=config.num_kv_heads,
             normalizer=spec,
             rope_theta=config.rope_theta,
+            gate=config.gate,
             implementation=config.implementation,
             key_block=config.key_block,
             query_block=config.query_block,
