@@ -2,10 +2,13 @@
 
 Functional API (each `f(logits, *, axis=-1, where=None, **params)`, like `jax.nn.softmax`):
 `softmax`, `scaled_softmax`, `ssmax`, `sparsemax`, `entmax15`, `entmax`, and the newer
-`softmax1`, `sigmoid`, `stablemax`, `softpick`, `multimax` (see `attnlab.normalizers.recent`).
+`softmax1`, `sink_softmax`, `sigmoid`, `stablemax`, `softpick`, `multimax`, `stick_breaking` (see
+`attnlab.normalizers.recent`), and the length-scaled `llama4_softmax`, `llama4_entmax15`,
+`qwen_softmax`, `critical_softmax`, `asentmax` (see `attnlab.normalizers.length_scaling`).
 Named normalizers with bound parameters: `get(name, **params)`, with `NAMES` listing them.
 Composition: `Normalizer(mapping, scale)` from the mappings (`Softmax`, `Sparsemax`,
-`Entmax15`, `Entmax`, ...) and scale policies (`Temperature`, `LogN`).
+`Entmax15`, `Entmax`, ...) and scale policies (`Temperature`, `LogN`, `Llama4Temperature`,
+`QwenLogN`, `CriticalLogN`, `ASEntmaxScale`).
 
 Each mapping and scale policy describes itself once (`Description`, `Parameter`, `Learn`; see
 `attnlab.normalizers.describe`); a new normalizer is a class made with `described(...)` and one
@@ -26,28 +29,36 @@ from attnlab.normalizers.describe import (
     described,
 )
 from attnlab.normalizers.gumbel import gumbel_softmax
+from attnlab.normalizers.length_scaling import ASEntmaxScale, CriticalLogN, Llama4Temperature, QwenLogN
 from attnlab.normalizers.mappings import Entmax, Entmax15, Softmax, Sparsemax
 from attnlab.normalizers.normalizer import Normalizer
-from attnlab.normalizers.recent import MultiMax, Sigmoid, Softmax1, Softpick, StableMax
+from attnlab.normalizers.recent import MultiMax, Sigmoid, SinkSoftmax, Softmax1, Softpick, StableMax, StickBreaking
 from attnlab.normalizers.registry import (
     NAMES,
     Entry,
+    asentmax,
+    critical_softmax,
     entmax,
     entmax15,
     entries,
     entry,
     get,
+    llama4_entmax15,
+    llama4_softmax,
     multimax,
     parameters,
+    qwen_softmax,
     register,
     scaled_softmax,
     sigmoid,
+    sink_softmax,
     softmax,
     softmax1,
     softpick,
     sparsemax,
     ssmax,
     stablemax,
+    stick_breaking,
     summary,
     unregister,
 )
@@ -61,24 +72,32 @@ __all__ = [
     "NAMES",
     "SOFTMAX",
     "THRESHOLD",
+    "ASEntmaxScale",
+    "CriticalLogN",
     "Description",
     "Entmax",
     "Entmax15",
     "Entry",
     "Learn",
+    "Llama4Temperature",
     "LogN",
     "MultiMax",
     "Normalizer",
     "NormalizerSpec",
     "Parameter",
+    "QwenLogN",
     "Sigmoid",
+    "SinkSoftmax",
     "Softmax",
     "Softmax1",
     "Softpick",
     "Sparsemax",
     "StableMax",
+    "StickBreaking",
     "Temperature",
     "as_spec",
+    "asentmax",
+    "critical_softmax",
     "described",
     "entmax",
     "entmax15",
@@ -87,11 +106,15 @@ __all__ = [
     "get",
     "gumbel_softmax",
     "inverse_mean_log_n",
+    "llama4_entmax15",
+    "llama4_softmax",
     "multimax",
     "parameters",
+    "qwen_softmax",
     "register",
     "scaled_softmax",
     "sigmoid",
+    "sink_softmax",
     "softmax",
     "softmax1",
     "softpick",
@@ -99,6 +122,7 @@ __all__ = [
     "ssmax",
     "stablemax",
     "stats",
+    "stick_breaking",
     "summary",
     "unregister",
 ]

@@ -1,12 +1,15 @@
-"""Normalizers proposed since SSMax, as mappings: softmax1, sigmoid, StableMax, softpick, MultiMax.
+"""Normalizers proposed since SSMax, as mappings: softmax1, a learned sink, sigmoid, StableMax, softpick,
+MultiMax and stick-breaking.
 
 Each acts on prepared rows like the mappings of :mod:`attnlab.normalizers.mappings` (z [..., n],
 0 where invalid; valid [..., n] bool), but none is shift invariant, so a `Normalizer` hands them
 the logits unshifted (`shift_invariant = False`) and each keeps its own arithmetic safe:
 
     softmax1   p_i = e^{z_i} / (1 + sum_j e^{z_j})                  (Miller 2023, "off by one")
-               rows sum to < 1: a head may attend to nothing. Computed with c = max(0, max z):
-               e^{z_i - c} / (e^{-c} + sum_j e^{z_j - c}).
+               rows sum to < 1: a head may attend to nothing.
+    sink       p_i = e^{z_i} / (e^b + sum_j e^{z_j}),  b = `sink`    (gpt-oss: one learned logit per head)
+               softmax1 is b = 0. Both computed with c = max(b, max z) (c = b on an empty row):
+               e^{z_i - c} / (e^{b - c} + sum_j e^{z_j - c}).
     sigmoid    p_i = sigmoid(z_i + b),  b = -log n by default          (Ramapuram et al. 2024)
                n = the row's valid entries (under a causal mask, the keys the query sees);
                not normalised, every entry independent.
@@ -19,6 +22,12 @@ the logits unshifted (`shift_invariant = False`) and each keeps its own arithmet
                (Zhou, Fritz & Keuper 2024, its first-order piecewise-linear form): slope 1 between
                b_low and b_high, slope_low below (> 1 pushes small logits further down: sparser),
                slope_high above (< 1 brings the large ones together: several peaks survive).
+    stick-     w_j = beta_j prod_{k > j} (1 - beta_k),  beta = sigmoid(z)   (Tan et al. 2025)
+    breaking   over the valid entries in their order along the row: the last entry (for causal
+               attention, the nearest key) takes its share of the stick first, each earlier one
+               a share of what is left. Computed in log space, log w_j = log sigmoid(z_j)
+               + sum_{k > j} log sigmoid(-z_k) (a reverse cumulative sum); rows sum to
+               1 - prod_k (1 - beta_k) < 1. Order-dependent, so only whole-row backends run it.
 
 Masking is the library's: masked and -inf entries get exactly 0 and zero gradient; a row with no
 valid entry is all zeros; a row holding +inf keeps only its +inf entries (uniform over them, or
@@ -52,11 +61,13 @@ def _nonnegative_shift(z: jax.Array, valid: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(jnp.maximum(row_max(z, valid), 0.0))
 
 
-def softmax1_rows(z: jax.Array, valid: jax.Array) -> jax.Array:
-    """e^{z_i} / (1 + sum_j e^{z_j}) over valid entries; [..., n]."""
-    c = _nonnegative_shift(z, valid)
+def sink_softmax_rows(z: jax.Array, valid: jax.Array, sink: Any) -> jax.Array:
+    """e^{z_i} / (e^sink + sum_j e^{z_j}) over valid entries; [..., n]. `sink`: a number or [..., 1]
+    (softmax1: 0). The shift c = max(sink, max z) (sink on an empty row) keeps the denominator >= 1."""
+    m = jnp.where(jnp.any(valid, axis=-1, keepdims=True), row_max(z, valid), sink)
+    c = jax.lax.stop_gradient(jnp.maximum(m, sink))
     e = jnp.where(valid, jnp.exp(jnp.where(valid, z - c, 0.0)), 0.0)
-    return e / (jnp.exp(-c) + jnp.sum(e, axis=-1, keepdims=True))
+    return e / (jnp.exp(sink - c) + jnp.sum(e, axis=-1, keepdims=True))
 
 
 def default_sigmoid_bias(n: jax.Array) -> jax.Array:
@@ -89,6 +100,20 @@ def softpick_rows(z: jax.Array, valid: jax.Array, eps: jax.Array) -> jax.Array:
     return jnp.maximum(d, 0.0) / (jnp.sum(jnp.abs(d), axis=-1, keepdims=True) + eps * floor)
 
 
+def stick_breaking_rows(z: jax.Array, valid: jax.Array) -> jax.Array:
+    """w_j = sigmoid(z_j) prod_{k > j, k valid} sigmoid(-z_k) on valid entries, in order along the row.
+
+    An invalid entry neither takes weight nor breaks the stick (as if removed from the row).
+    """
+    log_rest = jnp.where(valid, jax.nn.log_sigmoid(-z), 0.0)  # log(1 - beta_k); 0: no break
+    # sum over k > j: the reverse cumulative sum of the row shifted left by one (no subtraction,
+    # so nothing cancels)
+    later = jnp.concatenate([log_rest[..., 1:], jnp.zeros_like(log_rest[..., :1])], axis=-1)
+    later = jax.lax.cumsum(later, axis=z.ndim - 1, reverse=True)
+    log_w = jnp.where(valid, jax.nn.log_sigmoid(z) + later, 0.0)
+    return jnp.where(valid, jnp.exp(log_w), 0.0)
+
+
 def multimax_modulator(x: jax.Array, b_low: Any, b_high: Any, slope_low: Any, slope_high: Any) -> jax.Array:
     """phi(x) = x - (slope_low - 1) [b_low - x]_+ + (slope_high - 1) [x - b_high]_+ (continuous, piecewise linear)."""
     return x - (slope_low - 1.0) * jnp.maximum(b_low - x, 0.0) + (slope_high - 1.0) * jnp.maximum(x - b_high, 0.0)
@@ -116,7 +141,32 @@ class Softmax1:
     sink = 0.0
 
     def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
-        return softmax1_rows(z, valid)
+        return sink_softmax_rows(z, valid, 0.0)
+
+
+@described(
+    Description(
+        "sink_softmax",
+        "softmax + sink",
+        "exp(z) / (exp(sink) + sum exp(z)): a sink logit with no value; rows sum to < 1",
+        family=SOFTMAX,
+        parameters=(Parameter("sink", 0.0, "the sink's logit (softmax1: 0)", learn=RAW),),
+        normalized=False,
+        **NOT_SHIFT_INVARIANT,
+    )
+)
+class SinkSoftmax:
+    """exp(z) / (exp(sink) + sum exp(z)): softmax with a sink logit that takes weight and gives no value.
+
+    gpt-oss learns one sink logit per head (a layer learns it with `learn=("sink",)`, as is,
+    shape [N, 1, 1]); softmax1 is the fixed sink 0. A concrete sink (one number for every row)
+    runs on the online attention pass; a per-head or learned one runs query-blocked or dense.
+    """
+
+    sink: Any = 0.0
+
+    def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
+        return sink_softmax_rows(z, valid, align(self.sink, "sink").astype(z.dtype))
 
 
 @described(
@@ -220,4 +270,32 @@ class MultiMax:
         return softmax_rows(jnp.where(valid, multimax_modulator(z, *params), 0.0), valid)
 
 
-RECENT_MAPPINGS = (Softmax1, Sigmoid, StableMax, Softpick, MultiMax)
+@described(
+    Description(
+        "stick_breaking",
+        "stick-breaking",
+        "beta_j prod_{k > j} (1 - beta_k), beta = sigmoid(z), in row order; rows sum to < 1",
+        family=GENERIC,
+        normalized=False,
+        **NOT_SHIFT_INVARIANT,
+    )
+)
+class StickBreaking:
+    """Stick-breaking attention (Tan et al., "Scaling Stick-Breaking Attention", ICLR 2025):
+    w_ij = beta_ij prod_{j < k <= i} (1 - beta_ik), beta_ij = sigmoid(z_ij).
+
+    Over each row's valid entries in their order along the normalised axis (keys in key order):
+    the last valid key, for causal attention the nearest, breaks off its share first. Not
+    normalised: the rest of the stick, prod_k (1 - beta_k), goes to no key. Hidden keys are
+    skipped exactly (they neither take weight nor break the stick), so a row with masked keys
+    equals the row with them removed. The published model also hides the diagonal (j < i) and
+    needs no positional encoding; which keys a query sees is the attention mask's choice here.
+    No parameters; a row depends on the order of its keys, so attention runs it on whole rows
+    (dense, or query-blocked in memory linear in the sequence).
+    """
+
+    def __call__(self, z: jax.Array, valid: jax.Array, align: Align) -> jax.Array:
+        return stick_breaking_rows(z, valid)
+
+
+RECENT_MAPPINGS = (Softmax1, SinkSoftmax, Sigmoid, StableMax, Softpick, MultiMax, StickBreaking)

@@ -19,9 +19,10 @@ from jax.typing import ArrayLike
 
 from attnlab.normalizers._rows import check_finite
 from attnlab.normalizers.describe import Parameter
+from attnlab.normalizers.length_scaling import ASEntmaxScale, CriticalLogN, Llama4Temperature, QwenLogN
 from attnlab.normalizers.mappings import Entmax, Entmax15, Softmax, Sparsemax
 from attnlab.normalizers.normalizer import Normalizer
-from attnlab.normalizers.recent import MultiMax, Sigmoid, Softmax1, Softpick, StableMax
+from attnlab.normalizers.recent import MultiMax, Sigmoid, SinkSoftmax, Softmax1, Softpick, StableMax, StickBreaking
 from attnlab.normalizers.scaling import LogN, Temperature
 
 # Colour-blind-safe Tableau-10 order, then more: a registered normalizer without its own colour
@@ -222,6 +223,21 @@ register("sigmoid", Sigmoid, color="#bcbd22")
 register("stablemax", StableMax, color="#000000")
 register("softpick", Softpick, color="#c51b7d")
 register("multimax", MultiMax, color="#542788")
+_LLAMA4_SUMMARY = "{}((1 + attn_scale log(floor(n / floor_scale) + 1)) z): Llama 4's attention temperature tuning"
+register("llama4_softmax", Softmax, Llama4Temperature, label="Llama 4 softmax",
+         summary=_LLAMA4_SUMMARY.format("softmax"), color="#e6ab02")  # fmt: skip
+register("llama4_entmax15", Entmax15, Llama4Temperature, label="Llama 4 1.5-entmax",
+         summary=_LLAMA4_SUMMARY.format("1.5-entmax"), color="#a6761d")  # fmt: skip
+register("qwen_softmax", Softmax, QwenLogN, label="Qwen log-n softmax",
+         summary="softmax(max(1, log n / log seq_length) z): Qwen's log-n attention", color="#66a61e")  # fmt: skip
+register("critical_softmax", Softmax, CriticalLogN, label="critical log-n softmax",
+         summary="softmax(gamma log(n) z), gamma = 1 fixed: critical attention scaling (ssmax, s = gamma, not learned)",
+         color="#e7298a")  # fmt: skip
+register("asentmax", Entmax, ASEntmaxScale, label="ASEntmax",
+         summary="alpha-entmax((delta + beta (log(n + 1))^gamma) z), beta and gamma learned per head: ASEntmax",
+         color="#1b9e77")  # fmt: skip
+register("sink_softmax", SinkSoftmax, label="softmax + sink", color="#d95f02")
+register("stick_breaking", StickBreaking, label="stick-breaking", color="#7570b3")
 
 
 def _functional(name: str, doc: str) -> Callable[..., jax.Array]:
@@ -277,4 +293,33 @@ softpick = _functional(
 multimax = _functional(
     "multimax",
     "MultiMax, p = softmax(phi(z)), phi(x) = x - (slope_low - 1)[b_low - x]_+ + (slope_high - 1)[x - b_high]_+.",
+)
+llama4_softmax = _functional(
+    "llama4_softmax",
+    "Llama 4's attention temperature tuning, p = softmax((1 + attn_scale log(floor(n / floor_scale) + 1)) z).",
+)
+llama4_entmax15 = _functional(
+    "llama4_entmax15",
+    "1.5-entmax after Llama 4's temperature, p = entmax15((1 + attn_scale log(floor(n / floor_scale) + 1)) z).",
+)
+qwen_softmax = _functional(
+    "qwen_softmax",
+    "Qwen's log-n attention, p = softmax(max(1, log n / log seq_length) z).",
+)
+critical_softmax = _functional(
+    "critical_softmax",
+    "Critical attention scaling, p = softmax(gamma log(n) z) (Chen et al. 2026).",
+)
+asentmax = _functional(
+    "asentmax",
+    "ASEntmax, p = alpha-entmax((delta + beta (log(n + 1))^gamma) z) (Vasylenko et al. 2026).",
+)
+sink_softmax = _functional(
+    "sink_softmax",
+    "Softmax with a sink logit, p = exp(z) / (exp(sink) + sum exp(z)) (rows sum to < 1).",
+)
+stick_breaking = _functional(
+    "stick_breaking",
+    "Stick-breaking, p_j = sigmoid(z_j) prod_{k > j} sigmoid(-z_k) over the row in order (Tan et al. 2025); "
+    "rows sum to < 1.",
 )
