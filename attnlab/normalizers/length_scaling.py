@@ -99,7 +99,7 @@ class QwenLogN:
     p + 1 > L, and by 1 before (its `logn_tensor`, applied at inference): with n = p + 1 that is
     max(1, log n / log L), queries scaled by log_L n beyond the training length. L defaults to
     2048, the `seq_length` default of QWenConfig; a released checkpoint's config.json gives its
-    own (8192 for Qwen-7B). seq_length > 1; it is not learned.
+    own. seq_length > 1; it is not learned.
     """
 
     seq_length: Any = QWEN_SEQ_LENGTH
