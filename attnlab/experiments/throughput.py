@@ -793,7 +793,7 @@ KIND = Kind(
     name="throughput",
     description=(
         "attention tokens/s, compile time, compiled and peak memory vs n per normalizer and implementation, "
-        "with jax.nn, torch SDPA and the entmax library as peers"
+        "with jax.nn, torch SDPA, the entmax library and (GPU) AdaSplash as peers"
     ),
     config_type=Config,
     points=points,

@@ -150,7 +150,7 @@ class Softmax1:
         "softmax + sink",
         "exp(z) / (exp(sink) + sum exp(z)): a sink logit with no value; rows sum to < 1",
         family=SOFTMAX,
-        parameters=(Parameter("sink", 0.0, "the sink's logit (softmax1: 0)", learn=RAW),),
+        parameters=(Parameter("sink", 0.0, "the sink's logit (softmax1: 0)", learn=RAW, learned_by_default=True),),
         normalized=False,
         **NOT_SHIFT_INVARIANT,
     )

@@ -18,6 +18,10 @@ CONFIGS = [
     ("logn_sparsemax", ()),
     ("logn_entmax15", ()),
     ("logn_entmax", (("alpha", 1.7),)),
+    # Two of the length-scaled maps of attnlab.normalizers.length_scaling (one per family); the
+    # others share their policies' code path and are checked in test_normalizers_field.py.
+    ("llama4_softmax", (("floor_scale", 4.0),)),
+    ("asentmax", (("gamma", 1.0),)),
 ]
 CONFIG_IDS = [name + "".join(f"-{k}={v}" for k, v in params) for name, params in CONFIGS]
 all_configs = pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
@@ -36,4 +40,8 @@ RECENT_CONFIGS = [
 ]
 RECENT_IDS = [name + "".join(f"-{k}={v}" for k, v in params) for name, params in RECENT_CONFIGS]
 recent_configs = pytest.mark.parametrize("config", RECENT_CONFIGS, ids=RECENT_IDS)
-EVERY_NAME = {name for name, _ in CONFIGS + RECENT_CONFIGS}
+# Checked against their published formulas in tests/normalizers/test_normalizers_field.py (values,
+# gradients, masking): the other length-scaled maps, the learned sink and stick-breaking (neither
+# sums to 1; stick-breaking reads the key order).
+FIELD_NAMES = {"llama4_entmax15", "qwen_softmax", "critical_softmax", "sink_softmax", "stick_breaking"}
+EVERY_NAME = {name for name, _ in CONFIGS + RECENT_CONFIGS} | FIELD_NAMES
