@@ -5,8 +5,9 @@
     dense           the [B, N, T, S] logits once; the reference        every normalizer; weights; residual*
     cudnn           jax.nn.dot_product_attention(implementation=       SOFTMAX family without a sink, float16 or
                     "cudnn")                                           bfloat16, on GPU; no statistics
-    online          query blocks, each an online pass over the key     SOFTMAX family (no sink or a concrete one),
-                    blocks it can see (attention.online_softmax)       THRESHOLD at alpha = 1, ELEMENTWISE; residual*
+    online          query blocks, each an online pass over the key     SOFTMAX family (any sink: a concrete one in
+                    blocks it can see (attention.online_softmax)       the pass, a traced one after it), THRESHOLD
+                                                                       at alpha = 1, ELEMENTWISE; residual*
     blocked_entmax  query blocks, exact thresholds, closed-form        THRESHOLD with one concrete alpha in (1, 2]
                     backward (attention.sparse_blocked)
     query_blocked   query blocks, whole rows through the normalizer    any normalizer (callables included)
@@ -234,7 +235,7 @@ def _online_supports(normalizer: Callable, options: Options) -> str | None:
         (
             kind is None,
             lambda: (
-                "the online pass runs the 'softmax' family (no sink, or one concrete sink), alpha-entmax "
+                "the online pass runs the 'softmax' family (with or without a sink), alpha-entmax "
                 f"at a concrete alpha = 1 and the 'elementwise' family; {families.describe_family(normalizer)} is "
                 "none of them"
             ),
@@ -251,11 +252,19 @@ def _online_run(normalizer: Callable, call: Call, options: Options) -> Result:
         # sigmoid(z + b): its per-query b (-log n by default) joins the attention bias.
         b = _elementwise_bias(normalizer, call)
         bias = b if bias is None else bias + b
+    if sink is not None and not isinstance(sink, float):
+        # A traced or per-head sink, one value per (batch, head, query): applied after the pass.
+        sink = _per_query(lambda counts, align: align(normalizer.mapping.sink, "sink").astype(jnp.float32), call)
+        sink = sink[..., 0]
     blocks = {"key_block": call.key_block, "query_block": call.query_block or DEFAULT_QUERY_BLOCK}
     out, rows = online_softmax_attention(q, call.k, call.v, bias, call.visibility, kind=kind, sink=sink, **blocks)
     aux = {}
     if options.statistics:
-        aux = softmax_statistics(q, call.k, bias, call.visibility, rows, call.mass_keys, kind=kind, sink=sink, **blocks)
+        # The rows carry the sink either way; the second pass needs only them.
+        concrete = sink if isinstance(sink, float) else None
+        aux = softmax_statistics(
+            q, call.k, bias, call.visibility, rows, call.mass_keys, kind=kind, sink=concrete, **blocks
+        )
     return Result(out, aux, rows.lse if options.residual else None)
 
 
@@ -378,6 +387,8 @@ def pallas_kernel(normalizer: Callable) -> str | None:
     kind = families.online_kind(normalizer)
     if kind is None or (kind[0] == "softmax" and families.family(normalizer) != SOFTMAX):
         return None  # alpha-entmax at alpha near 1 is softmax, which cuDNN and the online pass run
+    if kind[1] is not None and not isinstance(kind[1], float):
+        return None  # a traced or per-head sink: the online pass applies it (not wired to the kernel yet)
     return kind[0]
 
 

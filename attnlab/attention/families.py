@@ -73,9 +73,10 @@ def static_entmax_alpha(normalizer: Callable) -> float | None:
 def online_kind(normalizer: Callable) -> tuple[str, float | None] | None:
     """How the key-blocked online pass (attention.online_softmax) runs `normalizer`, or None when it cannot.
 
-    ("softmax", sink): the SOFTMAX family with no sink (None) or one concrete sink logit, and the
-    THRESHOLD family at a concrete alpha near 1 (softmax there, `softmax_like`); ("elementwise", None): the
-    ELEMENTWISE family (its bias joins the attention bias).
+    ("softmax", sink): the SOFTMAX family, sink None (no sink), a float (one concrete sink logit,
+    which the pass starts from) or the mapping's own array (traced, learned or one per head, which
+    the pass applies after it), and the THRESHOLD family at a concrete alpha near 1 (softmax there,
+    `softmax_like`); ("elementwise", None): the ELEMENTWISE family (its bias joins the attention bias).
     """
     kind = family(normalizer)
     if kind == SOFTMAX:
@@ -83,7 +84,7 @@ def online_kind(normalizer: Callable) -> tuple[str, float | None] | None:
         if sink is None:
             return "softmax", None
         value = static_value(sink)
-        return None if value is None else ("softmax", value)
+        return "softmax", (sink if value is None else value)
     if kind == THRESHOLD:
         alpha = static_alpha(normalizer)
         return ("softmax", None) if alpha is not None and softmax_like(alpha) else None

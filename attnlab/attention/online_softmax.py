@@ -26,7 +26,10 @@ Two more kinds of mapping take the same passes (attention.families):
 - a sink (softmax1: p_i = e^{s_i} / (e^{sink} + sum_j e^{s_j}), sink 0) is one more logit with no
   value, i.e. the pass starts from m = sink, l = 1 instead of m = -inf, l = 0. Its Jacobian has
   the softmax form (dp_i/ds_k = p_i delta_ik - p_i p_k), so the backward is unchanged given
-  lse = log(e^{sink} + sum_j e^{s_j}); a row with no visible key has output 0, lse = sink.
+  lse = log(e^{sink} + sum_j e^{s_j}); a row with no visible key has output 0, lse = sink. A
+  traced sink (learned, one per head) cannot be a static starting point: the pass runs without it
+  and the result is rescaled, out * sigmoid(lse - sink), the same weights; the backward then takes
+  lse's cotangent c as ds = p (dout v^T - D + c), since d lse / d s = p.
 - "elementwise" (p_i = sigmoid(s_i), its bias folded into b by the caller) needs no running sum:
   out = sum_j p_j v_j, and the backward has ds_j = p_j (1 - p_j) (dout v_j^T) in place of
   p_j * (dout v_j^T - D). Its lse is returned as 0 (+inf for a row holding +inf) and not used.
@@ -296,10 +299,15 @@ def _weights(static, visible: jax.Array | None, s: jax.Array, lse: jax.Array, no
 
 
 def _backward_block(
-    static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths, out_i, lse_i, norm_i, d_out_i, dk, dv
+    static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths, out_i, lse_i, norm_i, d_out_i, d_lse_i, dk, dv
 ):
-    """dq_i and d bias_i (shaped like bias_i) of one query block; adds its dk, dv into the key blocks."""
+    """dq_i and d bias_i (shaped like bias_i) of one query block; adds its dk, dv into the key blocks.
+
+    With a cotangent d_lse on the rows' lse (d lse / d s = p), ds = p (dp - D + d_lse): it enters
+    as D - d_lse. The elementwise kind's lse is a constant."""
     delta = jnp.sum(d_out_i * out_i, axis=-1)[..., None]
+    if static.kind == "softmax":
+        delta = delta - d_lse_i[..., None]
     finite = (lse_i != jnp.inf)[..., None]  # a row cut to its +inf keys has constant weights
     keys_broadcast = row.bias is not None and row.bias_blocks is None
     q32 = row.q.astype(F32)
@@ -333,12 +341,15 @@ def _backward_block(
 
 def _attention_bwd(static, residuals, cotangents):
     q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, norm = residuals
-    d_out = cotangents[0]  # lse and norm are not differentiated (statistics are stop-gradient)
+    # lse has a cotangent when a traced sink is applied after the pass (online_softmax_attention);
+    # norm feeds only the statistics, which are stop-gradient.
+    d_out, d_lse = cotangents[0], cotangents[1]
     T, S = q.shape[3], k.shape[2]
     blocks = _query_blocks(static, q, bias, mask)
     num_blocks = blocks.q.shape[0]
     by_query = partial(_split, block=static.query_block, num_blocks=num_blocks, axis=3, broadcast=False)
     out_blocks, lse_blocks, norm_blocks = by_query(out), by_query(lse), by_query(norm)
+    d_lse_blocks = by_query(d_lse.astype(F32))
     d_out_blocks = by_query(d_out.astype(F32))
     k_blocks = _split_keys(static, k, 2, broadcast=False)
     v_blocks = _split_keys(static, v, 2, broadcast=False)
@@ -349,7 +360,7 @@ def _attention_bwd(static, residuals, cotangents):
         row = _row(static, blocks, bias, mask, i)
         dq_i, dbias_i, dk, dv = _backward_block(
             static, row, k_blocks, v_blocks, q_lengths, kv_lengths,
-            out_blocks[i], lse_blocks[i], norm_blocks[i], d_out_blocks[i], dk, dv,
+            out_blocks[i], lse_blocks[i], norm_blocks[i], d_out_blocks[i], d_lse_blocks[i], dk, dv,
         )  # fmt: skip
         if queries_broadcast:
             dbias_acc = dbias_acc + reduce_to(dbias_i, bias.shape)
@@ -420,7 +431,7 @@ def online_softmax_attention(
     key_block: int,
     query_block: int,
     kind: str = "softmax",
-    sink: float | None = None,
+    sink: float | jax.Array | None = None,
 ) -> tuple[jax.Array, Rows]:
     """q [B, K, G, T, H] (scale and any scale-policy factor folded in), k/v [B, K, S, H].
 
@@ -429,11 +440,26 @@ def online_softmax_attention(
     both passes. kind="softmax" weighs the keys e^s / (e^sink + sum e^s) (no sink: None;
     softmax1: 0); kind="elementwise" weighs them sigmoid(s) (any bias, e.g. -log n, folded into
     `bias`). Returns out [B, K, G, T, H] float32 and the rows' `Rows`.
+
+    A Python-number sink is a logit the pass starts from. An array sink (traced, learned, one per
+    head: anything broadcasting against [B, K, G, T]) is applied after a pass without it, with the
+    same weights: out * sigmoid(lse - sink) and lse' = log(e^lse + e^sink); its gradient, and the
+    logits', flow through lse (the pass's backward takes lse's cotangent).
     """
-    static = _static(visibility, q, k, key_block, query_block, kind, sink)
+    applied_after = sink is not None and not isinstance(sink, (int, float))
+    static = _static(visibility, q, k, key_block, query_block, kind, None if applied_after else sink)
+    if applied_after and kind != "softmax":
+        raise ValueError(f"a sink needs kind='softmax'; got kind={kind!r}")
     out, lse, norm = _attention(
         static, q, k, v, bias, visibility.mask, visibility.query_lengths, visibility.key_lengths
     )
+    if applied_after:
+        sink = jnp.asarray(sink, F32)
+        out = out * jax.nn.sigmoid(lse - sink)[..., None]
+        # A row holding +inf keeps its weights (and lse); every other row gains the sink's mass.
+        with_sink = jnp.logaddexp(jax.lax.stop_gradient(lse), jax.lax.stop_gradient(sink))
+        at_infinity = lse == jnp.inf
+        lse, norm = jnp.where(at_infinity, lse, with_sink), jnp.where(at_infinity, norm, with_sink)
     return out, Rows(jax.lax.stop_gradient(lse), jax.lax.stop_gradient(norm))
 
 

@@ -157,6 +157,51 @@ def test_pallas_kernels_are_picked_automatically_only_on_a_gpu_once_verified(mon
     assert select(None, sparsemax, _options(**LARGE)).name == "blocked_entmax"  # off GPU: never
 
 
+def test_a_learned_per_head_sink_runs_on_the_online_pass_and_matches_dense():
+    """sink_softmax with one traced sink per head: the online pass applies it after the pass (out times
+    sigmoid(lse - sink)); values, statistics, the residual and the gradients of q, k, v and the sink
+    equal dense, with a mask, key lengths (one row sees no key) and causality."""
+    q, k, v = _inputs(seed=3)
+    lengths = jnp.array([S, 0])
+    run = functools.partial(
+        dot_product_attention, q, k, v, mask=_mask(), is_causal=True, key_value_seq_lengths=lengths, key_block=3,
+        query_block=4,
+    )  # fmt: skip
+
+    def both(sink):
+        normalizer = normalizers.get("sink_softmax", sink=sink)
+        options = _options(mask=True, is_causal=True, key_lengths=True)
+        assert select("chunked", normalizer, options).name == "online"
+        return [
+            run(normalizer=normalizer, implementation=i, statistics=True, return_residual=True)
+            for i in ("chunked", "dense")
+        ]
+
+    sink = jnp.linspace(-1.0, 1.5, N)[:, None, None]
+    (out, residual, stats), (want_out, want_residual, want_stats) = jax.jit(both)(sink)
+    _close(out, want_out)
+    _close(
+        jnp.where(jnp.isfinite(want_residual), residual, 0.0),
+        jnp.where(jnp.isfinite(want_residual), want_residual, 0.0),
+    )
+    for name in ("max_weight", "entropy", "support_size"):
+        _close(stats[name], want_stats[name])
+    np.testing.assert_array_equal(np.asarray(out[1]), 0.0)  # batch row 1 sees no key
+
+    def loss(q, k, v, sink, implementation):
+        out = dot_product_attention(
+            q, k, v, normalizer=normalizers.get("sink_softmax", sink=sink), mask=_mask(), is_causal=True,
+            key_value_seq_lengths=lengths, key_block=3, query_block=4, implementation=implementation,
+        )  # fmt: skip
+        return jnp.sum(jnp.sin(out))
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)
+    got, want = grads(q, k, v, sink, "chunked"), grads(q, k, v, sink, "dense")
+    for g, w in zip(got, want, strict=True):
+        assert float(jnp.max(jnp.abs(w))) > 0
+        _close(g, w, atol=1e-5)
+
+
 def test_user_described_families_run_on_their_backends_and_match_dense():
     """A sink softmax (online pass from its sink) and a 1.25-entmax (blocked entmax) defined in this file;
     the dense path's closed-form derivative of a learned sink equals autodiff through the mapping."""
