@@ -57,9 +57,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from attnlab.attention.pallas_common import DTYPES, block_size, check_operands, interpreted
+
 F32 = jnp.float32
 KINDS = ("softmax", "elementwise")
-DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _HIGHEST = lax.Precision.HIGHEST
 # The running maximum of a row that has seen no key and has no sink: finite, so e^{m - m'} is e^0 = 1
 # (not e^{-inf + inf}) while the row has seen nothing, and e^{_NO_MAX - m'} = 0 once it has.
@@ -422,14 +423,6 @@ _attention.defvjp(_run_forward, _attention_bwd)
 # ---------------------------------------------------------------------------------------------- public
 
 
-def _block_size(requested, length: int, name: str) -> int:
-    if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)):
-        raise ValueError(f"{name}={requested!r}; accepted: a power of two >= 16 (an int)")
-    if requested < 16 or requested & (requested - 1):
-        raise ValueError(f"{name}={requested}; accepted: a power of two >= 16 (the Triton lowering needs it)")
-    return min(int(requested), max(16, pl.next_power_of_2(max(length, 1))))
-
-
 def _check_sink(sink, N: int) -> jax.Array:
     if not isinstance(sink, jax.core.Tracer):
         values = np.asarray(sink)
@@ -510,21 +503,9 @@ def pallas_online_attention(
       Differentiable in q, k, v, sink (when an array) and row_bias, by the kernels of the module
       docstring.
     """
-    q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"q, k and v must be [batch, seq, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}"
-        )
+    q, k, v, key_lengths = check_operands(q, k, v, key_lengths)
     B, T, N, H = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != H:
-        raise ValueError(
-            f"k {k.shape} and v {v.shape} must equal each other and match q {q.shape} on batch and head_dim"
-        )
     S, K = k.shape[1], k.shape[2]
-    if K == 0 or N % K:
-        raise ValueError(f"query heads ({N}) must be a multiple of key/value heads ({K})")
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; accepted: all float32 or all bfloat16")
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}; accepted: {', '.join(map(repr, KINDS))}")
     if sink is not None and kind != "softmax":
@@ -536,33 +517,23 @@ def pallas_online_attention(
         )
     if return_residual and kind != "softmax":
         raise ValueError(f"return_residual: only kind='softmax' has a log-sum-exp; got kind={kind!r}")
-    if key_lengths is None:
-        key_lengths = jnp.full((B,), S, jnp.int32)
-    key_lengths = jnp.asarray(key_lengths)
-    if key_lengths.shape != (B,) or not jnp.issubdtype(key_lengths.dtype, jnp.integer):
-        raise ValueError(
-            f"key_lengths has shape {key_lengths.shape} and dtype {key_lengths.dtype}; "
-            f"expected ints of shape ({B},), one length per batch row"
-        )
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     config = _Config(
         kind=kind,
         is_causal=bool(is_causal),
         has_sink=sink is not None,
-        block_q=_block_size(block_q, T, "block_q"),
-        block_k=_block_size(block_k, S, "block_k"),
+        block_q=block_size(block_q, T, "block_q"),
+        block_k=block_size(block_k, S, "block_k"),
         num_queries=T,
         num_keys=S,
         head_dim=H,
         groups=N // K,
-        interpret=bool(interpret),
+        interpret=interpreted(interpret),
     )
     sink = None if sink is None else _check_sink(sink, N)
     if kind == "elementwise":
         # Zeros for None keep one kernel signature; their gradient is computed and dropped.
         row_bias = jnp.zeros((B, N, T), F32) if row_bias is None else _check_row_bias(row_bias, B, N, T)
-    out, lse = _attention(config, q, k, v, key_lengths.astype(jnp.int32), sink, row_bias)
+    out, lse = _attention(config, q, k, v, key_lengths, sink, row_bias)
     if return_residual:
         return out, lax.stop_gradient(lse)
     return out

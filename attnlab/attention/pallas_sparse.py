@@ -77,6 +77,7 @@ from jax.experimental import pallas as pl
 from attnlab.attention import sparse_blocked
 from attnlab.attention.dense import dense_attention
 from attnlab.attention.masks import Visibility, group_queries, ungroup_queries
+from attnlab.attention.pallas_common import block_size, check_operands, interpreted
 from attnlab.attention.sparse_blocked import sparse_blocked_attention
 from attnlab.normalizers import Entmax, Normalizer
 
@@ -468,12 +469,6 @@ def _key_gradient_kernel(
             ref[...] = jnp.full((block_k,), value, jnp.int32)
 
 
-def _block_size(requested: int, length: int, name: str) -> int:
-    if requested < 16 or requested & (requested - 1):
-        raise ValueError(f"{name}={requested}; accepted: a power of two >= 16 (the Triton lowering needs it)")
-    return min(requested, max(16, pl.next_power_of_2(length)))
-
-
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     """The padded sizes of one call: T and S up to whole blocks, H up to a power of two >= 16."""
@@ -710,43 +705,22 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _prepare(q, k, v, alpha, is_causal, key_lengths, block_q, block_k, num_iterations, interpret):
-    q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"q, k and v must be [batch, seq, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}"
-        )
-    B, T, N, H = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != H:
-        raise ValueError(
-            f"k {k.shape} and v {v.shape} must equal each other and match q {q.shape} on batch and head_dim"
-        )
-    K = k.shape[2]
-    if N % K:
-        raise ValueError(f"query heads ({N}) must be a multiple of key/value heads ({K})")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-            raise ValueError(f"{name} has dtype {x.dtype}; accepted: float32, bfloat16")
+    q, k, v, key_lengths = check_operands(q, k, v, key_lengths)
+    T, N = q.shape[1], q.shape[2]
+    S, K = k.shape[1], k.shape[2]
     if not (isinstance(alpha, (int, float)) and 1.0 < float(alpha) <= 2.0):
         raise ValueError(f"alpha={alpha!r}; accepted: a Python float in (1, 2] (2 = sparsemax, 1.5 = 1.5-entmax)")
     if num_iterations < 1:
         raise ValueError(f"num_iterations={num_iterations}; accepted: an int >= 1")
-    S = k.shape[1]
-    if key_lengths is None:
-        key_lengths = jnp.full((B,), S, jnp.int32)
-    key_lengths = jnp.asarray(key_lengths, jnp.int32)
-    if key_lengths.shape != (B,):
-        raise ValueError(f"key_lengths has shape {key_lengths.shape}; expected ({B},), one length per batch row")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     config = _Config(
         alpha=float(alpha),
         is_causal=bool(is_causal),
-        block_q=_block_size(block_q, T, "block_q"),
-        block_k=_block_size(block_k, S, "block_k"),
+        block_q=block_size(block_q, T, "block_q"),
+        block_k=block_size(block_k, S, "block_k"),
         num_iterations=int(num_iterations),
         num_keys=S,
         groups=N // K,
-        interpret=bool(interpret),
+        interpret=interpreted(interpret),
     )
     return q, k, v, key_lengths, config
 
