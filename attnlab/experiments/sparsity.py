@@ -94,6 +94,18 @@ class Config:
         NormalizerSpec("logn_sparsemax"),
         NormalizerSpec("logn_entmax15"),
         *(NormalizerSpec(name) for name in ("softmax1", "sigmoid", "stablemax", "softpick", "multimax")),
+        *(
+            NormalizerSpec(name)
+            for name in (
+                "llama4_softmax",
+                "llama4_entmax15",
+                "qwen_softmax",
+                "critical_softmax",
+                "asentmax",
+                "sink_softmax",
+                "stick_breaking",
+            )
+        ),
     )
     inputs: tuple[str, ...] = setting(INPUTS, nonempty, each(one_of(INPUTS)), distinct)
     lengths: Lengths = dataclasses.field(default_factory=lambda: Lengths.log_spaced(10, 100_000, 13))
