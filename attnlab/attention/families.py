@@ -70,7 +70,7 @@ def static_entmax_alpha(normalizer: Callable) -> float | None:
     return alpha if alpha is not None and not softmax_like(alpha) and alpha <= 2.0 else None
 
 
-def online_kind(normalizer: Callable) -> tuple[str, float | None] | None:
+def online_kind(normalizer: Callable) -> tuple[str, Any] | None:
     """How the key-blocked online pass (attention.online_softmax) runs `normalizer`, or None when it cannot.
 
     ("softmax", sink): the SOFTMAX family, sink None (no sink), a float (one concrete sink logit,

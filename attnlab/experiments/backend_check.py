@@ -39,7 +39,7 @@ import numpy as np
 from attnlab.attention import IMPLEMENTATIONS, dot_product_attention
 from attnlab.experiments.checks import at_least, check, distinct, each, nonempty, one_of, positive, setting
 from attnlab.experiments.kind import Kind
-from attnlab.experiments.throughput import DTYPES, max_abs_error
+from attnlab.experiments.throughput import DTYPES, max_abs_error, to_numpy, value_and_pullback
 from attnlab.normalizers import NormalizerSpec
 
 REFERENCE = "attnlab dense, float32, highest matmul precision, on the same (dtype-rounded) inputs"
@@ -125,24 +125,13 @@ def _attention(config: Config, normalizer: Any, implementation: str, causal: boo
     )
 
 
-def _value_and_grads(attention):
-    def run(q, k, v, cotangent):
-        out, pullback = jax.vjp(attention, q, k, v)
-        return out, pullback(cotangent.astype(out.dtype))
-
-    return jax.jit(run)
-
-
-def _numpy(x: jax.Array) -> np.ndarray:
-    return np.asarray(x.astype(jnp.float32), np.float64)
-
-
 @functools.lru_cache(maxsize=8)
-def _reference(config: Config, label: str, dtype: str, causal: bool) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+def _reference(config: Config, label: str, dtype: str, causal: bool) -> tuple[tuple[np.ndarray, ...], ...]:
+    """The dense output and gradients on the point's inputs, in float32 at the highest matmul precision."""
     spec = next(s for s in config.normalizers if s.label == label)
     with jax.default_matmul_precision("highest"):
-        out, grads = _value_and_grads(_attention(config, spec.build(), "dense", causal))(*inputs(config, dtype))
-    return _numpy(out), tuple(_numpy(g) for g in grads)
+        out, grads = value_and_pullback(_attention(config, spec.build(), "dense", causal))(*inputs(config, dtype))
+    return to_numpy(out), to_numpy(grads)
 
 
 def _cannot_serve(err: ValueError, implementation: str) -> bool:
@@ -173,16 +162,18 @@ def run_point(config: Config, point: dict[str, Any]) -> list[dict[str, Any]]:
     precision = "highest" if dtype == "float32" else "default"
     try:
         with jax.default_matmul_precision(precision):
-            out, grads = jax.block_until_ready(_value_and_grads(attention)(*args))
+            out, grads = jax.block_until_ready(value_and_pullback(attention)(*args))
     except Exception as err:  # a kernel that does not compile or run here: recorded, not fatal
         first_line = (str(err).strip().splitlines() or [""])[0]
         return [{**record, "error": f"{type(err).__name__}: {first_line[:300]}", "passed": False}]
     out_ref, grads_ref = _reference(config, label, dtype, causal)
     errors = {
-        "out": max_abs_error((_numpy(out),), (out_ref,)),
-        "grad": max_abs_error(tuple(_numpy(g) for g in grads), grads_ref),
+        "out": max_abs_error(to_numpy(out), out_ref),
+        "grad": max_abs_error(to_numpy(grads), grads_ref),
     }
-    magnitudes = {"out": float(np.max(np.abs(out_ref))), "grad": float(max(np.max(np.abs(g)) for g in grads_ref))}
+    magnitudes = {
+        part: float(max(np.max(np.abs(x)) for x in ref)) for part, ref in (("out", out_ref), ("grad", grads_ref))
+    }
     tolerance = getattr(config, f"tolerance_{dtype}")
     finite = all(math.isfinite(e) for e in errors.values())
     passed = finite and all(errors[part] <= tolerance * max(1.0, magnitudes[part]) for part in errors)

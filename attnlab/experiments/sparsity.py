@@ -93,10 +93,14 @@ class Config:
         NormalizerSpec("entmax", {"alpha": 1.3}, label="entmax α=1.3"),
         NormalizerSpec("logn_sparsemax"),
         NormalizerSpec("logn_entmax15"),
-        *(NormalizerSpec(name) for name in ("softmax1", "sigmoid", "stablemax", "softpick", "multimax")),
         *(
             NormalizerSpec(name)
             for name in (
+                "softmax1",
+                "sigmoid",
+                "stablemax",
+                "softpick",
+                "multimax",
                 "llama4_softmax",
                 "llama4_entmax15",
                 "qwen_softmax",

@@ -387,16 +387,24 @@ def _reference(config: Config, name: str, params: tuple, n: int) -> dict[str, tu
         implementation="dense",
     )
 
+    with jax.default_matmul_precision("highest"):
+        out, grads = value_and_pullback(forward)(q, k, v, cotangent)
+    return {"forward": to_numpy(out), "forward+backward": to_numpy(grads)}
+
+
+def value_and_pullback(forward: Callable[..., jax.Array]) -> Callable[..., Any]:
+    """jit of (q, k, v, cotangent) -> (out, (dq, dk, dv)): forward's output and the gradients of
+    sum(out * cotangent), in one program."""
+
     def both(q, k, v, cotangent):
         out, pullback = jax.vjp(forward, q, k, v)
-        return out, pullback(cotangent)
+        return out, pullback(cotangent.astype(out.dtype))
 
-    with jax.default_matmul_precision("highest"):
-        out, grads = jax.jit(both)(q, k, v, cotangent)
-    return {"forward": _to_numpy(out), "forward+backward": _to_numpy(grads)}
+    return jax.jit(both)
 
 
-def _to_numpy(result: Any) -> tuple[np.ndarray, ...]:
+def to_numpy(result: Any) -> tuple[np.ndarray, ...]:
+    """An array, or a tuple of them, as a tuple of float64 numpy arrays."""
     parts = result if isinstance(result, (tuple, list)) else (result,)
     return tuple(np.asarray(part.astype(jnp.float32), np.float64) for part in parts)
 
@@ -604,7 +612,7 @@ def _time_jax(config: Config, case: str, implementation: str, n: int, mode: str)
         if implementation in ("cudnn", "pallas") or "RESOURCE_EXHAUSTED" in str(err):
             return {"error": _failure(err)}
         raise
-    measured = _to_numpy(timing.pop("result"))
+    measured = to_numpy(timing.pop("result"))
     record = _timing_fields(config, n, timing, compile_seconds) | compiled_memory(compiled)
     record |= _exactness(config, case, n, mode, measured)
     if implementation == "pallas":
