@@ -10,10 +10,13 @@
 `apply_rope` is the rotary embedding the layers apply.
 
 `TransformerLM` (configured by a frozen `ModelConfig`) is a decoder-only language model built on
-`MultiHeadAttention`, with a normalizer per layer and per-layer attention statistics on request.
+`MultiHeadAttention`, with a normalizer per layer and per-layer attention statistics on request;
+it decodes with a key/value cache (`init_cache`, `decode=True`), and `generate` samples from it
+(greedy, temperature, top-k; `attnlab.nn.decoding`).
 """
 
 from attnlab.nn.attention import LearnedNormalizer, MultiHeadAttention
+from attnlab.nn.decoding import Sampling, generate
 from attnlab.nn.flax_attention import attention_fn
 from attnlab.nn.linen import MultiHeadAttention as LinenMultiHeadAttention
 from attnlab.nn.rope import apply_rope
@@ -27,9 +30,11 @@ __all__ = [
     "ModelConfig",
     "MultiHeadAttention",
     "NormalizerSpec",
+    "Sampling",
     "TransformerLM",
     "alpha_from_logit",
     "apply_rope",
     "attention_fn",
+    "generate",
     "inverse_mean_log_n",
 ]

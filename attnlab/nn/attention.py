@@ -80,10 +80,33 @@ class MultiHeadAttention(nnx.Module):
         `nnx.Intermediate` as "attention_statistics" at every call.
       dropout_rate: attention-weight dropout; supported for softmax-type normalizers on the dense
         path only, and rejected here at construction otherwise (see `attnlab.nn.core`).
+      decode: whether calls decode with the cache by default (a call's `decode` overrides it).
 
-    Inputs have one batch axis or none ([T, F], e.g. inside vmap). Not supported (unlike flax's
-    layer): autoregressive decoding with a cache (`decode`), several batch axes (ValueError).
-    `precision` applies to the projections; the attention itself accumulates in float32.
+    Decoding with a cache, as in flax (`decode=True` at construction or call, after
+    `init_cache(input_shape)` or `nnx.view(layer, decode=True, batch_size=..., max_length=...)`):
+    the cache holds the keys (after the key layer norm and RoPE) and values of the positions seen
+    so far, `cached_key` / `cached_value` [B, max_length, K, H] (K = num_kv_heads: grouped-query
+    shaped), and `cache_index`, the next free position p, all `nnx.Cache`. A decoding call takes a
+    chunk of T >= 1 new tokens [B, T, F], self-attention only: it writes their keys and values at
+    p .. p + T - 1, and the query at p + t attends to the cached keys 0 .. p + t:
+
+        T = 1: key_value_seq_lengths = p + 1     (no mask: every backend serves it)
+        T > 1: mask[t, s] = s <= p + t           (a prompt at p = 0, or more of one later)
+
+    which are the keys a causal call over the whole sequence shows that query, so every normalizer
+    gives what the full forward gives: the entmax thresholds run over the visible cached keys, the
+    scale policies (SSMax, log-n, Llama 4, Qwen, critical, ASEntmax) see n = p + t + 1,
+    stick-breaking skips the hidden keys, and sinks and gates apply as in any call. RoPE positions
+    default to p + arange(T). Decoding is always causal (`is_causal` has no effect); a `mask` or
+    `bias` given to the call is combined with the cache's visibility over [B, N, T, max_length];
+    `key_value_seq_lengths` is refused (the cache index says which keys exist). The cached keys
+    keep the RoPE base they were written with, so a call's `rope_theta` reaches only its new
+    tokens. Writing past max_length raises ValueError when the index is known (outside jit); under
+    jit, where it is traced, the outputs of an overflowing call are NaN, never silently wrong.
+
+    Inputs have one batch axis or none ([T, F], e.g. inside vmap). Not supported: several batch
+    axes (ValueError). `precision` applies to the projections; the attention itself accumulates
+    in float32.
 
     `attnlab.nn.LinenMultiHeadAttention` is this layer for `flax.linen`, built from it through
     `flax.nnx.bridge` (see `attnlab.nn.linen`): what holds here holds there.
@@ -117,6 +140,7 @@ class MultiHeadAttention(nnx.Module):
         use_bias: bool = True,
         normalize_qk: bool = False,
         gate: str | None = None,
+        decode: bool = False,
         rngs: nnx.Rngs,
         keep_rngs: bool = True,
     ):
@@ -149,6 +173,9 @@ class MultiHeadAttention(nnx.Module):
         self.use_bias = use_bias
         self.normalize_qk = normalize_qk
         self.gate_kind = gate
+        if not isinstance(decode, bool):
+            raise ValueError(f"{where}: decode must be True or False; got {decode!r}")
+        self.decode = decode
 
         linear = functools.partial(
             nnx.LinearGeneral,
@@ -191,6 +218,10 @@ class MultiHeadAttention(nnx.Module):
             self.gate = nnx.data(None)
         self.normalizer = LearnedNormalizer(self.normalizer_spec, num_heads, param_dtype=param_dtype)
         self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else nnx.data(None)
+        # The decoding cache, made by init_cache (or nnx.view(..., decode=True, ...)), as in flax.
+        self.cached_key: nnx.Cache | None = nnx.data(None)
+        self.cached_value: nnx.Cache | None = nnx.data(None)
+        self.cache_index: nnx.Cache | None = nnx.data(None)
 
     def __call__(
         self,
@@ -210,6 +241,7 @@ class MultiHeadAttention(nnx.Module):
         sow_weights: bool = False,
         return_statistics: bool = False,
         mass_keys: jax.Array | None = None,
+        decode: bool | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Attention of inputs_q [B, T, F] over inputs_k [B, S, F_kv] (default inputs_q) and inputs_v
         (default inputs_k); returns [B, T, out_features]. As in flax, inputs_v without inputs_k is
@@ -234,7 +266,10 @@ class MultiHeadAttention(nnx.Module):
           return_statistics: return (out, statistics) with statistics {"max_weight", "entropy",
             "support_size"}, each [B, N, T] (not differentiated), reduced inside the attention pass.
           mass_keys: bool [B, S] or [S]: also return "key_mass", the weight each query puts on
-            these keys (e.g. the needle's positions); implies return_statistics.
+            these keys (e.g. the needle's positions); implies return_statistics. When decoding,
+            S = max_length (the cache's positions).
+          decode: decode with the cache (see the class docstring); None: the layer's `decode`.
+            Shapes then read S = max_length: `mask`, `bias` and the sown weights are over the cache.
         """
         inputs_k, inputs_v = core.key_value_inputs(inputs_q, inputs_k, inputs_v)
         unbatched = core.check_inputs(inputs_q, inputs_k, inputs_v, self.in_features, self.in_kv_features)
@@ -242,7 +277,15 @@ class MultiHeadAttention(nnx.Module):
             inputs_q, inputs_k, inputs_v = inputs_q[None], inputs_k[None], inputs_v[None]
             if key_value_seq_lengths is not None:
                 key_value_seq_lengths = jnp.reshape(key_value_seq_lengths, (1,))
+        decode = self.decode if decode is None else decode
+        if decode:
+            index = self._check_decoding(inputs_q, inputs_k, key_value_seq_lengths)
+            if positions is None:
+                positions = index + jnp.arange(inputs_q.shape[1])
         query, key, value = self.project(inputs_q, inputs_k, inputs_v, positions, key_positions, rope_theta)
+        if decode:
+            key, value, mask, key_value_seq_lengths = self._update_cache(key, value, index, mask)
+            is_causal = False  # the cache's visibility is causal over the whole sequence
 
         deterministic, dropout_rng = self._dropout_state(deterministic, rngs)
         returned = return_statistics or mass_keys is not None
@@ -274,11 +317,113 @@ class MultiHeadAttention(nnx.Module):
             self.sow(nnx.Intermediate, "attention_weights", unbatch(aux["weights"]))
         if self.gate is not None:
             out = out * self.output_gate(inputs_q).astype(out.dtype)
-        out = unbatch(self.out(out))
+        out = self.out(out)
+        if decode:
+            # Under jit an overflowing index is not known when tracing: its outputs are NaN, not wrong.
+            fits = index + inputs_q.shape[1] <= self.cached_key.shape[1]
+            out = jnp.where(fits, out, jnp.nan)
+        out = unbatch(out)
         if returned:
             names = (*core.STATISTICS, "key_mass") if mass_keys is not None else core.STATISTICS
             return out, unbatch({name: aux[name] for name in names})
         return out
+
+    def init_cache(self, input_shape: tuple[int, ...], dtype: Any = jnp.float32) -> None:
+        """Make an empty decoding cache, as `flax.nnx.MultiHeadAttention.init_cache` does.
+
+        input_shape: the shape of the whole sequence's inputs, [B, max_length, F] (or [max_length, F]
+        for inputs without a batch axis; the cache then has B = 1); the features are not read.
+        Creates `cached_key` and `cached_value`, zeros [B, max_length, K, H] of `dtype`, and
+        `cache_index` = 0 (int32), all `nnx.Cache`; an existing cache is replaced.
+        """
+        shape = tuple(input_shape)
+        positive = all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+        if len(shape) not in (2, 3) or not positive:
+            raise ValueError(
+                "attnlab.nn.MultiHeadAttention.init_cache: input_shape must be [batch, max_length, features] "
+                f"(or [max_length, features]) of positive ints; got {input_shape!r}"
+            )
+        batch, max_length = (1, shape[0]) if len(shape) == 2 else shape[:2]
+        cache_shape = (batch, max_length, self.num_kv_heads, self.head_dim)
+        self.cached_key = nnx.Cache(jnp.zeros(cache_shape, dtype))
+        self.cached_value = nnx.Cache(jnp.zeros(cache_shape, dtype))
+        self.cache_index = nnx.Cache(jnp.array(0, dtype=jnp.int32))
+
+    def set_view(
+        self,
+        deterministic: bool | None = None,
+        decode: bool | None = None,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        """For `nnx.view`, as in flax: set `deterministic` and `decode`; `decode=True` on a layer without
+        a cache makes one for [batch_size, max_length] (in the layer's dtype, float32 by default)."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+        if decode is not None:
+            self.decode = decode
+            if decode and self.cached_key is None:
+                if batch_size is None or max_length is None:
+                    raise TypeError(
+                        "attnlab.nn.MultiHeadAttention: nnx.view(..., decode=True) needs batch_size and "
+                        "max_length to make the cache"
+                    )
+                self.init_cache((batch_size, max_length, self.in_features), self.dtype or jnp.float32)
+
+    def _check_decoding(
+        self, inputs_q: jax.Array, inputs_k: jax.Array, key_value_seq_lengths: jax.Array | None
+    ) -> jax.Array:
+        """ValueError unless a decoding call fits the cache; returns the cache index (int32 scalar)."""
+        where = "attnlab.nn.MultiHeadAttention (decode)"
+        if self.cached_key is None:
+            raise ValueError(
+                f"{where}: no cache; call layer.init_cache((batch, max_length, features)) first, or make a "
+                "decoding view with nnx.view(layer, decode=True, batch_size=..., max_length=...)"
+            )
+        batch, max_length = self.cached_key.shape[:2]
+        (inputs_batch, new), keys = inputs_q.shape[:2], inputs_k.shape[1]
+        if keys != new:
+            raise ValueError(
+                f"{where}: decoding is self-attention over the cache: the keys' inputs must be the {new} new "
+                f"positions of the queries; got {keys}"
+            )
+        if inputs_batch != batch:
+            raise ValueError(f"{where}: the inputs have batch {inputs_batch}; the cache was made for batch {batch}")
+        if key_value_seq_lengths is not None:
+            raise ValueError(
+                f"{where}: key_value_seq_lengths is set by the cache (cache_index + new positions); "
+                "hide cached keys with mask instead"
+            )
+        index = self.cache_index[...]
+        traced = isinstance(index, jax.core.Tracer)
+        if new > max_length or (not traced and int(index) + new > max_length):
+            raise ValueError(
+                f"{where}: the cache is full: {new} new positions at index {'?' if traced else int(index)} do not "
+                f"fit max_length={max_length}; make the cache longer (init_cache with a larger max_length)"
+            )
+        return index
+
+    def _update_cache(
+        self, key: jax.Array, value: jax.Array, index: jax.Array, mask: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+        """Write key, value [B, T, K, H] at `index`; returns the whole cache (in key's dtype) and the
+        mask and key lengths that show query t the cached keys 0 .. index + t."""
+        T, max_length = key.shape[1], self.cached_key.shape[1]
+        start = (0, index, 0, 0)
+        cached_key = jax.lax.dynamic_update_slice(self.cached_key[...], key.astype(self.cached_key.dtype), start)
+        cached_value = jax.lax.dynamic_update_slice(
+            self.cached_value[...], value.astype(self.cached_value.dtype), start
+        )
+        self.cached_key[...] = cached_key
+        self.cached_value[...] = cached_value
+        self.cache_index[...] = index + T
+        if T == 1:
+            # Key lengths, no mask: every backend (the Pallas kernels included) serves a step.
+            lengths = jnp.full((key.shape[0],), index + 1, jnp.int32)
+            return cached_key.astype(key.dtype), cached_value.astype(value.dtype), mask, lengths
+        visible = jnp.arange(max_length)[None, :] <= index + jnp.arange(T)[:, None]  # [T, max_length]
+        mask = visible if mask is None else core.as_bool_mask(mask) & visible
+        return cached_key.astype(key.dtype), cached_value.astype(value.dtype), mask, None
 
     def project(
         self,

@@ -67,7 +67,8 @@ class MultiHeadAttention(nn.Module):
     Fields: the NNX constructor's arguments with the same meanings and defaults, except
     in_features and in_kv_features (taken from the inputs) and rngs, keep_rngs (Linen rngs are
     passed to init and apply). Statistics and weights are sown into "intermediates" (pass
-    mutable=["intermediates"] to apply).
+    mutable=["intermediates"] to apply). Decoding with a cache (`decode`) is the NNX layer's only:
+    here it raises ValueError.
     """
 
     num_heads: int
@@ -93,6 +94,7 @@ class MultiHeadAttention(nn.Module):
     use_bias: bool = _default("use_bias")
     normalize_qk: bool = _default("normalize_qk")
     gate: str | None = _default("gate")
+    decode: bool = _default("decode")
 
     @nn.compact
     def __call__(
@@ -115,6 +117,12 @@ class MultiHeadAttention(nn.Module):
         if "rngs" in kwargs:
             raise TypeError(
                 "attnlab.nn.LinenMultiHeadAttention takes dropout_rng (or a 'dropout' rng passed to apply), not rngs"
+            )
+        if self.decode or kwargs.get("decode"):
+            raise ValueError(
+                "attnlab.nn.LinenMultiHeadAttention does not decode with a cache (decode=True); decode with the "
+                "NNX layer attnlab.nn.MultiHeadAttention (init_cache, then decode=True), whose parameters are "
+                "this layer's, or with attnlab.nn.TransformerLM"
             )
         keys, values = core.key_value_inputs(inputs_q, inputs_k, inputs_v)
         core.check_inputs(inputs_q, keys, values, None, None)

@@ -12,6 +12,11 @@ Attention is `attnlab.nn.MultiHeadAttention` with the layer's normalizer spec (p
 parameters live in the layer), so SSMax, sparsemax, entmax, ... are one field of the config.
 `model(x, statistics=True)` also returns the attention statistics of every layer, reduced inside
 the attention pass (no weights stored), stacked as [L, B, N, T].
+
+Decoding: `model.init_cache(B, max_length)` gives every attention layer a key/value cache, then
+`model(x, decode=True)` runs x [B, T_new] at the next positions (a prompt, then one token at a
+time), with the logits of the full causal forward over the whole sequence; `attnlab.nn.generate`
+samples from it.
 """
 
 from __future__ import annotations
@@ -134,7 +139,7 @@ def _spec_json(spec: NormalizerSpec) -> dict[str, Any]:
     return {key: value for key, value in spec.to_json().items() if key != "label"}
 
 
-def _check_token_range(tokens: jax.Array, vocab_size: int) -> None:
+def check_token_range(tokens: jax.Array, vocab_size: int) -> None:
     """ValueError naming the first token outside [0, vocab_size), when the tokens are concrete.
 
     (The embedding lookup would give NaN logits for it, as flax's Embed does. Under jit the values
@@ -191,7 +196,14 @@ class Block(nnx.Module):
         )
 
     def __call__(
-        self, h: jax.Array, *, positions: Any, rope_theta: Any, statistics: bool, mass_keys: Any
+        self,
+        h: jax.Array,
+        *,
+        positions: Any,
+        rope_theta: Any,
+        statistics: bool,
+        mass_keys: Any,
+        decode: bool | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         attended = self.attention(
             self.attention_norm(h),
@@ -200,6 +212,7 @@ class Block(nnx.Module):
             rope_theta=rope_theta,
             return_statistics=statistics,
             mass_keys=mass_keys,
+            decode=decode,
         )
         attended, stats = attended if isinstance(attended, tuple) else (attended, None)
         h = h + attended
@@ -214,6 +227,9 @@ class TransformerLM(nnx.Module):
         logits = model(tokens)                                  # [B, T, V] float32
         logits, stats = model(tokens, statistics=True)          # stats[name]: [L, B, N, T]
         logits = model(tokens, rope_theta=50 * 10_000.0)        # evaluation with a raised RoPE base
+        model.init_cache(batch_size=B, max_length=P + 16)       # then decode: a prompt, then a token at a time
+        logits = model(prompt, decode=True)                     # [B, P, V]
+        logits = model(next_token, decode=True)                 # [B, 1, V]
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -250,17 +266,26 @@ class TransformerLM(nnx.Module):
         rope_theta: float | jax.Array | None = None,
         statistics: bool = False,
         mass_keys: jax.Array | None = None,
+        decode: bool | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Next-token logits for tokens [B, T].
 
         Args:
           tokens: int [B, T], each in [0, vocab_size).
-          positions: RoPE positions [T] or [B, T] (default arange(T)).
+          positions: RoPE positions [T] or [B, T] (default arange(T); when decoding, the cache
+            index + arange(T)).
           rope_theta: RoPE base for this call (default the config's; the SSMax paper evaluates
-            long contexts at 50x the training base).
+            long contexts at 50x the training base). When decoding it reaches the new tokens only
+            (the cache holds keys already rotated): keep it the same over a whole decode.
           statistics: also return the attention statistics of every layer.
           mass_keys: bool [B, T] (or [T]): also return "key_mass", the attention weight each query
-            puts on these positions (e.g. a needle), per layer and head; implies statistics.
+            puts on these positions (e.g. a needle), per layer and head; implies statistics. When
+            decoding, [B, max_length] over the cache's positions.
+          decode: run the tokens at the cache's next positions, attending to everything cached
+            before them, and append them to the cache (after `init_cache`; see
+            `attnlab.nn.MultiHeadAttention` for what a decoding call accepts). The logits equal
+            those of the full causal forward over the whole sequence at these positions. None:
+            the layers' own `decode` (False unless set with `nnx.view(model, decode=True, ...)`).
 
         Returns:
           logits float32 [B, T, V]; with statistics, (logits, stats) where stats maps
@@ -271,12 +296,19 @@ class TransformerLM(nnx.Module):
             raise ValueError(
                 f"TransformerLM: tokens must be an int array [batch, seq]; got {tokens.dtype}{tokens.shape}"
             )
-        _check_token_range(tokens, self.config.vocab_size)
+        check_token_range(tokens, self.config.vocab_size)
         statistics = statistics or mass_keys is not None
         h = self.embed(tokens)
         layer_stats = []
         for block in self.blocks:
-            h, stats = block(h, positions=positions, rope_theta=rope_theta, statistics=statistics, mass_keys=mass_keys)
+            h, stats = block(
+                h,
+                positions=positions,
+                rope_theta=rope_theta,
+                statistics=statistics,
+                mass_keys=mass_keys,
+                decode=decode,
+            )
             layer_stats.append(stats)
         h = self.final_norm(h)
         logits = self.embed.attend(h) if self.head is None else self.head(h)
@@ -285,6 +317,19 @@ class TransformerLM(nnx.Module):
             return logits
         stacked = {name: jnp.stack([s[name] for s in layer_stats]) for name in layer_stats[0]}
         return logits, stacked
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> None:
+        """An empty key/value cache in every attention layer, for decoding sequences of up to
+        `max_length` positions (prompt included) in a batch of `batch_size`: each layer's
+        `cached_key` / `cached_value` [batch_size, max_length, K, head_dim] (K = num_kv_heads) and
+        `cache_index` (`MultiHeadAttention.init_cache`). dtype: the cache's (default the config's
+        computation dtype, that of the keys). An existing cache is replaced (decoding restarts)."""
+        for field, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TransformerLM.init_cache: {field} must be an int >= 1; got {value!r}")
+        dtype = DTYPES[self.config.dtype] if dtype is None else dtype
+        for block in self.blocks:
+            block.attention.init_cache((batch_size, max_length, self.config.width), dtype)
 
     def probabilities(self, logits: jax.Array) -> jax.Array:
         """Next-token probabilities [B, T, V] from this model's logits, by its output normalizer
