@@ -135,7 +135,9 @@ def _manager(path: Path, *, keep: int | None = None, create: bool = False) -> oc
         max_to_keep=keep, enable_async_checkpointing=False, create=create, cleanup_tmp_directories=create
     )
     handlers = {STATE: ocp.StandardCheckpointHandler(), METADATA: ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(path, options=options, item_handlers=handlers)
+    # orbax's tensorstore writer refuses relative folders ("Checkpoint path should be absolute"),
+    # and `attnlab run --out results` gives one.
+    return ocp.CheckpointManager(path.absolute(), options=options, item_handlers=handlers)
 
 
 def _steps(path: Path) -> list[int]:

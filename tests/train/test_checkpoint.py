@@ -34,6 +34,16 @@ def test_saving_five_steps_keeps_the_newest_two(tmp_path):
         checkpoint.save(folder, _state(5), keep=2)
 
 
+def test_a_relative_folder_saves_and_restores(tmp_path, monkeypatch):
+    """`attnlab run --out results` gives relative folders; orbax's writer wants absolute ones."""
+    monkeypatch.chdir(tmp_path)
+    folder = "results/checkpoints/run"
+    checkpoint.save(folder, _state(3, 3.0), {"saved_at": 3})
+    restored, metadata = checkpoint.restore(folder, _state())
+    np.testing.assert_array_equal(restored.params["w"], np.full((4, 3), 3.0))
+    assert metadata == {"saved_at": 3} and checkpoint.latest_step(folder) == 3
+
+
 @pytest.mark.parametrize("direction", ["mesh to device", "device to mesh"])
 def test_restore_places_each_array_on_the_target_sharding(tmp_path, direction):
     mesh_sharding = NamedSharding(make_mesh(), PartitionSpec())
