@@ -2,7 +2,9 @@
 passes, cuDNN, Pallas), statistics reduced inside the computation.
 
 `dot_product_attention` is the entry point; `BACKENDS` the table (attention.backends), with
-`IMPLEMENTATIONS` every name `implementation=` accepts.
+`IMPLEMENTATIONS` every name `implementation=` accepts; `attention.mask_functions` holds masks and
+scores as functions (causal, sliding window, prefix-LM, documents; ALiBi, soft-capping, a
+relative-position table) for its `mask_fn` and `score_fn`.
 """
 
 from attnlab.attention.api import IMPLEMENTATIONS, dot_product_attention, resolve_normalizer

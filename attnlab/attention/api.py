@@ -138,6 +138,8 @@ def dot_product_attention(
     mass_keys: ArrayLike | None = None,
     return_weights: bool = False,
     return_residual: bool = False,
+    mask_fn: Callable | None = None,
+    score_fn: Callable | None = None,
 ):
     """Scaled dot-product attention whose weights come from any normalizer.
 
@@ -179,6 +181,14 @@ def dot_product_attention(
       return_residual: also return, as jax.nn does, the log-sum-exp of each query's scaled logits
         [B, T, N], log(e^sink + sum_s e^z) for softmax-type normalizers (-inf for a query that sees
         nothing and has no sink); other families have none (ValueError). Not differentiated.
+      mask_fn: mask_fn(b, h, q_idx, kv_idx) -> bool (FlexAttention's mask_mod; built-ins in
+        `attnlab.attention.mask_functions`: causal, sliding window, prefix-LM, documents): one more
+        visibility rule, evaluated a block at a time, never as a T x S array outside the dense
+        backend; the online backend visits only the key blocks it leaves visible.
+      score_fn: score_fn(score, b, h, q_idx, kv_idx) -> score (FlexAttention's score_mod: ALiBi,
+        soft-capping, a relative-position table): maps the logits scale q.k + bias before the
+        normalizer (and its scale policy); arrays it closes over get gradients. Both are called on
+        broadcasting index arrays (see attention.mask_functions). cuDNN and Pallas take neither.
 
     Returns:
       out [B, T, N, H] in the dtype of `query`; with return_residual, (out, residual); with
@@ -210,7 +220,7 @@ def dot_product_attention(
         platform=jax.default_backend(), bias=bias is not None, mask=mask is not None, is_causal=bool(is_causal),
         local_window=window, query_lengths=query_lengths is not None, key_lengths=key_lengths is not None,
         statistics=statistics or mass_keys is not None, mass_keys=mass_keys is not None,
-        weights=return_weights, residual=return_residual,
+        weights=return_weights, residual=return_residual, mask_fn=mask_fn is not None, score_fn=score_fn is not None,
     )  # fmt: skip
     backend = backends.select(implementation, normalizer, options)
     if T == 0 or S == 0:
@@ -229,7 +239,10 @@ def dot_product_attention(
                 query_lengths=query_lengths,
                 key_lengths=key_lengths,
                 mask=to_grouped(mask, K, G, "mask"),
+                mask_fn=_check_function("mask_fn", mask_fn),
+                heads=(B, K, G),
             ),
+            score_fn=_check_function("score_fn", score_fn),
             scale=scale,
             key_block=int(key_block),
             query_block=None if query_block is None else int(query_block),
@@ -237,6 +250,12 @@ def dot_product_attention(
         )
         result = backend.run(normalizer, call, options)
     return _outputs(result, query.dtype, unbatched, options)
+
+
+def _check_function(name: str, fn: Callable | None) -> Callable | None:
+    if fn is not None and not callable(fn):
+        raise ValueError(f"{name} must be None or a function of index arrays (attention.mask_functions); got {fn!r}")
+    return fn
 
 
 def _empty(normalizer: Callable, options: Options) -> Result:

@@ -19,6 +19,10 @@
 
     * return_residual (jax.nn's log-sum-exp) exists for the SOFTMAX family only.
 
+mask_fn and score_fn (attention.mask_functions) run on dense, online (which visits only the key
+blocks the mask function leaves: attention.mask_functions.block_map), blocked_entmax and
+query_blocked; cuDNN and Pallas say they take neither.
+
 Every backend but dense and pallas returns statistics; only dense returns the weights. Families are
 read from the normalizer's description (attention.families), never from its class or name.
 
@@ -83,6 +87,8 @@ class Options:
     mass_keys: bool = False
     weights: bool = False
     residual: bool = False
+    mask_fn: bool = False
+    score_fn: bool = False
 
     @property
     def elements(self) -> int:
@@ -95,7 +101,8 @@ class Call(NamedTuple):
 
     q [B, K, G, T, H] (not yet scaled), k and v [B, K, S, H], bias [B|1, K|1, G|1, T|1, S|1] or None,
     mass_keys [B|1, 1, 1, 1, S] bool or None; `scale` multiplies the logits; key_block and
-    query_block (None: the backend's default) size the blocks of the memory-efficient backends.
+    query_block (None: the backend's default) size the blocks of the memory-efficient backends;
+    score_fn maps the logits (attention.mask_functions; the mask function is in `visibility`).
     """
 
     q: jax.Array
@@ -107,6 +114,7 @@ class Call(NamedTuple):
     key_block: int
     query_block: int | None
     mass_keys: jax.Array | None
+    score_fn: Callable | None = None
 
 
 class Result(NamedTuple):
@@ -140,6 +148,10 @@ class Backend:
 
 # ---------------------------------------------------------------------------------------------- reasons
 
+FUNCTIONS = (
+    "{backend} takes no mask_fn or score_fn (they run on the dense, online, blocked_entmax and "
+    "query_blocked backends; implementation='chunked' picks the memory-efficient one)"
+)
 WEIGHTS = "return_weights needs implementation='dense' (or None): only the dense backend holds the weights"
 
 
@@ -180,15 +192,49 @@ def _per_query(value_of: Callable, call: Call) -> jax.Array:
     return value.reshape(value.shape[0], K, G, T, 1)
 
 
+def _row_factor(normalizer: Callable, call: Call) -> jax.Array | None:
+    """The scale policy's factor per query [B|1, K, G, T, 1] (it multiplies the row's logits), or None."""
+    if isinstance(normalizer, Normalizer) and normalizer.scale is not None:
+        return _per_query(normalizer.scale.factor, call)
+    return None
+
+
 def _folded(normalizer: Callable, call: Call) -> tuple[jax.Array, jax.Array | None]:
     """The scaled queries and the bias with the scale policy's factor folded in (it multiplies each
-    query's logits by one number), so that the mapping sees plain logits."""
+    query's logits by one number), so that the mapping sees plain logits. With a score function the
+    factor must follow it: it is left out here (see _score_then_rows)."""
     factor, bias = call.scale, call.bias
-    if isinstance(normalizer, Normalizer) and normalizer.scale is not None:
-        row = _per_query(normalizer.scale.factor, call)
+    row = None if call.score_fn is not None else _row_factor(normalizer, call)
+    if row is not None:
         factor = call.scale * row
         bias = None if bias is None else bias * row
     return (call.q * factor).astype(call.q.dtype), bias
+
+
+def _rows_at(x: jax.Array, b: jax.Array, h: jax.Array, q_idx: jax.Array) -> jax.Array:
+    """x [B|1, K, G, T, 1] (one value per batch row, query head and query) at the index arrays of a
+    score function: [B|1, K, G, Tq, 1]."""
+    flat = x.reshape(x.shape[0], x.shape[1] * x.shape[2], x.shape[3])
+    return flat[jnp.clip(b, 0, flat.shape[0] - 1), h, jnp.clip(q_idx, 0, flat.shape[2] - 1)]
+
+
+def _score_then_rows(call: Call, factor: jax.Array | None, shift: jax.Array | None) -> Callable | None:
+    """The call's score function followed by z -> factor z + shift, per query ([B|1, K, G, T, 1] or
+    None): the scale policy (and a sigmoid's bias) act on the score function's output, as in the
+    dense reference."""
+    score_fn = call.score_fn
+    if score_fn is None or (factor is None and shift is None):
+        return score_fn
+
+    def with_rows(score, b, h, q_idx, kv_idx):
+        z = score_fn(score, b, h, q_idx, kv_idx)
+        if factor is not None:
+            z = z * _rows_at(factor, b, h, q_idx)
+        if shift is not None:
+            z = z + _rows_at(shift, b, h, q_idx)
+        return z
+
+    return with_rows
 
 
 def _elementwise_bias(normalizer: Normalizer, call: Call) -> jax.Array:
@@ -221,7 +267,7 @@ def _dense_run(normalizer: Callable, call: Call, options: Options) -> Result:
     out, aux, residual = dense_attention(
         call.q * call.scale, call.k, call.v, call.bias, call.visibility, normalizer,
         want_stats=options.statistics, mass_keys=call.mass_keys, want_weights=options.weights,
-        want_residual=options.residual,
+        want_residual=options.residual, score_fn=call.score_fn,
     )  # fmt: skip
     return Result(out, aux, residual)
 
@@ -248,23 +294,32 @@ def _online_supports(normalizer: Callable, options: Options) -> str | None:
 def _online_run(normalizer: Callable, call: Call, options: Options) -> Result:
     kind, sink = families.online_kind(normalizer)
     q, bias = _folded(normalizer, call)
+    shift = None
     if kind == "elementwise":
-        # sigmoid(z + b): its per-query b (-log n by default) joins the attention bias.
+        # sigmoid(z + b): its per-query b (-log n by default) joins the attention bias (or follows
+        # the score function).
         b = _elementwise_bias(normalizer, call)
-        bias = b if bias is None else bias + b
+        if call.score_fn is not None:
+            shift = b
+        else:
+            bias = b if bias is None else bias + b
+    score_fn = _score_then_rows(call, _row_factor(normalizer, call) if call.score_fn is not None else None, shift)
     if sink is not None and not isinstance(sink, float):
         # A traced or per-head sink, one value per (batch, head, query): applied after the pass.
         sink = _per_query(lambda counts, align: align(normalizer.mapping.sink, "sink").astype(jnp.float32), call)
         sink = sink[..., 0]
     blocks = {"key_block": call.key_block, "query_block": call.query_block or DEFAULT_QUERY_BLOCK}
-    out, rows = online_softmax_attention(q, call.k, call.v, bias, call.visibility, kind=kind, sink=sink, **blocks)
+    out, rows = online_softmax_attention(
+        q, call.k, call.v, bias, call.visibility, kind=kind, sink=sink, score_fn=score_fn, **blocks
+    )
     aux = {}
     if options.statistics:
         # The rows carry the sink either way; the second pass needs only them.
         concrete = sink if isinstance(sink, float) else None
         aux = softmax_statistics(
-            q, call.k, bias, call.visibility, rows, call.mass_keys, kind=kind, sink=concrete, **blocks
-        )
+            q, call.k, bias, call.visibility, rows, call.mass_keys, kind=kind, sink=concrete, score_fn=score_fn,
+            **blocks,
+        )  # fmt: skip
     return Result(out, aux, rows.lse if options.residual else None)
 
 
@@ -288,10 +343,11 @@ def _blocked_entmax_supports(normalizer: Callable, options: Options) -> str | No
 def _blocked_entmax_run(normalizer: Callable, call: Call, options: Options) -> Result:
     q, bias = _folded(normalizer, call)
     B, N, _, S, _, _ = _shape(call)
+    score_fn = _score_then_rows(call, _row_factor(normalizer, call) if call.score_fn is not None else None, None)
     out, aux = sparse_blocked_attention(
         q, call.k, call.v, bias, call.visibility, families.static_entmax_alpha(normalizer),
         query_block=call.query_block or sparse_blocked.default_query_block(B, N, S),
-        want_stats=options.statistics, mass_keys=call.mass_keys,
+        want_stats=options.statistics, mass_keys=call.mass_keys, score_fn=score_fn,
     )  # fmt: skip
     return Result(out, aux)
 
@@ -308,7 +364,7 @@ def _query_blocked_run(normalizer: Callable, call: Call, options: Options) -> Re
     out, aux = query_blocked_attention(
         call.q * call.scale, call.k, call.v, call.bias, call.visibility, normalizer,
         query_block=call.query_block or query_blocked.default_query_block(B, N, S),
-        want_stats=options.statistics, mass_keys=call.mass_keys,
+        want_stats=options.statistics, mass_keys=call.mass_keys, score_fn=call.score_fn,
     )  # fmt: skip
     return Result(out, aux)
 
@@ -344,6 +400,7 @@ def _cudnn_supports(normalizer: Callable, options: Options) -> str | None:
             window is not None and window[1] != 0 and not options.is_causal,
             lambda: f"cuDNN attention takes no right window ({window[1]}) without is_causal",
         ),
+        (options.mask_fn or options.score_fn, lambda: FUNCTIONS.format(backend="cuDNN attention")),
     )
 
 
@@ -409,6 +466,8 @@ def _pallas_supports(normalizer: Callable, options: Options) -> str | None:
         "statistics": options.statistics,
         "return_weights": options.weights,
         "return_residual": options.residual and kernel != "softmax",
+        "mask_fn": options.mask_fn,
+        "score_fn": options.score_fn,
     }
     names = ", ".join(name for name, given in unsupported.items() if given)
     accepted = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))

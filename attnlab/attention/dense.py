@@ -32,7 +32,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from attnlab.attention import families, statistics
-from attnlab.attention.masks import Visibility
+from attnlab.attention.masks import Visibility, apply_score
 from attnlab.normalizers import ELEMENTWISE, SOFTMAX, THRESHOLD
 from attnlab.normalizers._rows import align_param, prepare_rows_with_infinity
 from attnlab.normalizers.mappings import jacobian_weights, softmax_band
@@ -227,10 +227,14 @@ def dense_attention(
     mass_keys: jax.Array | None,
     want_weights: bool,
     want_residual: bool = False,
+    score_fn: Callable | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array | None]:
     """Returns out [B, K, G, T, H] (float32), aux (statistics [B, K, G, T], weights [B, K, G, T, S]) and,
-    with `want_residual` (SOFTMAX family), the log-normaliser [B, K, G, T] (see `log_normaliser`)."""
+    with `want_residual` (SOFTMAX family), the log-normaliser [B, K, G, T] (see `log_normaliser`).
+    A score function maps the logits first (attention.mask_functions)."""
     logits = grouped_logits(q, k, bias)
+    if score_fn is not None:
+        logits = apply_score(score_fn, logits, visibility.heads, jnp.arange(q.shape[3]), jnp.arange(k.shape[2]))
     visible = visibility.dense()
     p = weights(normalizer, logits, visible)
     out = jnp.einsum(GROUPED_OUTPUT, p, v.astype(p.dtype), preferred_element_type=F32)

@@ -7,16 +7,20 @@ head n reads key/value head n // G, as in `jax.nn.dot_product_attention`), keys 
 [B, T, N, H] to [B, K, G, T, H] by :func:`group_queries` (and back by :func:`ungroup_queries`).
 
 Visibility combines four structured rules, evaluated on the fly for any block of query and
-key positions, with an optional explicit boolean mask:
+key positions, with an optional explicit boolean mask and an optional mask function:
   - is_causal: key s visible to query t iff s <= t (top-left aligned, like jax.nn);
   - local_window_size (left, right): t - left <= s <= t + right;
   - query_seq_lengths [B]: queries t >= length see nothing (their output is 0);
-  - key_value_seq_lengths [B]: keys s >= length are hidden.
+  - key_value_seq_lengths [B]: keys s >= length are hidden;
+  - mask_fn(b, h, q_idx, kv_idx) -> bool (attention.mask_functions), evaluated, like the rules,
+    only on the block of positions at hand: never as a T x S array outside the dense path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 
 import einops
 import jax
@@ -60,6 +64,8 @@ class Visibility:
     query_lengths: jax.Array | None = None
     key_lengths: jax.Array | None = None
     mask: jax.Array | None = None  # grouped [B|1, K|1, G|1, T|1, S|1] bool
+    mask_fn: Callable | None = None  # mask_fn(b, h, q_idx, kv_idx) -> bool, see attention.mask_functions
+    heads: tuple[int, int, int] = (1, 1, 1)  # (B, K, G): the index ranges mask_fn is evaluated over
 
     def structured(self, query_pos: jax.Array, key_pos: jax.Array) -> jax.Array:
         """bool [B|1, 1, 1, Tq, Sk] for query positions [Tq] and key positions [Sk] (no explicit mask).
@@ -81,23 +87,33 @@ class Visibility:
             visible = visible & (s < self.key_lengths[:, None, None, None, None])
         return visible
 
+    def rules(self, query_pos: jax.Array, key_pos: jax.Array) -> jax.Array:
+        """bool [B|1, K|1, G|1, Tq, Sk]: the structured rules and mask_fn (not the explicit mask)."""
+        visible = self.structured(query_pos, key_pos)
+        if self.mask_fn is not None:
+            visible = visible & evaluate_mask(self.mask_fn, self.heads, query_pos, key_pos)
+        return visible
+
     def dense(self) -> jax.Array:
         """The full visibility, bool broadcastable to [B, K, G, T, S] (for the dense path)."""
-        visible = self.structured(jnp.arange(self.num_queries), jnp.arange(self.num_keys))
+        visible = self.rules(jnp.arange(self.num_queries), jnp.arange(self.num_keys))
         if self.mask is not None:
             visible = visible & self.mask
         return visible
 
     @property
     def only_structured(self) -> bool:
-        return self.mask is None
+        return self.mask is None and self.mask_fn is None
 
     def visible_counts(self) -> jax.Array:
         """n [B|1, 1|K, 1|G, T, 1]: the number of keys each query sees (float32).
 
         Closed form for the structured rules; with an explicit mask, a sum over it (the caller's
-        mask is already materialised, so this adds no quadratic memory).
+        mask is already materialised, so this adds no quadratic memory); with a mask function, a
+        sum by query blocks (memory linear in T).
         """
+        if self.mask_fn is not None:
+            return self._counted_by_query_blocks()
         if self.mask is not None:
             return jnp.sum(self.dense(), axis=-1, keepdims=True, dtype=jnp.float32)
         t = jnp.arange(self.num_queries)
@@ -117,3 +133,63 @@ class Visibility:
         if self.query_lengths is not None:
             count = jnp.where(t[None, :] < self.query_lengths[:, None], count, 0)
         return count.astype(jnp.float32)[:, None, None, :, None]
+
+    def _counted_by_query_blocks(self) -> jax.Array:
+        """visible_counts with a mask function: the visible keys of COUNT_ELEMENTS queries x keys at a time."""
+        T, S = self.num_queries, self.num_keys
+        block = max(1, min(T, COUNT_ELEMENTS // max(1, S * math.prod(self.heads))))
+        num_blocks = math.ceil(T / block)
+        key_pos = jnp.arange(S)
+
+        def count(index):
+            query_pos = index * block + jnp.arange(block)
+            visible = self.rules(query_pos, key_pos)
+            if self.mask is not None:
+                mask = self.mask
+                if mask.shape[3] != 1:
+                    mask = jnp.pad(mask, [(0, 0)] * 3 + [(0, num_blocks * block - T), (0, 0)])
+                    mask = jax.lax.dynamic_slice_in_dim(mask, index * block, block, axis=3)
+                visible = visible & mask
+            return jnp.sum(visible, axis=-1, keepdims=True, dtype=jnp.float32)
+
+        counts = jax.lax.map(count, jnp.arange(num_blocks))  # [blocks, B|1, K|1, G|1, block, 1]
+        counts = jnp.moveaxis(counts, 0, 3)
+        counts = counts.reshape(*counts.shape[:3], num_blocks * block, 1)
+        return counts[:, :, :, :T]
+
+
+# Mask-function counts evaluate about this many (query, key, head) triples per step.
+COUNT_ELEMENTS = 1 << 22
+
+
+def mask_indices(heads: tuple[int, int, int], query_pos: jax.Array, key_pos: jax.Array) -> tuple[jax.Array, ...]:
+    """(b, h, q_idx, kv_idx), int32 index arrays that broadcast to the grouped [B, K, G, Tq, Sk]:
+    b [B, 1, 1, 1, 1], h [1, K, G, 1, 1] (query head n = k G + g), q_idx [1, 1, 1, Tq, 1],
+    kv_idx [1, 1, 1, 1, Sk]."""
+    B, K, G = heads
+    b = jnp.arange(B, dtype=jnp.int32).reshape(B, 1, 1, 1, 1)
+    h = jnp.arange(K * G, dtype=jnp.int32).reshape(1, K, G, 1, 1)
+    q = jnp.asarray(query_pos, jnp.int32).reshape(1, 1, 1, -1, 1)
+    kv = jnp.asarray(key_pos, jnp.int32).reshape(1, 1, 1, 1, -1)
+    return b, h, q, kv
+
+
+def evaluate_mask(mask_fn: Callable, heads: tuple[int, int, int], query_pos: jax.Array, key_pos: jax.Array):
+    """mask_fn on the index arrays of `mask_indices`: bool, broadcastable to [B, K, G, Tq, Sk]."""
+    visible = jnp.asarray(mask_fn(*mask_indices(heads, query_pos, key_pos)))
+    if visible.dtype != jnp.bool_:
+        raise ValueError(f"mask_fn must return booleans (True = visible); it returned {visible.dtype}")
+    if visible.ndim > 5:
+        raise ValueError(
+            f"mask_fn returned shape {visible.shape}: it must broadcast against the index arrays "
+            "b [B,1,1,1,1], h [1,K,G,1,1], q_idx [1,1,1,Tq,1], kv_idx [1,1,1,1,Sk] (write it with jnp operations)"
+        )
+    return visible
+
+
+def apply_score(score_fn: Callable, logits: jax.Array, heads: tuple[int, int, int], query_pos, key_pos) -> jax.Array:
+    """score_fn on logits [B, K, G, Tq, Sk] at these positions, float32 of the logits' shape."""
+    scores = jnp.asarray(score_fn(logits, *mask_indices(heads, query_pos, key_pos)))
+    if scores.shape != logits.shape:
+        scores = jnp.broadcast_to(scores, logits.shape)
+    return scores.astype(jnp.float32)

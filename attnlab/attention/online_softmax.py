@@ -37,6 +37,7 @@ Two more kinds of mapping take the same passes (attention.families):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 from typing import NamedTuple
@@ -48,6 +49,14 @@ import numpy as np
 from attnlab.attention.blocks import join as _join
 from attnlab.attention.blocks import reduce_to
 from attnlab.attention.blocks import split as _split
+from attnlab.attention.mask_functions import (
+    add_cotangents,
+    block_indices,
+    block_map,
+    cast_cotangents,
+    convert,
+    zero_cotangents,
+)
 from attnlab.attention.masks import Visibility
 
 F32 = jnp.float32
@@ -70,6 +79,10 @@ class _Static(NamedTuple):
     only_structured: bool  # no lengths and no explicit mask: visibility is known block by block
     kind: str  # "softmax" or "elementwise" (sigmoid)
     sink: float | None  # softmax: one more logit in every row, with no value (softmax1: 0)
+    heads: tuple[int, int, int] = (1, 1, 1)  # (B, K, G), the index ranges of mask_fn and score_fn
+    mask_fn: object = None  # closure-converted mask_fn(b, h, q_idx, kv_idx, *consts), or None
+    score_fn: object = None  # closure-converted score_fn(s, b, h, q_idx, kv_idx, *consts), or None
+    listed: bool = False  # key blocks come from a BlockMap (a mask function), not from KeyBlockRanges
 
 
 class KeyBlockRanges(NamedTuple):
@@ -129,6 +142,11 @@ def visit_key_blocks(step, ranges, init):
     return jax.lax.fori_loop(full_stop, stop, partial(step, masked=True), carry)
 
 
+def visit_listed_blocks(step, count, indices, init):
+    """Run step(j, carry, masked=True) over the key blocks indices[:count] of one query block (a BlockMap's)."""
+    return jax.lax.fori_loop(0, count, lambda t, carry: step(indices[t], carry, masked=True), init)
+
+
 def _keep(visible: jax.Array | None, x: jax.Array) -> jax.Array:
     """x where visible, 0 elsewhere (x itself when the whole block is visible)."""
     return x if visible is None else jnp.where(visible, x, 0.0)
@@ -139,23 +157,37 @@ def _pick(whole: jax.Array | None, blocks: jax.Array | None, j) -> jax.Array | N
     return whole if blocks is None else blocks[j]
 
 
-def _block_logits(static, q_i, q_offset, k_j, bias_ij, mask_ij, q_lengths, kv_lengths, j, masked=True):
-    """Logits [B, K, G, Tq, Sk] of one (query block, key block) pair and their visibility
-    (None when `masked` is False: the caller knows the whole block is visible)."""
+class _Functions(NamedTuple):
+    """The arrays the mask and score functions close over (see attention.mask_functions.convert)."""
+
+    mask: tuple = ()
+    score: tuple = ()
+
+
+def _block_logits(static, q_i, q_offset, k_j, bias_ij, mask_ij, q_lengths, kv_lengths, j, masked, functions):
+    """Logits [B, K, G, Tq, Sk] of one (query block, key block) pair, their visibility (None when
+    `masked` is False: the caller knows the whole block is visible) and, with a score function, the
+    pullback of the scores to (raw logits, score consts): ds -> (ds_raw, d_consts)."""
     s = jnp.einsum("bkgth,bksh->bkgts", q_i, k_j, preferred_element_type=F32)
     if bias_ij is not None:
         s = s + bias_ij.astype(F32)
-    if not masked:
-        return s, None
     key_pos = j * static.key_block + jnp.arange(static.key_block)
     query_pos = q_offset + jnp.arange(q_i.shape[3])
+    indices = block_indices(static.heads, query_pos, key_pos)
+    pullback = None
+    if static.score_fn is not None:
+        s, pullback = jax.vjp(lambda raw, consts: static.score_fn(raw, *indices, *consts), s, functions.score)
+    if not masked:
+        return s, None, pullback
     visibility = Visibility(
         static.num_queries, static.num_keys, static.is_causal, static.local_window, q_lengths, kv_lengths
     )
     visible = visibility.structured(query_pos, key_pos)
+    if static.mask_fn is not None:
+        visible = visible & static.mask_fn(*indices, *functions.mask)
     if mask_ij is not None:
         visible = visible & mask_ij
-    return s, jnp.broadcast_to(visible, s.shape)
+    return s, jnp.broadcast_to(visible, s.shape), pullback
 
 
 class _QueryBlocks(NamedTuple):
@@ -193,41 +225,53 @@ def _split_keys(static, x: jax.Array | None, axis: int, **kwargs) -> jax.Array |
 
 
 class _Row(NamedTuple):
-    """One query block's view of the operands: its queries, bias and mask, whole and per key block."""
+    """One query block's view of the operands: its queries, bias and mask, whole and per key block,
+    the key blocks it visits and the mask and score functions' arrays."""
 
     q: jax.Array
     offset: jax.Array
     ranges: KeyBlockRanges  # of scalars
+    listing: tuple[jax.Array, jax.Array] | None  # (count, indices [num_key_blocks]) of a BlockMap
     bias: jax.Array | None
     bias_blocks: jax.Array | None
     mask: jax.Array | None
     mask_blocks: jax.Array | None
+    functions: _Functions
 
     def logits(self, static, k_blocks, q_lengths, kv_lengths, j, masked):
+        """(s, visible, pullback) of key block j: see _block_logits."""
         return _block_logits(
             static, self.q, self.offset, k_blocks[j], _pick(self.bias, self.bias_blocks, j),
-            _pick(self.mask, self.mask_blocks, j), q_lengths, kv_lengths, j, masked,
+            _pick(self.mask, self.mask_blocks, j), q_lengths, kv_lengths, j, masked, self.functions,
         )  # fmt: skip
 
+    def visit(self, step, init):
+        """step(j, carry, masked) over the key blocks this query block visits."""
+        if self.listing is not None:
+            return visit_listed_blocks(step, *self.listing, init)
+        return visit_key_blocks(step, self.ranges, init)
 
-def _row(static, blocks: _QueryBlocks, bias, mask, i) -> _Row:
+
+def _row(static, blocks: _QueryBlocks, bias, mask, i, listing, functions) -> _Row:
     bias_i = _pick(bias, blocks.bias, i)
     mask_i = _pick(mask, blocks.mask, i)
     return _Row(
         blocks.q[i], blocks.offset[i], KeyBlockRanges(*(r[i] for r in blocks.ranges)),
-        bias_i, _split_keys(static, bias_i, -1), mask_i, _split_keys(static, mask_i, -1, fill=False),
+        None if listing is None else (listing[0][i], listing[1][i]),
+        bias_i, _split_keys(static, bias_i, -1), mask_i, _split_keys(static, mask_i, -1, fill=False), functions,
     )  # fmt: skip
 
 
 def _forward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths):
-    """out [B, K, G, Tq, H], lse [B, K, G, Tq] and the log-normaliser of the weights [B, K, G, Tq] (lse,
-    except on a row holding +inf: log of its number of +inf keys) of one query block."""
+    """out [B, K, G, Tq, H], lse [B, K, G, Tq], the log-normaliser of the weights [B, K, G, Tq] (lse,
+    except on a row holding +inf: log of its number of +inf keys) of one query block, and the number
+    of key blocks the pass visited (int32)."""
     B, K, G, Tq, H = row.q.shape
     elementwise = static.kind == "elementwise"
 
     def step(j, carry, masked):
-        m, total, acc = carry
-        s, visible = row.logits(static, k_blocks, q_lengths, kv_lengths, j, masked)
+        (m, total, acc), visited = carry
+        s, visible, _ = row.logits(static, k_blocks, q_lengths, kv_lengths, j, masked)
         m_new = jnp.maximum(m, jnp.max(s if visible is None else jnp.where(visible, s, -jnp.inf), axis=-1))
         # Once the maximum is +inf the row is cut to its +inf keys: they weigh 1 each, the rest 0.
         infinite = m_new == jnp.inf
@@ -244,45 +288,46 @@ def _forward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths)
         total = total * correction + jnp.sum(p, axis=-1)
         v_j = v_blocks[j]
         pv = jnp.einsum("bkgts,bksh->bkgth", p.astype(v_j.dtype), v_j, preferred_element_type=F32)
-        return m_new, total, acc * correction[..., None] + pv
+        return (m_new, total, acc * correction[..., None] + pv), visited + 1
 
     # A sink is a logit already visited: m = sink, l = e^0.
     m0, total0 = (-jnp.inf, 0.0) if elementwise or static.sink is None else (static.sink, 1.0)
     init = (jnp.full((B, K, G, Tq), m0, F32), jnp.full((B, K, G, Tq), total0, F32), jnp.zeros((B, K, G, Tq, H), F32))
-    m, total, acc = visit_key_blocks(step, row.ranges, init)
+    (m, total, acc), visited = row.visit(step, (init, jnp.int32(0)))
     infinite = m == jnp.inf
     if elementwise:
         lse = jnp.where(infinite, jnp.inf, 0.0)
-        return acc, lse, jnp.zeros_like(lse)
+        return acc, lse, jnp.zeros_like(lse), visited
     has_keys = total > 0
     out = acc / jnp.where(has_keys, total, 1.0)[..., None]
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     norm = jnp.where(has_keys, m_safe + jnp.log(jnp.where(has_keys, total, 1.0)), -jnp.inf)
-    return out, jnp.where(infinite, jnp.inf, norm), norm
+    return out, jnp.where(infinite, jnp.inf, norm), norm, visited
 
 
-def _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths):
+def _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, listing, functions):
     blocks = _query_blocks(static, q, bias, mask)
     k_blocks = _split_keys(static, k, 2, broadcast=False)
     v_blocks = _split_keys(static, v, 2, broadcast=False)
 
     def one_block(i):
-        row = _row(static, blocks, bias, mask, i)
+        row = _row(static, blocks, bias, mask, i, listing, functions)
         return _forward_block(static, row, k_blocks, v_blocks, q_lengths, kv_lengths)
 
-    out, lse, norm = jax.lax.map(one_block, jnp.arange(blocks.q.shape[0]))
+    out, lse, norm, visited = jax.lax.map(one_block, jnp.arange(blocks.q.shape[0]))
     T = q.shape[3]
-    return _join(out, 3, T), _join(lse, 3, T), _join(norm, 3, T)
+    return _join(out, 3, T), _join(lse, 3, T), _join(norm, 3, T), visited
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(static, q, k, v, bias, mask, q_lengths, kv_lengths):
-    return _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths)
+def _attention(static, q, k, v, bias, mask, q_lengths, kv_lengths, listing, functions):
+    return _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, listing, functions)
 
 
-def _attention_fwd(static, q, k, v, bias, mask, q_lengths, kv_lengths):
-    out, lse, norm = _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths)
-    return (out, lse, norm), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, norm)
+def _attention_fwd(static, q, k, v, bias, mask, q_lengths, kv_lengths, listing, functions):
+    out, lse, norm, visited = _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, listing, functions)
+    residuals = (q, k, v, bias, mask, q_lengths, kv_lengths, listing, functions, out, lse, norm)
+    return (out, lse, norm, visited), residuals
 
 
 def _weights(static, visible: jax.Array | None, s: jax.Array, lse: jax.Array, norm: jax.Array) -> jax.Array:
@@ -299,9 +344,11 @@ def _weights(static, visible: jax.Array | None, s: jax.Array, lse: jax.Array, no
 
 
 def _backward_block(
-    static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths, out_i, lse_i, norm_i, d_out_i, d_lse_i, dk, dv
-):
-    """dq_i and d bias_i (shaped like bias_i) of one query block; adds its dk, dv into the key blocks.
+    static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths, out_i, lse_i, norm_i, d_out_i, d_lse_i, dk, dv,
+    d_score,
+):  # fmt: skip
+    """dq_i and d bias_i (shaped like bias_i) of one query block; adds its dk, dv into the key blocks
+    and its cotangents of the score function's arrays into d_score.
 
     With a cotangent d_lse on the rows' lse (d lse / d s = p), ds = p (dp - D + d_lse): it enters
     as D - d_lse. The elementwise kind's lse is a constant."""
@@ -313,19 +360,22 @@ def _backward_block(
     q32 = row.q.astype(F32)
 
     def step(j, carry, masked):
-        dq, dk, dv, dbias = carry
-        s, visible = row.logits(static, k_blocks, q_lengths, kv_lengths, j, masked)
+        dq, dk, dv, dbias, d_score = carry
+        s, visible, pullback = row.logits(static, k_blocks, q_lengths, kv_lengths, j, masked)
         p = _weights(static, visible, s, lse_i, norm_i)
         dv = dv.at[j].add(jnp.einsum("bkgts,bkgth->bksh", p, d_out_i))
         dp = jnp.einsum("bkgth,bksh->bkgts", d_out_i, v_blocks[j].astype(F32))
         ds = p * (1.0 - p) * dp if static.kind == "elementwise" else jnp.where(finite, p * (dp - delta), 0.0)
+        if pullback is not None:  # through the score function, to the raw logits and its arrays
+            ds, d_consts = pullback(ds)
+            d_score = add_cotangents(d_score, d_consts)
         dq = dq + jnp.einsum("bkgts,bksh->bkgth", ds, k_blocks[j].astype(F32))
         dk = dk.at[j].add(jnp.einsum("bkgts,bkgth->bksh", ds, q32))
         if keys_broadcast:
             dbias = dbias + reduce_to(ds, row.bias.shape)
         elif row.bias is not None:
             dbias = dbias.at[j].set(reduce_to(ds, row.bias_blocks.shape[1:]))
-        return dq, dk, dv, dbias
+        return dq, dk, dv, dbias, d_score
 
     if row.bias is None:
         dbias = None
@@ -333,14 +383,14 @@ def _backward_block(
         dbias = jnp.zeros(row.bias.shape, F32)
     else:
         dbias = jnp.zeros(row.bias_blocks.shape, F32)
-    dq, dk, dv, dbias = visit_key_blocks(step, row.ranges, (jnp.zeros(row.q.shape, F32), dk, dv, dbias))
+    dq, dk, dv, dbias, d_score = row.visit(step, (jnp.zeros(row.q.shape, F32), dk, dv, dbias, d_score))
     if dbias is not None and not keys_broadcast:
         dbias = _join(dbias, -1, static.num_keys)
-    return dq, dbias, dk, dv
+    return dq, dbias, dk, dv, d_score
 
 
 def _attention_bwd(static, residuals, cotangents):
-    q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, norm = residuals
+    q, k, v, bias, mask, q_lengths, kv_lengths, listing, functions, out, lse, norm = residuals
     # lse has a cotangent when a traced sink is applied after the pass (online_softmax_attention);
     # norm feeds only the statistics, which are stop-gradient.
     d_out, d_lse = cotangents[0], cotangents[1]
@@ -356,24 +406,25 @@ def _attention_bwd(static, residuals, cotangents):
     queries_broadcast = bias is not None and blocks.bias is None
 
     def step(carry, i):
-        dk, dv, dbias_acc = carry
-        row = _row(static, blocks, bias, mask, i)
-        dq_i, dbias_i, dk, dv = _backward_block(
+        dk, dv, dbias_acc, d_score = carry
+        row = _row(static, blocks, bias, mask, i, listing, functions)
+        dq_i, dbias_i, dk, dv, d_score = _backward_block(
             static, row, k_blocks, v_blocks, q_lengths, kv_lengths,
-            out_blocks[i], lse_blocks[i], norm_blocks[i], d_out_blocks[i], d_lse_blocks[i], dk, dv,
+            out_blocks[i], lse_blocks[i], norm_blocks[i], d_out_blocks[i], d_lse_blocks[i], dk, dv, d_score,
         )  # fmt: skip
         if queries_broadcast:
             dbias_acc = dbias_acc + reduce_to(dbias_i, bias.shape)
             dbias_i = None
-        return (dk, dv, dbias_acc), (dq_i, dbias_i)
+        return (dk, dv, dbias_acc, d_score), (dq_i, dbias_i)
 
     zeros_like_blocks = lambda x: jnp.zeros(x.shape, F32)  # noqa: E731
     init = (
         zeros_like_blocks(k_blocks),
         zeros_like_blocks(v_blocks),
         jnp.zeros(bias.shape, F32) if queries_broadcast else None,
+        zero_cotangents(functions.score),
     )
-    (dk, dv, dbias_acc), (dq, dbias) = jax.lax.scan(step, init, jnp.arange(num_blocks))
+    (dk, dv, dbias_acc, d_score), (dq, dbias) = jax.lax.scan(step, init, jnp.arange(num_blocks))
     if bias is None:
         d_bias = None
     elif queries_broadcast:
@@ -382,30 +433,57 @@ def _attention_bwd(static, residuals, cotangents):
         d_bias = reduce_to(_join(dbias, 3, T), bias.shape).astype(bias.dtype)
     dq = _join(dq, 3, T)
     dk, dv = _join(dk, 2, S), _join(dv, 2, S)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None, None, None)
+    d_functions = _Functions(tuple(None for _ in functions.mask), cast_cotangents(d_score, functions.score))
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None, None, None, None, d_functions)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _static(
-    visibility: Visibility, q: jax.Array, k: jax.Array, key_block: int, query_block: int, kind: str, sink
-) -> _Static:
+class _Pass(NamedTuple):
+    """What one call's passes need besides the operands: the static options, the key blocks each
+    query block visits when a mask function decides them (else None: KeyBlockRanges) and the
+    arrays the mask and score functions close over."""
+
+    static: _Static
+    listing: tuple[jax.Array, jax.Array] | None
+    functions: _Functions
+
+
+def _prepare(
+    visibility: Visibility, q: jax.Array, k: jax.Array, key_block: int, query_block: int, kind: str, sink, score_fn
+) -> _Pass:
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}; accepted: {', '.join(map(repr, KINDS))}")
     if sink is not None and kind != "softmax":
         raise ValueError(f"a sink (sink={sink!r}) needs kind='softmax'; got kind={kind!r}")
-    return _Static(
+    B, K, G = q.shape[:3]
+    key_block, query_block = max(1, min(key_block, k.shape[2])), max(1, min(query_block, q.shape[3]))
+    heads = (B, K, G)
+    indices = block_indices(heads, jnp.arange(query_block), jnp.arange(key_block))
+    mask_fn = convert(visibility.mask_fn, *indices)
+    score_fn = convert(score_fn, jnp.zeros((B, K, G, query_block, key_block), F32), *indices)
+    listing = None
+    if visibility.mask_fn is not None:
+        blocks = block_map(dataclasses.replace(visibility, heads=heads), query_block, key_block)
+        listing = (blocks.count, blocks.indices)
+    static = _Static(
         visibility.num_queries,
         visibility.num_keys,
         visibility.is_causal,
         visibility.local_window,
-        max(1, min(key_block, k.shape[2])),
-        max(1, min(query_block, q.shape[3])),
-        visibility.mask is None and visibility.query_lengths is None and visibility.key_lengths is None,
+        key_block,
+        query_block,
+        visibility.only_structured and visibility.query_lengths is None and visibility.key_lengths is None,
         kind,
         None if sink is None else float(sink),
+        heads,
+        None if mask_fn is None else mask_fn.call,
+        None if score_fn is None else score_fn.call,
+        listing is not None,
     )
+    functions = _Functions(() if mask_fn is None else mask_fn.consts, () if score_fn is None else score_fn.consts)
+    return _Pass(static, listing, functions)
 
 
 class Rows(NamedTuple):
@@ -419,6 +497,7 @@ class Rows(NamedTuple):
 
     lse: jax.Array
     norm: jax.Array
+    key_blocks_visited: jax.Array | None = None  # [num_query_blocks] int32: the forward pass's key-block steps
 
 
 def online_softmax_attention(
@@ -432,6 +511,7 @@ def online_softmax_attention(
     query_block: int,
     kind: str = "softmax",
     sink: float | jax.Array | None = None,
+    score_fn=None,
 ) -> tuple[jax.Array, Rows]:
     """q [B, K, G, T, H] (scale and any scale-policy factor folded in), k/v [B, K, S, H].
 
@@ -445,14 +525,20 @@ def online_softmax_attention(
     head: anything broadcasting against [B, K, G, T]) is applied after a pass without it, with the
     same weights: out * sigmoid(lse - sink) and lse' = log(e^lse + e^sink); its gradient, and the
     logits', flow through lse (the pass's backward takes lse's cotangent).
+
+    A mask function (visibility.mask_fn) decides, once per call, which key blocks each query block
+    visits (attention.mask_functions.block_map) and joins the mask of every block it visits; a
+    score function maps each block's logits (s = score_fn(q k^T + bias, b, h, q_idx, kv_idx)) in
+    both passes, its float arrays getting their gradients through the backward.
     """
     applied_after = sink is not None and not isinstance(sink, (int, float))
-    static = _static(visibility, q, k, key_block, query_block, kind, None if applied_after else sink)
+    prepared = _prepare(visibility, q, k, key_block, query_block, kind, None if applied_after else sink, score_fn)
     if applied_after and kind != "softmax":
         raise ValueError(f"a sink needs kind='softmax'; got kind={kind!r}")
-    out, lse, norm = _attention(
-        static, q, k, v, bias, visibility.mask, visibility.query_lengths, visibility.key_lengths
-    )
+    out, lse, norm, visited = _attention(
+        prepared.static, q, k, v, bias, visibility.mask, visibility.query_lengths, visibility.key_lengths,
+        prepared.listing, prepared.functions,
+    )  # fmt: skip
     if applied_after:
         sink = jnp.asarray(sink, F32)
         out = out * jax.nn.sigmoid(lse - sink)[..., None]
@@ -460,7 +546,7 @@ def online_softmax_attention(
         with_sink = jnp.logaddexp(jax.lax.stop_gradient(lse), jax.lax.stop_gradient(sink))
         at_infinity = lse == jnp.inf
         lse, norm = jnp.where(at_infinity, lse, with_sink), jnp.where(at_infinity, norm, with_sink)
-    return out, Rows(jax.lax.stop_gradient(lse), jax.lax.stop_gradient(norm))
+    return out, Rows(jax.lax.stop_gradient(lse), jax.lax.stop_gradient(norm), visited)
 
 
 def softmax_statistics(
@@ -475,12 +561,15 @@ def softmax_statistics(
     query_block: int,
     kind: str = "softmax",
     sink: float | None = None,
+    score_fn=None,
 ) -> dict[str, jax.Array]:
     """max weight, entropy (-sum p log p), exact support size and key mass from a second pass, with
     the weights of `online_softmax_attention` given its `rows`."""
     q, k = (jax.lax.stop_gradient(x) for x in (q, k))
     bias = None if bias is None else jax.lax.stop_gradient(bias)
-    static = _static(visibility, q, k, key_block, query_block, kind, sink)
+    prepared = _prepare(visibility, q, k, key_block, query_block, kind, sink, score_fn)
+    static, listing = prepared.static, prepared.listing
+    functions = jax.tree.map(jax.lax.stop_gradient, prepared.functions)
     mask = visibility.mask
     T = q.shape[3]
     blocks = _query_blocks(static, q, bias, mask)
@@ -490,12 +579,12 @@ def softmax_statistics(
     mass_blocks = _split_keys(static, mass_keys, -1, fill=False)
 
     def one_query_block(i):
-        row = _row(static, blocks, bias, mask, i)
+        row = _row(static, blocks, bias, mask, i, listing, functions)
         infinite = (lse_blocks[i] == jnp.inf)[..., None]
         norm = jnp.where(jnp.isfinite(norm_blocks[i]), norm_blocks[i], 0.0)[..., None]
 
         def step(j, totals, masked):
-            s, visible = row.logits(static, k_blocks, visibility.query_lengths, visibility.key_lengths, j, masked)
+            s, visible, _ = row.logits(static, k_blocks, visibility.query_lengths, visibility.key_lengths, j, masked)
             p = _weights(static, visible, s, lse_blocks[i], norm_blocks[i])
             # log p where p > 0, exact (not log of a rounded p)
             if static.kind == "elementwise":
@@ -516,7 +605,7 @@ def softmax_statistics(
         init = {"max_weight": zeros, "entropy": zeros, "support_size": zeros}
         if mass_keys is not None:
             init["key_mass"] = zeros
-        return visit_key_blocks(step, row.ranges, init)
+        return row.visit(step, init)
 
     totals = jax.lax.map(one_query_block, jnp.arange(blocks.q.shape[0]))
     return {name: _join(value, 3, T) for name, value in totals.items()}

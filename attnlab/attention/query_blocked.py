@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from attnlab.attention import statistics
 from attnlab.attention.blocks import join, split
 from attnlab.attention.dense import GROUPED_OUTPUT, grouped_logits, normalize_grouped
-from attnlab.attention.masks import Visibility
+from attnlab.attention.masks import Visibility, apply_score
 
 # Query blocks hold [B, N, query_block, S] logits; this many elements keeps that near 64 MiB.
 QUERY_BLOCK_ELEMENTS = 1 << 24
@@ -40,8 +40,11 @@ def query_blocked_attention(
     query_block: int,
     want_stats: bool,
     mass_keys: jax.Array | None,
+    score_fn: Callable | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """q [B, K, G, T, H] (scaled), k/v [B, K, S, H] -> out [B, K, G, T, H] float32, statistics [B, K, G, T]."""
+    """q [B, K, G, T, H] (scaled), k/v [B, K, S, H] -> out [B, K, G, T, H] float32, statistics [B, K, G, T].
+
+    A mask function (in `visibility`) and a score function are evaluated on each block's positions."""
     T = q.shape[3]
     block = max(1, min(query_block, T))
     num_blocks = math.ceil(T / block)
@@ -56,7 +59,9 @@ def query_blocked_attention(
         query_pos = index * block + jnp.arange(block)
         blk_bias = bias if bias_blk is None and bias is not None else bias_blk
         logits = grouped_logits(q_blk, k, blk_bias)
-        visible = visibility.structured(query_pos, key_pos)
+        if score_fn is not None:
+            logits = apply_score(score_fn, logits, visibility.heads, query_pos, key_pos)
+        visible = visibility.rules(query_pos, key_pos)
         if mask is not None:
             visible = visible & (mask if mask_blk is None else mask_blk)
         p = normalize_grouped(normalizer, logits, visible)

@@ -25,6 +25,10 @@ Infinite logits are taken as the dense reference takes them: -inf is a hidden ke
 holding +inf is cut to its +inf keys (uniform weights over them, zero gradient to its logits).
 
 Memory is O(query_block * S) per batch and head in both passes.
+
+A mask function (attention.mask_functions) joins each block's mask; a score function maps each
+block's logits, u = (alpha - 1) score_fn(s), and the backward takes du through its pullback (its
+float arrays get their gradients there). Rows are whole here: no key block is skipped.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 
 from attnlab.attention import statistics
 from attnlab.attention.blocks import reduce_to
+from attnlab.attention.mask_functions import add_cotangents, block_indices, cast_cotangents, convert, zero_cotangents
 from attnlab.attention.masks import Visibility
 from attnlab.normalizers.mappings import jacobian_weights
 from attnlab.normalizers.thresholds import entmax_threshold
@@ -76,6 +81,8 @@ class _Static(NamedTuple):
     local_window: tuple[int, int] | None
     query_block: int
     groups: tuple[Group, ...]
+    heads: tuple[int, int, int] = (1, 1, 1)  # (B, K, G), the index ranges of mask_fn and score_fn
+    functions: tuple = ()  # per group: (mask_fn, score_fn), closure-converted at its extent, or None
 
 
 def plan_groups(num_queries: int, num_keys: int, is_causal: bool, query_block: int, max_groups: int) -> tuple:
@@ -112,9 +119,11 @@ class _Block(NamedTuple):
     v: jax.Array
     bias: jax.Array | None  # [.., Tq|1, E|1]
     visible: jax.Array  # [.., Tq, E] bool (broadcastable)
+    score: object = None  # (score_fn, its arrays) -> u = score_fn(s, b, h, q_idx, kv_idx, *arrays), or None
+    indices: tuple = ()  # the block's (b, h, q_idx, kv_idx) index arrays
 
 
-def _slice_block(static, q, k, v, bias, mask, q_lengths, kv_lengths, index, extent) -> _Block:
+def _slice_block(static, q, k, v, bias, mask, q_lengths, kv_lengths, index, extent, group=None, consts=None) -> _Block:
     block = static.query_block
     start = index * block
 
@@ -129,19 +138,37 @@ def _slice_block(static, q, k, v, bias, mask, q_lengths, kv_lengths, index, exte
     visibility = Visibility(
         static.num_queries, static.num_keys, static.is_causal, static.local_window, q_lengths, kv_lengths
     )
-    visible = visibility.structured(start + jnp.arange(block), jnp.arange(extent))
+    query_pos = start + jnp.arange(block)
+    visible = visibility.structured(query_pos, jnp.arange(extent))
     if mask is not None:
         visible = visible & keys(rows(mask))
-    return _Block(rows(q), k[:, :, :extent], v[:, :, :extent], keys(rows(bias)), visible)
+    mask_fn, score_fn = (None, None) if group is None else static.functions[group]
+    indices = block_indices(static.heads, query_pos, jnp.arange(extent))
+    if mask_fn is not None:
+        visible = visible & mask_fn(*indices, *consts[0])
+    score = None if score_fn is None else (score_fn, consts[1])
+    return _Block(rows(q), k[:, :, :extent], v[:, :, :extent], keys(rows(bias)), visible, score, indices)
 
 
-def _logits(blk: _Block) -> tuple[jax.Array, jax.Array]:
-    """u [B, K, G, Tq, E]: the (already (alpha - 1)-scaled) logits, -inf where invisible, and whether
-    each row holds a visible +inf [B, K, G, Tq, 1]: such a row is cut to its +inf keys, each at 0
-    (uniform weights over them, as in the dense reference)."""
+def _raw_logits(blk: _Block) -> jax.Array:
+    """q k^T + bias of the block, float32 [B, K, G, Tq, E]."""
     s = jnp.einsum("bkgth,bksh->bkgts", blk.q, blk.k, preferred_element_type=F32)
-    if blk.bias is not None:
-        s = s + blk.bias.astype(F32)
+    return s if blk.bias is None else s + blk.bias.astype(F32)
+
+
+def _scored(blk: _Block, s: jax.Array, score_consts=None) -> jax.Array:
+    """The block's score function on its raw logits (the identity without one)."""
+    if blk.score is None:
+        return s
+    score_fn, consts = blk.score
+    return score_fn(s, *blk.indices, *(consts if score_consts is None else score_consts))
+
+
+def _logits(blk: _Block, s: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """u [B, K, G, Tq, E]: the (already (alpha - 1)-scaled) logits (given as s, or computed), -inf
+    where invisible, and whether each row holds a visible +inf [B, K, G, Tq, 1]: such a row is cut to
+    its +inf keys, each at 0 (uniform weights over them, as in the dense reference)."""
+    s = _scored(blk, _raw_logits(blk)) if s is None else s
     u = jnp.where(blk.visible, s, -jnp.inf)
     at_infinity = u == jnp.inf
     infinite = jnp.any(at_infinity, axis=-1, keepdims=True)
@@ -199,14 +226,14 @@ def _blocks_of(static, group: Group):
     return group.first + jnp.arange(group.count)
 
 
-def _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, want_stats):
+def _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, functions, want_stats):
     pad = partial(_pad_queries, static)
     q, bias, mask = pad(q), pad(bias), pad(mask)
     outs, rows, stats = [], [], []
-    for group in static.groups:
+    for g, group in enumerate(static.groups):
 
-        def one(index, extent=group.extent):
-            blk = _slice_block(static, q, k, v, bias, mask, q_lengths, kv_lengths, index, extent)
+        def one(index, extent=group.extent, g=g):
+            blk = _slice_block(static, q, k, v, bias, mask, q_lengths, kv_lengths, index, extent, g, functions[g])
             return _forward_block(static, blk, mass_keys, want_stats)
 
         out, row, stat = jax.lax.map(one, _blocks_of(static, group))
@@ -235,15 +262,15 @@ def _pad_queries(static, x):
     return jnp.pad(x, pad)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 9))
-def _attention(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, want_stats):
-    out, _, stats = _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, want_stats)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 10))
+def _attention(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, functions, want_stats):
+    out, _, stats = _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, functions, want_stats)
     return out, stats
 
 
-def _attention_fwd(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, want_stats):
-    out, row, stats = _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, want_stats)
-    return (out, stats), (q, k, v, bias, mask, q_lengths, kv_lengths, row)
+def _attention_fwd(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, functions, want_stats):
+    out, row, stats = _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, functions, want_stats)
+    return (out, stats), (q, k, v, bias, mask, q_lengths, kv_lengths, functions, row)
 
 
 def _bias_grad_block(ds: jax.Array, bias_shape: tuple[int, ...], num_keys: int) -> jax.Array:
@@ -256,7 +283,7 @@ def _bias_grad_block(ds: jax.Array, bias_shape: tuple[int, ...], num_keys: int) 
 
 
 def _attention_bwd(static, want_stats, residuals, cotangents):
-    q, k, v, bias, mask, q_lengths, kv_lengths, (tau, total, shift) = residuals
+    q, k, v, bias, mask, q_lengths, kv_lengths, functions, (tau, total, shift) = residuals
     alpha = static.alpha
     block = static.query_block
     pad = partial(_pad_queries, static)
@@ -266,15 +293,17 @@ def _attention_bwd(static, want_stats, residuals, cotangents):
     bias_over_queries = bias is not None and bias.shape[3] != 1
     dk, dv = jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32)
     dbias_acc = None if bias is None or bias_over_queries else jnp.zeros(bias.shape, F32)
-    dq_parts, dbias_parts = [], []
-    for group in static.groups:
+    dq_parts, dbias_parts, d_functions = [], [], []
+    for g, group in enumerate(static.groups):
+        score_consts = functions[g][1]
 
-        def step(carry, index, extent=group.extent):
-            dk, dv, dbias_acc = carry
-            blk = _slice_block(static, q_p, k, v, bias_p, mask_p, q_lengths, kv_lengths, index, extent)
+        def step(carry, index, extent=group.extent, g=g, score_consts=score_consts):
+            dk, dv, dbias_acc, d_score = carry
+            blk = _slice_block(static, q_p, k, v, bias_p, mask_p, q_lengths, kv_lengths, index, extent, g, functions[g])
             rows = lambda x: jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=3)[..., 0]  # noqa: E731
             total_i = rows(total_p)[..., None]  # 0 on padding rows, whose weights are all 0
-            u, infinite = _logits(blk)
+            s, pullback = jax.vjp(partial(_scored, blk), _raw_logits(blk), score_consts)
+            u, infinite = _logits(blk, s)
             u = u - rows(shift_p)[..., None]
             p = _unnormalised(alpha, u, rows(tau_p)) / jnp.where(total_i > 0, total_i, 1.0)
             d_out_i = jax.lax.dynamic_slice_in_dim(d_out_p, index * block, block, axis=3)
@@ -285,6 +314,9 @@ def _attention_bwd(static, want_stats, residuals, cotangents):
             # The entmax Jacobian w.r.t. z, divided by (alpha - 1): the logits here are (alpha - 1) z.
             ds = w * (dp - jnp.sum(w * dp, axis=-1, keepdims=True) / jnp.where(w_total > 0, w_total, 1.0))
             ds = jnp.where(infinite, 0.0, ds / (alpha - 1.0))  # a row cut to its +inf keys is constant
+            if blk.score is not None:  # through the score function, to the raw logits and its arrays
+                ds, d_consts = pullback(ds)
+                d_score = add_cotangents(d_score, d_consts)
             dq_i = jnp.einsum("bkgts,bksh->bkgth", ds, blk.k.astype(F32))
             dk = dk.at[:, :, :extent].add(jnp.einsum("bkgts,bkgth->bksh", ds, blk.q.astype(F32)))
             dbias_i = None
@@ -294,11 +326,13 @@ def _attention_bwd(static, want_stats, residuals, cotangents):
                     dbias_i = share
                 else:
                     dbias_acc = dbias_acc + share
-            return (dk, dv, dbias_acc), (dq_i, dbias_i)
+            return (dk, dv, dbias_acc, d_score), (dq_i, dbias_i)
 
-        (dk, dv, dbias_acc), (dq_g, dbias_g) = jax.lax.scan(step, (dk, dv, dbias_acc), _blocks_of(static, group))
+        init = (dk, dv, dbias_acc, zero_cotangents(score_consts))
+        (dk, dv, dbias_acc, d_score), (dq_g, dbias_g) = jax.lax.scan(step, init, _blocks_of(static, group))
         dq_parts.append(dq_g)
         dbias_parts.append(dbias_g)
+        d_functions.append((tuple(None for _ in functions[g][0]), cast_cotangents(d_score, score_consts)))
 
     join = partial(_join_blocks, static.num_queries)
     if bias is None:
@@ -307,7 +341,10 @@ def _attention_bwd(static, want_stats, residuals, cotangents):
         d_bias = reduce_to(join(dbias_parts), bias.shape).astype(bias.dtype)
     else:
         d_bias = dbias_acc.astype(bias.dtype)
-    return (join(dq_parts).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None, None, None, None)
+    return (
+        join(dq_parts).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None, None, None, None,
+        tuple(d_functions),
+    )  # fmt: skip
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -325,24 +362,44 @@ def sparse_blocked_attention(
     max_groups: int = 8,
     want_stats: bool = False,
     mass_keys: jax.Array | None = None,
+    score_fn=None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """alpha-entmax attention, alpha a Python float in (1, 2].
 
     q [B, K, G, T, H] (scale and any scale-policy factor folded in), k/v [B, K, S, H], bias
     broadcasting against the grouped logits [B, K, G, T, S]. Returns out [B, K, G, T, H] float32
-    and, with `want_stats`, statistics [B, K, G, T] (not differentiated).
+    and, with `want_stats`, statistics [B, K, G, T] (not differentiated). A mask function
+    (visibility.mask_fn) and a score function (logits = score_fn(q k^T + bias, ...)) apply per block.
     """
     if not 1.0 < alpha <= 2.0:
         raise ValueError(f"sparse_blocked_attention needs 1 < alpha <= 2; got alpha={alpha}")
-    T, S = q.shape[3], k.shape[2]
+    B, K, G, T = q.shape[:4]
+    S = k.shape[2]
     query_block = max(1, min(query_block, T))
     groups = plan_groups(T, S, visibility.is_causal, query_block, max_groups)
-    static = _Static(float(alpha), T, S, visibility.is_causal, visibility.local_window, query_block, groups)
-    # Work on u = (alpha - 1) s directly: the factor rides on the queries and the bias.
-    q, bias = q * (alpha - 1.0), None if bias is None else bias * (alpha - 1.0)
+    if score_fn is None:
+        # Work on u = (alpha - 1) s directly: the factor rides on the queries and the bias.
+        q, bias = q * (alpha - 1.0), None if bias is None else bias * (alpha - 1.0)
+    else:
+        given = score_fn
+
+        def score_fn(s, b, h, q_idx, kv_idx):
+            return (alpha - 1.0) * given(s, b, h, q_idx, kv_idx)
+
+    converted, functions = [], []
+    for group in groups:
+        indices = block_indices((B, K, G), jnp.arange(query_block), jnp.arange(group.extent))
+        mask_c = convert(visibility.mask_fn, *indices)
+        score_c = convert(score_fn, jnp.zeros((B, K, G, query_block, group.extent), F32), *indices)
+        converted.append(tuple(None if c is None else c.call for c in (mask_c, score_c)))
+        functions.append(tuple(() if c is None else c.consts for c in (mask_c, score_c)))
+    static = _Static(
+        float(alpha), T, S, visibility.is_causal, visibility.local_window, query_block, groups, (B, K, G),
+        tuple(converted),
+    )  # fmt: skip
     out, stats = _attention(
         static, q, k, v, bias, visibility.mask, visibility.query_lengths, visibility.key_lengths,
-        mass_keys, want_stats,
+        mass_keys, tuple(functions), want_stats,
     )  # fmt: skip
     stats = {name: jax.lax.stop_gradient(value) for name, value in stats.items()}
     return out, stats
