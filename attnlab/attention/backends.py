@@ -14,7 +14,7 @@
                     (attention.query_blocked)
     pallas          Pallas kernels (GPU, else interpreted):            THRESHOLD with one concrete alpha in (1, 2]
                     entmax skipping weightless key blocks              (pallas_sparse); SOFTMAX with no sink or a
-                    (attention.pallas_sparse); flash attention with    concrete one, residual*; ELEMENTWISE
+                    (attention.pallas_sparse); flash attention with    sink per head, residual*; ELEMENTWISE
                     a sink or sigmoid (attention.pallas_online)        (pallas_online); is_causal, key lengths only
 
     * return_residual (jax.nn's log-sum-exp) exists for the SOFTMAX family only.
@@ -435,17 +435,31 @@ def _cudnn_run(normalizer: Callable, call: Call, options: Options) -> Result:
 # ---------------------------------------------------------------------------------------------- Pallas
 
 
+def _padded_shape(value: Any) -> tuple[int, ...] | None:
+    """The shape of a normalizer parameter padded to the 4 axes of [B, N, T, S] (None: more axes)."""
+    shape = jnp.shape(value)
+    return None if len(shape) > 4 else (1,) * (4 - len(shape)) + shape
+
+
+def per_head_sink(sink: Any) -> bool:
+    """Whether a sink is one logit per head at most (a number, [N, 1, 1], [1, N, 1, 1], ...): the
+    Pallas kernel takes a sink [N]; one per batch row or query it does not."""
+    shape = _padded_shape(sink)
+    return shape is not None and shape[0] == shape[2] == shape[3] == 1
+
+
 def pallas_kernel(normalizer: Callable) -> str | None:
     """Which Pallas kernel runs `normalizer`: "entmax" (attention.pallas_sparse: the THRESHOLD family
     with one concrete alpha in (1, 2]), "softmax" (attention.pallas_online: the SOFTMAX family with no
-    sink or one concrete sink), "elementwise" (attention.pallas_online: the ELEMENTWISE family), or None."""
+    sink, or a sink per head at most, concrete or traced: a learned one gets its gradient from the
+    kernel), "elementwise" (attention.pallas_online: the ELEMENTWISE family), or None."""
     if families.static_entmax_alpha(normalizer) is not None:
         return "entmax"
     kind = families.online_kind(normalizer)
     if kind is None or (kind[0] == "softmax" and families.family(normalizer) != SOFTMAX):
         return None  # alpha-entmax at alpha near 1 is softmax, which cuDNN and the online pass run
-    if kind[1] is not None and not isinstance(kind[1], float):
-        return None  # a traced or per-head sink: the online pass applies it (not wired to the kernel yet)
+    if kind[1] is not None and not isinstance(kind[1], float) and not per_head_sink(normalizer.mapping.sink):
+        return None  # a sink per batch row or query: the online pass applies it
     return kind[0]
 
 
@@ -476,8 +490,8 @@ def _pallas_supports(normalizer: Callable, options: Options) -> str | None:
             kernel is None,
             lambda: (
                 "the Pallas kernels run the 'threshold' family with one alpha in (1, 2] (sparsemax, entmax15, "
-                "entmax(alpha), their logn_ versions), the 'softmax' family with no sink or one concrete sink, "
-                f"and the 'elementwise' family; got {families.describe_family(normalizer)}"
+                "entmax(alpha), their logn_ versions), the 'softmax' family with no sink or a sink per head "
+                f"at most, and the 'elementwise' family; got {families.describe_family(normalizer)}"
             ),
         ),
         (
@@ -518,6 +532,10 @@ def _pallas_run(normalizer: Callable, call: Call, options: Options) -> Result:
         out = pallas_sparse_attention(*operands, alpha=families.static_entmax_alpha(normalizer), **visible)
     elif kernel == "softmax":
         _, sink = families.online_kind(normalizer)
+        if sink is not None and not isinstance(sink, float):  # one per head at most: [N] for the kernel
+            N = q.shape[1] * q.shape[2]
+            sink = jnp.broadcast_to(jnp.reshape(normalizer.mapping.sink, _padded_shape(normalizer.mapping.sink)),
+                                    (1, N, 1, 1)).reshape(N)  # fmt: skip
         result = pallas_online_attention(
             *operands, kind="softmax", sink=sink, return_residual=options.residual, **visible
         )

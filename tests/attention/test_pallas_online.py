@@ -18,6 +18,7 @@ from jax import export
 
 import attnlab
 from attnlab import normalizers
+from attnlab.attention import backends
 from attnlab.attention.pallas_online import pallas_online_attention
 
 B, T, S, H = 2, 100, 130, 16
@@ -146,6 +147,33 @@ def test_the_softmax_kind_matches_the_dense_reference_in_values_and_gradients(ca
         # No key and no sink: lse = -inf; with a sink, all the row's weight is on it: lse = sink.
         empty_lse = -np.inf if sink is None else np.asarray(sinks)[:, None]
         _assert_empty_rows_are_zero(out, grads, batch=1, lse=lse, lse_value=empty_lse)
+
+
+def test_the_pallas_backend_takes_a_learned_sink_per_head_and_gives_its_gradient():
+    """sink_softmax with its sink one per head ([N, 1, 1], as the Flax layers learn it), traced under
+    differentiation: implementation="pallas" runs it in the kernel and matches the dense path, values
+    and gradients, the sink's included; a sink per query still goes to the online pass."""
+    q, k, v, d_out = _inputs(heads=4, kv_heads=2)
+    lengths = jnp.asarray([90, 17])
+    sinks = jnp.asarray([0.7, -0.4, 2.0, -3.0])[:, None, None]
+
+    def attention(implementation):
+        def f(q, k, v, sinks):
+            return attnlab.dot_product_attention(
+                q, k, v, normalizer=normalizers.get("sink_softmax", sink=sinks), scale=1.0, is_causal=True,
+                key_value_seq_lengths=lengths, implementation=implementation,
+            )  # fmt: skip
+
+        return f
+
+    out, grads = _value_and_pullback(attention("pallas"), (q, k, v, sinks), d_out)
+    want_out, want_grads = _value_and_pullback(attention("dense"), (q, k, v, sinks), d_out)
+    _assert_close(out, want_out, 1e-5, "out")
+    for name, got, want in zip(("dq", "dk", "dv", "dsink"), grads, want_grads, strict=True):
+        _assert_close(got, want, 1e-5, name)
+    per_query = normalizers.get("sink_softmax", sink=jax.random.normal(jax.random.PRNGKey(1), (B, 4, T, 1)))
+    assert backends.pallas_kernel(normalizers.get("sink_softmax", sink=sinks)) == "softmax"
+    assert backends.pallas_kernel(per_query) is None
 
 
 # ---------------------------------------------------------------------------------------------- sigmoid
