@@ -1,0 +1,118 @@
+"""Confidence intervals over seeds, and paired comparisons, for the trained-model kinds.
+
+A metric measured once per seed (s = 1..n) is reported as its mean and a 95% interval:
+
+    t interval          mean +- t_{n-1, 0.975} * sd / sqrt(n)       (Student t, sd with n - 1)
+    bootstrap interval  the 2.5% and 97.5% quantiles of the means of `resamples` resamples of the n
+                        values with replacement (percentile bootstrap, seeded)
+
+The t interval is the default: with 3 seeds a bootstrap has only 10 distinct resamples and its
+interval is too narrow. A paired comparison of A against B on the same seeds (same data order and,
+where the shapes agree, the same initialisation) is the t interval of the differences a_s - b_s;
+it is `significant` when it excludes 0. With one seed there is no interval (low = high = None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from jax.scipy.special import betainc
+
+LEVEL = 0.95
+METHODS = ("t", "bootstrap")
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """mean and [low, high] of `n` values at confidence `level` by `method`; low and high are None for n < 2."""
+
+    mean: float
+    low: float | None
+    high: float | None
+    n: int
+    level: float = LEVEL
+    method: str = "t"
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes 0 (for a difference: A and B differ at this level)."""
+        return self.low is not None and (self.low > 0 or self.high < 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "significant": self.significant}
+
+
+def _values(values: Sequence[float], name: str) -> np.ndarray:
+    array = np.asarray(values, np.float64).reshape(-1)
+    if array.size == 0:
+        raise ValueError(f"{name}: no values to summarise")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name}: values must be finite; got {array.tolist()}")
+    return array
+
+
+def t_quantile(probability: float, df: int) -> float:
+    """The `probability` quantile of Student's t with `df` degrees of freedom (probability in (0.5, 1)),
+    by bisection on its CDF, 1 - I_{df / (df + x^2)}(df / 2, 1 / 2) / 2."""
+    if not 0.5 < probability < 1.0 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < probability < 1 and df >= 1; got {probability}, {df}")
+
+    def cdf(x: float) -> float:
+        return 1.0 - 0.5 * float(betainc(df / 2.0, 0.5, df / (df + x * x)))
+
+    low, high = 0.0, 1.0
+    while cdf(high) < probability:
+        high *= 2.0
+    for _ in range(60):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if cdf(middle) < probability else (low, middle)
+    return 0.5 * (low + high)
+
+
+def t_interval(values: Sequence[float], level: float = LEVEL, name: str = "t_interval") -> Interval:
+    """The Student t interval of the mean of `values`."""
+    x = _values(values, name)
+    n = x.size
+    mean = float(np.mean(x))
+    if n < 2:
+        return Interval(mean, None, None, n, level, "t")
+    half = t_quantile(0.5 + level / 2.0, n - 1) * float(np.std(x, ddof=1)) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n, level, "t")
+
+
+def bootstrap_interval(
+    values: Sequence[float], level: float = LEVEL, resamples: int = 10_000, seed: int = 0, name: str = "bootstrap"
+) -> Interval:
+    """The percentile bootstrap interval of the mean of `values` (resamples drawn with numpy's PCG64 from `seed`)."""
+    x = _values(values, name)
+    n = x.size
+    mean = float(np.mean(x))
+    if n < 2:
+        return Interval(mean, None, None, n, level, "bootstrap")
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    means = np.mean(x[draws], axis=1)
+    low, high = np.quantile(means, [0.5 - level / 2.0, 0.5 + level / 2.0])
+    return Interval(mean, float(low), float(high), n, level, "bootstrap")
+
+
+def interval(values: Sequence[float], method: str = "t", level: float = LEVEL, name: str = "interval") -> Interval:
+    """`t_interval` or `bootstrap_interval` by name."""
+    if method == "t":
+        return t_interval(values, level, name)
+    if method == "bootstrap":
+        return bootstrap_interval(values, level, name=name)
+    raise ValueError(f"{name}: method={method!r}; accepted: {', '.join(map(repr, METHODS))}")
+
+
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], level: float = LEVEL, name: str = "paired_difference"
+) -> Interval:
+    """The t interval of the mean of a_s - b_s over paired seeds s (same length, same seed order)."""
+    a, b = _values(a, f"{name} (A)"), _values(b, f"{name} (B)")
+    if a.shape != b.shape:
+        raise ValueError(f"{name}: paired values need one of each per seed; got {a.size} and {b.size}")
+    return t_interval(a - b, level, name)

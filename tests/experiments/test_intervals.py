@@ -1,0 +1,57 @@
+"""Intervals over seeds on known data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attnlab.experiments import intervals
+
+
+@pytest.mark.parametrize(("df", "expected"), [(1, 12.706205), (2, 4.302653), (4, 2.776445), (30, 2.042272)])
+def test_t_quantiles_match_the_tables(df, expected):
+    assert intervals.t_quantile(0.975, df) == pytest.approx(expected, abs=2e-5)
+
+
+def test_t_interval_of_known_values():
+    # mean 2, sd 1, n = 3: half-width 4.302653 / sqrt(3) = 2.484138
+    got = intervals.t_interval([1.0, 2.0, 3.0])
+    assert got.mean == 2.0 and got.n == 3 and got.method == "t"
+    assert got.low == pytest.approx(2.0 - 2.484138, abs=1e-5) and got.high == pytest.approx(2.0 + 2.484138, abs=1e-5)
+    assert not got.significant  # [-0.48, 4.48] holds 0
+    assert intervals.t_interval([4.0, 5.0, 6.0]).significant  # [2.52, 7.48]
+    assert intervals.t_interval([-6.0, -5.0, -4.0]).significant
+
+
+def test_one_value_has_no_interval_and_bad_values_are_refused():
+    single = intervals.t_interval([0.7])
+    assert single.low is None and single.high is None and not single.significant
+    with pytest.raises(ValueError, match="must be finite"):
+        intervals.t_interval([1.0, float("nan")])
+    with pytest.raises(ValueError, match="no values"):
+        intervals.t_interval([])
+    with pytest.raises(ValueError, match="method='z'"):
+        intervals.interval([1.0, 2.0], method="z")
+
+
+def test_bootstrap_interval_is_seeded_and_covers_the_mean():
+    rng = np.random.default_rng(1)
+    values = rng.normal(5.0, 1.0, size=50)
+    first = intervals.bootstrap_interval(values, seed=3)
+    assert first == intervals.bootstrap_interval(values, seed=3)
+    assert first.low < values.mean() < first.high
+    # with 50 values the bootstrap and t intervals nearly agree
+    t = intervals.t_interval(values)
+    assert first.high - first.low == pytest.approx(t.high - t.low, rel=0.1)
+
+
+def test_paired_difference_sees_a_consistent_shift_that_unpaired_intervals_miss():
+    # seed effects (0, 5, 10) swamp the 0.1 difference unpaired; paired, it is significant
+    a = np.array([0.0, 5.0, 10.0]) + 0.1 + np.array([0.0, 0.01, -0.01])
+    b = np.array([0.0, 5.0, 10.0])
+    paired = intervals.paired_difference(a, b)
+    assert paired.significant and paired.mean == pytest.approx(0.1)
+    unpaired_a, unpaired_b = intervals.t_interval(a), intervals.t_interval(b)
+    assert unpaired_a.low < unpaired_b.high  # the separate intervals overlap
+    with pytest.raises(ValueError, match="one of each per seed"):
+        intervals.paired_difference([1.0, 2.0], [1.0])
