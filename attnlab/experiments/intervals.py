@@ -116,3 +116,65 @@ def paired_difference(
     if a.shape != b.shape:
         raise ValueError(f"{name}: paired values need one of each per seed; got {a.size} and {b.size}")
     return t_interval(a - b, level, name)
+
+
+def summarize_records(
+    records: Sequence[dict[str, Any]],
+    *,
+    by: Sequence[str],
+    metrics: Sequence[str],
+    baseline: dict[str, Any] | None = None,
+    seed_key: str = "seed",
+    level: float = LEVEL,
+) -> dict[str, Any]:
+    """Each metric's mean and t interval over seeds, per group of records, and paired differences.
+
+    records: flat dicts, one per seed of a group, holding the `by` keys, `seed_key` and the metrics
+    (None or missing: that seed has no value of it). Returns
+        {"method": "t", "level": level,
+         "groups": [{**group, "seeds": [...], metric: Interval.to_json(), ...}, ...],
+         "paired": [{**group, "against": baseline group, metric: Interval of (group - baseline)}, ...]}
+    where a group's baseline is the group with `baseline`'s values in place of its own (e.g.
+    {"normalizer": "softmax"} at the same width), paired on the seeds both have. Groups keep the
+    records' first-seen order; each is a pure function of the records (a rerun writes the same).
+    """
+    groups: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for record in records:
+        group = tuple(record.get(k) for k in by)
+        seeds = groups.setdefault(group, {})
+        seed = record.get(seed_key)
+        if seed in seeds:
+            raise ValueError(
+                f"summarize_records: two records of {dict(zip(by, group, strict=True))} have {seed_key}={seed}"
+            )
+        seeds[seed] = record
+
+    def values(seeds: dict[int, dict[str, Any]], metric: str, only: Sequence[int] | None = None) -> list[float]:
+        chosen = sorted(seeds) if only is None else only
+        return [float(seeds[s][metric]) for s in chosen if seeds[s].get(metric) is not None]
+
+    out_groups, paired = [], []
+    for group, seeds in groups.items():
+        labels = dict(zip(by, group, strict=True))
+        entry = {**labels, "seeds": sorted(seeds)}
+        for metric in metrics:
+            observed = values(seeds, metric)
+            entry[metric] = t_interval(observed, level, metric).to_json() if observed else None
+        out_groups.append(entry)
+        if baseline is None:
+            continue
+        against = {**labels, **baseline}
+        base = groups.get(tuple(against[k] for k in by))
+        if base is None or against == labels:
+            continue
+        comparison = {**labels, "against": against}
+        for metric in metrics:
+            common = [s for s in sorted(seeds) if s in base and seeds[s].get(metric) is not None
+                      and base[s].get(metric) is not None]  # fmt: skip
+            comparison[metric] = (
+                paired_difference(values(seeds, metric, common), values(base, metric, common), level, metric).to_json()
+                if common
+                else None
+            )
+        paired.append(comparison)
+    return {"method": "t", "level": level, "groups": out_groups, "paired": paired}

@@ -62,6 +62,9 @@ class Kind:
         named, not imported, so experiments never import plotting.
       derived: derived(config) -> values computed from the config that the results file records
         beside it (e.g. the row lengths a setting implies), or None.
+      summarize: summarize(config, records) -> the "summary" the results file records when the
+        sweep finishes (a pure function of the records: e.g. each metric's mean and interval over
+        seeds, see attnlab.experiments.intervals), or None.
     """
 
     name: str
@@ -72,6 +75,7 @@ class Kind:
     sweep_fields: dict[str, str] = dataclasses.field(default_factory=dict)
     figures: str | None = None
     derived: Callable[[Any], dict[str, Any]] | None = None
+    summarize: Callable[[Any, list[dict[str, Any]]], dict[str, Any]] | None = None
 
     def config_json(self, config: Any) -> dict[str, Any]:
         """The config as plain JSON values (what the results file records), with `derived`'s values."""

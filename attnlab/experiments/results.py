@@ -287,8 +287,11 @@ class ResultsFile:
         self.payload["updated_at"] = now()
         write_json_atomic(self.path, self.payload)
 
-    def finish(self, run_seconds: float) -> None:
+    def finish(self, run_seconds: float, summary: dict[str, Any] | None = None) -> None:
+        """Mark the sweep finished, with the kind's summary of its records (if it has one)."""
         self.payload["run_seconds"] = round(self.payload.get("run_seconds", 0.0) + run_seconds, 2)
         self.payload["finished_at"] = now()
+        if summary is not None:
+            self.payload["summary"] = strict(summary, "summary")
         self._archive_earlier()  # a sweep of no new points still replaces the earlier file
         write_json_atomic(self.path, self.payload)

@@ -211,7 +211,8 @@ def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True) -
             results.add(point, key, kind.run_point(experiment.config, point, **keywords))
             bar.update(inner, visible=False)
             bar.advance(task)
-    results.finish(time.perf_counter() - started)
+    summary = None if kind.summarize is None else kind.summarize(experiment.config, results.records)
+    results.finish(time.perf_counter() - started, summary)
     return results.path
 
 

@@ -55,3 +55,36 @@ def test_paired_difference_sees_a_consistent_shift_that_unpaired_intervals_miss(
     assert unpaired_a.low < unpaired_b.high  # the separate intervals overlap
     with pytest.raises(ValueError, match="one of each per seed"):
         intervals.paired_difference([1.0, 2.0], [1.0])
+
+
+def test_summarize_records_groups_seeds_and_pairs_against_the_baseline():
+    records = [
+        {"normalizer": n, "width": w, "seed": s, "accuracy": base + 0.1 * s + (0.2 if n == "ssmax" else 0.0)}
+        for n in ("softmax", "ssmax")
+        for w, base in ((32, 0.1), (64, 0.3))
+        for s in range(3)
+    ]
+    records.append({"normalizer": "ssmax", "width": 64, "seed": 3, "accuracy": None})  # no value: left out
+    summary = intervals.summarize_records(
+        records, by=("normalizer", "width"), metrics=("accuracy",), baseline={"normalizer": "softmax"}
+    )
+    groups = {(g["normalizer"], g["width"]): g for g in summary["groups"]}
+    assert groups[("softmax", 32)]["accuracy"]["mean"] == pytest.approx(0.2)
+    assert groups[("ssmax", 64)]["seeds"] == [0, 1, 2, 3] and groups[("ssmax", 64)]["accuracy"]["n"] == 3
+    (at_32, at_64) = summary["paired"]
+    assert at_32["against"] == {"normalizer": "softmax", "width": 32}
+    # the same 0.2 shift on every seed: mean 0.2, zero width, significant
+    assert at_64["accuracy"]["mean"] == pytest.approx(0.2) and at_64["accuracy"]["significant"]
+    with pytest.raises(ValueError, match="two records"):
+        intervals.summarize_records(records + records[:1], by=("normalizer", "width"), metrics=("accuracy",))
+
+
+def test_a_finished_results_file_records_the_summary_as_strict_json(tmp_path):
+    from attnlab.experiments.results import ResultsFile, read_json
+
+    results = ResultsFile(tmp_path / "x.json", name="x", kind="needle", config={"a": 1})
+    results.add({"seed": 0}, "k0", [{"accuracy": 0.5}])
+    results.finish(1.0, {"groups": [{"accuracy": {"mean": float("nan")}}]})
+    payload = read_json(tmp_path / "x.json")
+    assert payload["summary"] == {"groups": [{"accuracy": {"mean": None}}]}
+    assert payload["records"][0]["accuracy"] == 0.5 and payload["finished_at"] is not None
