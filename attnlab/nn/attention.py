@@ -3,6 +3,7 @@ normalizer parameters, optional RoPE, an optional output gate, and attention sta
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab.nn import core
-from attnlab.normalizers import Normalizer
+from attnlab.normalizers import Normalizer, registry
+from attnlab.normalizers.length_scaling import ASEntmaxScale
 from attnlab.normalizers.spec import NormalizerSpec, as_spec
 
 Initializer = Callable[..., jax.Array]
@@ -27,6 +29,55 @@ def check_gate(gate: Any, where: str) -> None:
     if gate is not None and (not isinstance(gate, str) or gate not in GATES):
         accepted = ", ".join(["None", *map(repr, GATES)])
         raise ValueError(f"{where}: gate={gate!r} is not an output gate; accepted: {accepted}")
+
+
+ADAPTIVE_GAMMA_RANGE = 2.0
+"""gamma = ADAPTIVE_GAMMA_RANGE * tanh(...) in the adaptive ASEntmax scale (the code's attn_scale_gamma_range)."""
+ADAPTIVE = ("beta", "gamma")
+
+
+def check_adaptive_scale(adaptive_scale: Any, spec: NormalizerSpec, implementation: Any, where: str) -> NormalizerSpec:
+    """ValueError unless `adaptive_scale` is a bool and, when True, `spec`'s scale policy is ASEntmax's
+    (`ASEntmaxScale`) with beta and gamma neither given nor explicitly learned, alpha not learned, and
+    `implementation` not "query_blocked". Returns the spec whose parameters the layer learns per head:
+    `spec` itself, or, with the adaptive scale, `spec` without beta and gamma among those learned
+    (the projections compute them instead).
+
+    Why the last two: per-query parameters [B, N, T, 1] are folded into q by the dense, blocked entmax,
+    online and Pallas backends, but the query-blocked backend applies the normalizer, parameters and
+    all, to blocks of queries, where a [B, N, T, 1] parameter does not broadcast; a learned (traced)
+    alpha sends long inputs there (the blocked entmax path needs one concrete alpha).
+    """
+    if not isinstance(adaptive_scale, bool):
+        raise ValueError(f"{where}: adaptive_scale must be True or False; got {adaptive_scale!r}")
+    if not adaptive_scale:
+        return spec
+    if spec.entry.scale is not ASEntmaxScale:
+        accepted = [entry.name for entry in registry.entries() if entry.scale is ASEntmaxScale]
+        raise ValueError(
+            f"{where}: adaptive_scale=True computes ASEntmax's beta and gamma from each query, so it needs a "
+            f"normalizer whose scale policy is ASEntmaxScale ({', '.join(map(repr, accepted))}); got {spec.name!r}"
+        )
+    given = sorted(set(spec.fixed) & set(ADAPTIVE))
+    explicit = sorted(set(spec.learn) & set(ADAPTIVE)) if spec.learn != NormalizerSpec(spec.name).learn else []
+    if given or explicit:
+        what = f"params {given}" if given else f"learn {explicit}"
+        raise ValueError(
+            f"{where}: with adaptive_scale=True beta and gamma are computed from each query; the normalizer "
+            f"{spec.name!r} cannot also set them ({what}); leave them out (delta and alpha may be given)"
+        )
+    if "alpha" in spec.learn:
+        raise ValueError(
+            f"{where}: adaptive_scale=True needs a fixed alpha (a learned alpha sends long inputs to the "
+            "query-blocked backend, which cannot take per-query beta and gamma); drop 'alpha' from learn"
+        )
+    if implementation == "query_blocked":
+        raise ValueError(
+            f"{where}: adaptive_scale=True cannot run on implementation='query_blocked' (it applies the "
+            "normalizer's parameters per block of queries, and beta, gamma are [B, N, T, 1]); use None, "
+            "'dense', 'chunked' or 'blocked_entmax'"
+        )
+    return dataclasses.replace(spec, learn=tuple(name for name in spec.learn if name not in ADAPTIVE))
 
 
 class LearnedNormalizer(nnx.Module):
@@ -63,6 +114,18 @@ class MultiHeadAttention(nnx.Module):
     call from the current values of its learned parameters (`self.normalizer`, a
     `LearnedNormalizer`), one per query head, shaped [N, 1, 1].
 
+    With `adaptive_scale` (ASEntmax's adaptive variant, Vasylenko et al. 2026, "Long-Context
+    Generalization with Sparse Attention"; "adapt-softplus-tanh" in deep-spin/asentmax), the
+    scale's beta and gamma are computed from each query's input x = inputs_q[b, t], per head:
+
+        beta[b, n, t]  = softplus(x @ W_beta[:, n] + b_beta[n])
+        gamma[b, n, t] = 2 tanh(x @ W_gamma[:, n] + b_gamma[n])
+        p[b, n, t, :]  = alpha-entmax((delta + beta[b, n, t] (log(n_t + 1))^gamma[b, n, t]) z[b, n, t, :])
+
+    n_t the query's visible keys; they reach the normalizer as beta and gamma [B, N, T, 1]. The
+    factor depends only on the query row, so attention folds it into q (the blocked entmax path
+    runs unchanged).
+
     Args (beyond those of `flax.nnx.MultiHeadAttention`, which keep their meaning):
       normalizer: a name from `attnlab.normalizers.NAMES` or a `NormalizerSpec` (which parameters to
         learn and how to start them). A plain "ssmax" learns s per head, starting at 0.43.
@@ -81,6 +144,14 @@ class MultiHeadAttention(nnx.Module):
       dropout_rate: attention-weight dropout; supported for softmax-type normalizers on the dense
         path only, and rejected here at construction otherwise (see `attnlab.nn.core`).
       decode: whether calls decode with the cache by default (a call's `decode` overrides it).
+      adaptive_scale: ASEntmax's query-dependent scale (above), for a normalizer whose scale policy
+        is `ASEntmaxScale` ("asentmax"; ValueError otherwise). Adds `self.scale_beta` and
+        `self.scale_gamma`, `LinearGeneral` from in_features to the heads (kernel [F, N], bias [N]
+        with use_bias), initialised as the query projection and made after every other
+        projection, so the other parameters start as without it. beta and gamma then come from
+        them: the spec's beta and gamma are not learned per head (and may not be given); delta
+        keeps the spec's meaning (fixed or learned), alpha must be fixed, and implementation may
+        not be "query_blocked" (see `check_adaptive_scale`). False (the default): no such parameters.
 
     Decoding with a cache, as in flax (`decode=True` at construction or call, after
     `init_cache(input_shape)` or `nnx.view(layer, decode=True, batch_size=..., max_length=...)`):
@@ -141,6 +212,7 @@ class MultiHeadAttention(nnx.Module):
         normalize_qk: bool = False,
         gate: str | None = None,
         decode: bool = False,
+        adaptive_scale: bool = False,
         rngs: nnx.Rngs,
         keep_rngs: bool = True,
     ):
@@ -152,7 +224,9 @@ class MultiHeadAttention(nnx.Module):
         self.in_kv_features = in_features if in_kv_features is None else in_kv_features
         self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         self.head_dim = core.check_heads(num_heads, self.num_kv_heads, self.qkv_features, where)
-        self.normalizer_spec = as_spec(normalizer, f"{where}: normalizer")
+        spec = as_spec(normalizer, f"{where}: normalizer")
+        self.normalizer_spec = check_adaptive_scale(adaptive_scale, spec, implementation, where)
+        self.adaptive_scale = adaptive_scale
         core.check_rope_theta(rope_theta, self.head_dim, where)
         core.check_implementation(implementation, key_block, query_block, where)
         check_gate(gate, where)
@@ -216,6 +290,12 @@ class MultiHeadAttention(nnx.Module):
             self.gate = linear(in_features, (num_heads, self.head_dim))
         else:
             self.gate = nnx.data(None)
+        # After the gate too: adding the adaptive scale leaves every other initial value as it was.
+        if adaptive_scale:
+            self.scale_beta = linear(in_features, num_heads)
+            self.scale_gamma = linear(in_features, num_heads)
+        else:
+            self.scale_beta = self.scale_gamma = nnx.data(None)
         self.normalizer = LearnedNormalizer(self.normalizer_spec, num_heads, param_dtype=param_dtype)
         self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else nnx.data(None)
         # The decoding cache, made by init_cache (or nnx.view(..., decode=True, ...)), as in flax.
@@ -289,11 +369,17 @@ class MultiHeadAttention(nnx.Module):
 
         deterministic, dropout_rng = self._dropout_state(deterministic, rngs)
         returned = return_statistics or mass_keys is not None
+        normalizer = self.normalizer()
+        if self.adaptive_scale:
+            beta, gamma = self.adaptive_scale_parameters(inputs_q)
+            normalizer = dataclasses.replace(
+                normalizer, scale=dataclasses.replace(normalizer.scale, beta=beta, gamma=gamma)
+            )
         out, aux = core.attend(
             query,
             key,
             value,
-            self.normalizer(),
+            normalizer,
             bias=bias,
             mask=mask,
             is_causal=is_causal,
@@ -443,6 +529,21 @@ class MultiHeadAttention(nnx.Module):
         if theta is not None:
             query, key = core.rope_query_key(query, key, theta, positions, key_positions)
         return query, key, value
+
+    def adaptive_scale_parameters(self, inputs_q: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """ASEntmax's adaptive beta = softplus(inputs_q @ W_beta + b_beta) and gamma = 2 tanh(inputs_q @
+        W_gamma + b_gamma) for inputs_q [B, T, F]: float32 [B, N, T, 1] each, one per head and query (the
+        normalizer's layout: logits [B, N, T, S] with the key axis kept as 1). Only for a layer built
+        with adaptive_scale=True."""
+        if self.scale_beta is None:
+            raise ValueError("attnlab.nn.MultiHeadAttention: the layer was built without adaptive_scale")
+
+        def rows(x: jax.Array) -> jax.Array:  # [B, T, N] -> [B, N, T, 1]
+            return jnp.swapaxes(x.astype(jnp.float32), -1, -2)[..., None]
+
+        beta = jax.nn.softplus(rows(self.scale_beta(inputs_q)))
+        gamma = ADAPTIVE_GAMMA_RANGE * jnp.tanh(rows(self.scale_gamma(inputs_q)))
+        return beta, gamma
 
     def output_gate(self, inputs_q: jax.Array) -> jax.Array:
         """sigmoid(inputs_q @ W_gate + b_gate) for inputs_q [B, T, F]: [B, T, N, 1] head-wise, [B, T, N, H]

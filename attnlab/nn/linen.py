@@ -19,6 +19,8 @@ sit directly under the module, with the names and shapes of `flax.linen.MultiHea
     params/query_ln/scale, params/key_ln/scale [H]             with normalize_qk
     params/gate/kernel [F, N], params/gate/bias [N]            with gate="headwise"
     params/gate/kernel [F, N, H], params/gate/bias [N, H]      with gate="elementwise"
+    params/scale_beta/kernel [F, N], params/scale_beta/bias [N]   with adaptive_scale (and
+    params/scale_gamma/kernel [F, N], params/scale_gamma/bias [N]  use_bias)
     params/normalizer/<name> [N, 1, 1]                         each of NormalizerSpec.learned
     intermediates/attention_statistics, intermediates/attention_weights
                                                                when sown (mutable=["intermediates"])
@@ -95,6 +97,7 @@ class MultiHeadAttention(nn.Module):
     normalize_qk: bool = _default("normalize_qk")
     gate: str | None = _default("gate")
     decode: bool = _default("decode")
+    adaptive_scale: bool = _default("adaptive_scale")
 
     @nn.compact
     def __call__(

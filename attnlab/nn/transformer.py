@@ -4,7 +4,8 @@ For tokens x [B, T] (ints in [0, vocab_size)), width D, L layers:
 
     h_0 = embed(x)                                             [B, T, D]
     h_l = h_{l-1} + attention_l(rmsnorm(h_{l-1}))             causal, RoPE on queries and keys,
-                                                               an output gate when config.gate is set
+                                                               an output gate when config.gate is set,
+                                                               ASEntmax's adaptive scale with adaptive_scale
     h_l = h_l + mlp_l(rmsnorm(h_l))                            mlp(u) = W_2 gelu(W_1 u), hidden 4D
     logits = rmsnorm(h_L) @ embed^T   (tied; an untied head when tie_embeddings=False)   [B, T, V]
 
@@ -31,7 +32,7 @@ from flax import nnx
 
 from attnlab.losses import OutputNormalizer
 from attnlab.nn import core
-from attnlab.nn.attention import MultiHeadAttention, check_gate
+from attnlab.nn.attention import MultiHeadAttention, check_adaptive_scale, check_gate
 from attnlab.normalizers.spec import NormalizerSpec, as_spec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -70,6 +71,11 @@ class ModelConfig:
       gate: the output gate of every attention layer (see `attnlab.nn.MultiHeadAttention`): None,
         "headwise" (adds width * num_heads parameters per layer) or "elementwise" (width * width
         per layer); no bias, initialised like the query kernel (normal, init_std).
+      adaptive_scale: ASEntmax's query-dependent scale in every attention layer (see
+        `attnlab.nn.MultiHeadAttention`): beta = softplus(x W_beta), gamma = 2 tanh(x W_gamma) per
+        head from each query's input (2 * width * num_heads parameters per layer, no bias, normal
+        init_std: beta starts near log 2, gamma near 0). Every layer's normalizer must have ASEntmax's
+        scale policy ("asentmax"). False (the default) adds nothing.
     """
 
     vocab_size: int = 256
@@ -89,6 +95,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     output: Any = "softmax"
     gate: str | None = None
+    adaptive_scale: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "output", OutputNormalizer.parse(self.output, "ModelConfig.output"))
@@ -111,6 +118,8 @@ class ModelConfig:
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"ModelConfig.tie_embeddings must be True or False; got {self.tie_embeddings!r}")
         object.__setattr__(self, "normalizer", self._layer_specs(self.normalizer))
+        for i, spec in enumerate(self.normalizer):
+            check_adaptive_scale(self.adaptive_scale, spec, self.implementation, f"ModelConfig (layer {i})")
 
     def _layer_specs(self, normalizer: Any) -> tuple[NormalizerSpec, ...]:
         if isinstance(normalizer, (list, tuple)):
@@ -181,6 +190,7 @@ class Block(nnx.Module):
             normalizer=spec,
             rope_theta=config.rope_theta,
             gate=config.gate,
+            adaptive_scale=config.adaptive_scale,
             implementation=config.implementation,
             key_block=config.key_block,
             query_block=config.query_block,

@@ -199,8 +199,12 @@ class ASEntmaxScale:
         gamma ~ N(0, 0.1); the defaults are those draws' means, beta = 0.55 and gamma = 0, so the
         scale starts flat (1.55) and learns how to grow with n.
       - "nakanishi" (SSMax-style): beta * log(n + 1), i.e. delta = 0, gamma = 1, beta learned from 1.
-    The adaptive variant, where beta and gamma are computed from each query (beta = softplus of a
-    projection of the layer input, gamma = 2 tanh of another), is a layer feature: it is not here.
+      - "adapt-softplus-tanh" (adaptive): beta and gamma computed from each query, per head, as
+        beta = softplus(x W_beta), gamma = 2 tanh(x W_gamma) from the layer input x. The projections
+        are a layer's (`attnlab.nn.MultiHeadAttention(adaptive_scale=True)`, `ModelConfig(
+        adaptive_scale=True)`); this policy takes the results as beta and gamma arrays [B, N, T, 1]
+        (one per head and query: parameters broadcast against the [B, N, T, S] logits with the key
+        axis kept as 1), so the factor is still one number per row and folds into q.
     delta >= 0 and beta >= 0 when concrete; gamma is any finite number.
     """
 
