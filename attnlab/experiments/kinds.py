@@ -3,9 +3,11 @@
 from attnlab.experiments import (
     backend_check,
     calibration,
+    critical_scaling,
     distillation,
     fading_synthetic,
     length_generalization,
+    mqar,
     needle,
     sparsity,
     throughput,
@@ -16,6 +18,7 @@ KINDS: dict[str, Kind] = {
     module.KIND.name: module.KIND
     for module in (
         fading_synthetic,
+        critical_scaling,
         sparsity,
         throughput,
         backend_check,
@@ -23,5 +26,6 @@ KINDS: dict[str, Kind] = {
         needle,
         calibration,
         distillation,
+        mqar,
     )
 }

@@ -39,3 +39,21 @@ def required_gap(n: int, target: float, factor: float = 1.0) -> float:
     1 / (1 + (n - 1) exp(-factor g)) = target  <=>  g = log((n - 1) target / (1 - target)) / factor.
     (The SSMax paper's Figure 3: for softmax g grows like log n; SSMax's factor s log n keeps it flat.)"""
     return math.log((n - 1) * target / (1.0 - target)) / factor
+
+
+def simplex_self_weight(n: int, factor: float, rho: float, mapping: str) -> float | None:
+    """The weight a token puts on itself in the simplex model of Chen et al. ("Critical attention
+    scaling in long-context transformers", ICLR 2026): n unit tokens with <y_i, y_j> = rho (i != j),
+    logits factor * <y_i, y_j>, so the self logit stands a gap g = factor (1 - rho) above n - 1 equal ones.
+
+        softmax    1 / (1 + (n - 1) e^(-g))           with factor = gamma log n: 1 / (1 + (n - 1) n^(-gamma (1 - rho))),
+                                                      -> 0 below gamma_c = 1 / (1 - rho), -> 1 above it
+        sparsemax  min(1, ((n - 1) g + 1) / n)        one-hot once g >= 1, i.e. gamma >= 1 / ((1 - rho) log n)
+
+    None for other mappings (no closed form here)."""
+    gap = factor * (1.0 - rho)
+    if mapping == "softmax":
+        return peak_max_weight(n, gap)
+    if mapping == "sparsemax":
+        return min(1.0, ((n - 1) * gap + 1.0) / n)
+    return None
