@@ -159,8 +159,8 @@ def dot_product_attention(
     Args:
       normalizer: a name from `attnlab.normalizers.NAMES`, a `Normalizer` (`normalizers.get(...)`,
         or one registered from outside with `attnlab.normalizers.register`), or any callable
-        f(logits, *, axis, where). Normalizer parameters must broadcast against [B, N, 1, 1], e.g.
-        one per head as [N, 1, 1].
+        f(logits, *, axis, where). Normalizer parameters must broadcast against [B, N, T, 1], e.g.
+        one per head as [N, 1, 1], or one per query as [B, N, T, 1] (ASEntmax's adaptive beta).
       implementation: a backend of `attnlab.attention.BACKENDS` (see attention.backends for what
         each serves): "dense" ("xla" too) builds the [B, N, T, S] logits once (the reference);
         "online" runs softmax-type and sigmoid normalizers `query_block` queries (default 512) at a

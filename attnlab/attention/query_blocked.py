@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnlab.attention import statistics
 from attnlab.attention.blocks import join, split
@@ -53,10 +54,12 @@ def query_blocked_attention(
     mask = visibility.mask
     mask_blocks = split(mask, block, num_blocks, 3, fill=False)
     key_pos = jnp.arange(k.shape[2])
+    rebuild, param_blocks = _per_query_parameters(normalizer, T, block, num_blocks)
 
     @jax.checkpoint
-    def one_block(q_blk, bias_blk, mask_blk, index):
+    def one_block(q_blk, bias_blk, mask_blk, index, params_blk):
         query_pos = index * block + jnp.arange(block)
+        normalizer_blk = rebuild(params_blk)
         blk_bias = bias if bias_blk is None and bias is not None else bias_blk
         logits = grouped_logits(q_blk, k, blk_bias)
         if score_fn is not None:
@@ -64,13 +67,46 @@ def query_blocked_attention(
         visible = visibility.rules(query_pos, key_pos)
         if mask is not None:
             visible = visible & (mask if mask_blk is None else mask_blk)
-        p = normalize_grouped(normalizer, logits, visible)
+        p = normalize_grouped(normalizer_blk, logits, visible)
         out = jnp.einsum(GROUPED_OUTPUT, p, v.astype(p.dtype), preferred_element_type=jnp.float32)
         return out, statistics.from_weights(p, mass_keys) if want_stats else {}
 
     def body(carry, xs):
         return carry, one_block(*xs)
 
-    xs = (q_blocks, bias_blocks, mask_blocks, jnp.arange(num_blocks))
+    xs = (q_blocks, bias_blocks, mask_blocks, jnp.arange(num_blocks), param_blocks)
     _, (out, stats) = jax.lax.scan(body, None, xs)
     return join(out, 3, T), {name: join(value, 3, T) for name, value in stats.items()}
+
+
+def _per_query_parameters(normalizer: Callable, T: int, block: int, num_blocks: int):
+    """Split the normalizer's per-query parameters by query block.
+
+    A parameter broadcasting against the [B, N, T, S] logits with its query axis of size T > 1
+    (e.g. a beta [B, N, T, 1] computed from each query) must be cut like the queries; the others
+    are used whole. Returns rebuild(blocks) -> the block's normalizer, and those blocks (a list of
+    arrays [num_blocks, ..., block, 1], padded with the last query's value)."""
+    leaves, treedef = jax.tree.flatten(normalizer)
+    per_query = [
+        i for i, leaf in enumerate(leaves)
+        if isinstance(leaf, jax.Array | np.ndarray) and T > 1 and 2 <= jnp.ndim(leaf) <= 4 and jnp.shape(leaf)[-2] == T
+    ]  # fmt: skip
+    blocks = [
+        split(_pad_edge(leaves[i], num_blocks * block), block, num_blocks, -2, broadcast=False) for i in per_query
+    ]
+
+    def rebuild(params_blk: list) -> Callable:
+        if not per_query:
+            return normalizer
+        out = list(leaves)
+        for i, value in zip(per_query, params_blk, strict=True):
+            out[i] = value
+        return jax.tree.unflatten(treedef, out)
+
+    return rebuild, blocks
+
+
+def _pad_edge(x: jax.Array, length: int) -> jax.Array:
+    """x padded along axis -2 to `length` with its last row (padding queries see no key anyway)."""
+    pad = [(0, 0)] * (jnp.ndim(x) - 2) + [(0, length - jnp.shape(x)[-2]), (0, 0)]
+    return jnp.pad(jnp.asarray(x), pad, mode="edge")

@@ -36,17 +36,12 @@ ADAPTIVE_GAMMA_RANGE = 2.0
 ADAPTIVE = ("beta", "gamma")
 
 
-def check_adaptive_scale(adaptive_scale: Any, spec: NormalizerSpec, implementation: Any, where: str) -> NormalizerSpec:
+def check_adaptive_scale(adaptive_scale: Any, spec: NormalizerSpec, where: str) -> NormalizerSpec:
     """ValueError unless `adaptive_scale` is a bool and, when True, `spec`'s scale policy is ASEntmax's
-    (`ASEntmaxScale`) with beta and gamma neither given nor explicitly learned, alpha not learned, and
-    `implementation` not "query_blocked". Returns the spec whose parameters the layer learns per head:
-    `spec` itself, or, with the adaptive scale, `spec` without beta and gamma among those learned
-    (the projections compute them instead).
-
-    Why the last two: per-query parameters [B, N, T, 1] are folded into q by the dense, blocked entmax,
-    online and Pallas backends, but the query-blocked backend applies the normalizer, parameters and
-    all, to blocks of queries, where a [B, N, T, 1] parameter does not broadcast; a learned (traced)
-    alpha sends long inputs there (the blocked entmax path needs one concrete alpha).
+    (`ASEntmaxScale`) with beta and gamma neither given nor explicitly learned. Returns the spec whose
+    parameters the layer learns per head: `spec` itself, or, with the adaptive scale, `spec` without
+    beta and gamma among those learned (the projections compute them instead, [B, N, T, 1]: every
+    backend takes per-query parameters, the query-blocked one cutting them by query block).
     """
     if not isinstance(adaptive_scale, bool):
         raise ValueError(f"{where}: adaptive_scale must be True or False; got {adaptive_scale!r}")
@@ -65,17 +60,6 @@ def check_adaptive_scale(adaptive_scale: Any, spec: NormalizerSpec, implementati
         raise ValueError(
             f"{where}: with adaptive_scale=True beta and gamma are computed from each query; the normalizer "
             f"{spec.name!r} cannot also set them ({what}); leave them out (delta and alpha may be given)"
-        )
-    if "alpha" in spec.learn:
-        raise ValueError(
-            f"{where}: adaptive_scale=True needs a fixed alpha (a learned alpha sends long inputs to the "
-            "query-blocked backend, which cannot take per-query beta and gamma); drop 'alpha' from learn"
-        )
-    if implementation == "query_blocked":
-        raise ValueError(
-            f"{where}: adaptive_scale=True cannot run on implementation='query_blocked' (it applies the "
-            "normalizer's parameters per block of queries, and beta, gamma are [B, N, T, 1]); use None, "
-            "'dense', 'chunked' or 'blocked_entmax'"
         )
     return dataclasses.replace(spec, learn=tuple(name for name in spec.learn if name not in ADAPTIVE))
 
@@ -150,8 +134,8 @@ class MultiHeadAttention(nnx.Module):
         with use_bias), initialised as the query projection and made after every other
         projection, so the other parameters start as without it. beta and gamma then come from
         them: the spec's beta and gamma are not learned per head (and may not be given); delta
-        keeps the spec's meaning (fixed or learned), alpha must be fixed, and implementation may
-        not be "query_blocked" (see `check_adaptive_scale`). False (the default): no such parameters.
+        keeps the spec's meaning (fixed or learned), as does alpha (see `check_adaptive_scale`).
+        False (the default): no such parameters.
 
     Decoding with a cache, as in flax (`decode=True` at construction or call, after
     `init_cache(input_shape)` or `nnx.view(layer, decode=True, batch_size=..., max_length=...)`):
@@ -225,7 +209,7 @@ class MultiHeadAttention(nnx.Module):
         self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         self.head_dim = core.check_heads(num_heads, self.num_kv_heads, self.qkv_features, where)
         spec = as_spec(normalizer, f"{where}: normalizer")
-        self.normalizer_spec = check_adaptive_scale(adaptive_scale, spec, implementation, where)
+        self.normalizer_spec = check_adaptive_scale(adaptive_scale, spec, where)
         self.adaptive_scale = adaptive_scale
         core.check_rope_theta(rope_theta, self.head_dim, where)
         core.check_implementation(implementation, key_block, query_block, where)

@@ -119,7 +119,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.tie_embeddings must be True or False; got {self.tie_embeddings!r}")
         object.__setattr__(self, "normalizer", self._layer_specs(self.normalizer))
         for i, spec in enumerate(self.normalizer):
-            check_adaptive_scale(self.adaptive_scale, spec, self.implementation, f"ModelConfig (layer {i})")
+            check_adaptive_scale(self.adaptive_scale, spec, f"ModelConfig (layer {i})")
 
     def _layer_specs(self, normalizer: Any) -> tuple[NormalizerSpec, ...]:
         if isinstance(normalizer, (list, tuple)):

@@ -240,3 +240,24 @@ def test_pallas_implementation_is_wired_for_sinks_and_sigmoid():
     )
     _close(out, want_out)
     _close(lse, want_lse)
+
+
+def test_per_query_normalizer_parameters_run_on_every_backend():
+    """Parameters [B, N, T, 1] (one per query: ASEntmax's adaptive beta and gamma) with a traced alpha:
+    the query-blocked backend cuts them by query block; equal to dense, values and gradients."""
+    q, k, v, _ = _inputs(5)
+    keys = jax.random.split(jax.random.PRNGKey(9), 2)
+    beta = jax.nn.softplus(jax.random.normal(keys[0], (B, N, T, 1)))
+    gamma = 0.5 * jax.random.normal(keys[1], (B, N, T, 1))
+
+    def attention(implementation, beta, gamma):
+        normalizer = normalizers.get("asentmax", beta=beta, gamma=gamma, alpha=jnp.asarray(1.4))
+        return dot_product_attention(
+            q, k, v, normalizer=normalizer, is_causal=True, implementation=implementation, query_block=16
+        )
+
+    _close(attention("query_blocked", beta, gamma), attention("dense", beta, gamma))
+    grads = jax.grad(lambda *a: jnp.sum(attention("query_blocked", *a) ** 2), argnums=(0, 1))(beta, gamma)
+    expected = jax.grad(lambda *a: jnp.sum(attention("dense", *a) ** 2), argnums=(0, 1))(beta, gamma)
+    for got, want in zip(grads, expected, strict=True):
+        _close(got, want, atol=1e-4, rtol=1e-4)

@@ -143,8 +143,6 @@ def test_linen_layer_learns_the_same_projections():
         ),
         ({"normalizer": NormalizerSpec("asentmax", {"beta": 0.3})}, r"cannot also set them \(params \['beta'\]\)"),
         ({"normalizer": NormalizerSpec("asentmax", learn=("gamma", "delta"))}, r"\(learn \['gamma'\]\)"),
-        ({"normalizer": NormalizerSpec("asentmax", learn=("alpha",))}, "needs a fixed alpha"),
-        ({"implementation": "query_blocked"}, "cannot run on implementation='query_blocked'"),
         ({"adaptive_scale": "yes"}, "adaptive_scale must be True or False"),
     ],
 )
@@ -156,3 +154,31 @@ def test_errors_name_the_value_and_what_is_accepted(kwargs, message):
         config = {"normalizer": kwargs["normalizer"], "implementation": kwargs.get("implementation")}
         with pytest.raises(ValueError, match=r"ModelConfig \(layer 0\)"):
             ModelConfig(num_layers=1, width=16, num_heads=2, adaptive_scale=True, **config)
+
+
+def test_the_query_blocked_backend_cuts_per_query_parameters_by_block():
+    """A learned alpha (traced) with per-query beta and gamma runs on the query-blocked backend, which
+    cuts [B, N, T, 1] parameters like the queries: equal to dense, values and gradients."""
+    T = 11
+    x = jax.random.normal(jax.random.PRNGKey(7), (2, T, F))
+    layers = {
+        implementation: MultiHeadAttention(
+            N,
+            F,
+            normalizer=NormalizerSpec("asentmax", learn=("alpha",)),
+            adaptive_scale=True,
+            implementation=implementation,
+            query_block=4,
+            rngs=nnx.Rngs(0),
+        )
+        for implementation in ("query_blocked", "dense")
+    }
+
+    def loss(layer):
+        return jnp.sum(layer(x, is_causal=True) ** 2)
+
+    values = {name: nnx.value_and_grad(loss)(layer) for name, layer in layers.items()}
+    np.testing.assert_allclose(values["query_blocked"][0], values["dense"][0], rtol=1e-5)
+    got, want = (jax.tree.leaves(nnx.state(values[name][1], nnx.Param)) for name in ("query_blocked", "dense"))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
