@@ -145,15 +145,17 @@ class MultiHeadAttention(nnx.Module):
     chunk of T >= 1 new tokens [B, T, F], self-attention only: it writes their keys and values at
     p .. p + T - 1, and the query at p + t attends to the cached keys 0 .. p + t:
 
-        T = 1: key_value_seq_lengths = p + 1     (no mask: every backend serves it)
-        T > 1: mask[t, s] = s <= p + t           (a prompt at p = 0, or more of one later)
+        T = 1: key_value_seq_lengths = p + 1             (no mask: every backend serves it)
+        T > 1: mask_fn(b, h, t, s) = s <= p + t          (a prompt at p = 0, or more of one later;
+                                                          a mask function, no T x max_length array)
 
     which are the keys a causal call over the whole sequence shows that query, so every normalizer
     gives what the full forward gives: the entmax thresholds run over the visible cached keys, the
     scale policies (SSMax, log-n, Llama 4, Qwen, critical, ASEntmax) see n = p + t + 1,
     stick-breaking skips the hidden keys, and sinks and gates apply as in any call. RoPE positions
     default to p + arange(T). Decoding is always causal (`is_causal` has no effect); a `mask` or
-    `bias` given to the call is combined with the cache's visibility over [B, N, T, max_length];
+    `bias` given to the call is combined with the cache's visibility over [B, N, T, max_length],
+    a `mask_fn` or `score_fn` sees q_idx = p + t;
     `key_value_seq_lengths` is refused (the cache index says which keys exist). The cached keys
     keep the RoPE base they were written with, so a call's `rope_theta` reaches only its new
     tokens. Writing past max_length raises ValueError when the index is known (outside jit); under
@@ -306,6 +308,8 @@ class MultiHeadAttention(nnx.Module):
         return_statistics: bool = False,
         mass_keys: jax.Array | None = None,
         decode: bool | None = None,
+        mask_fn: Callable | None = None,
+        score_fn: Callable | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Attention of inputs_q [B, T, F] over inputs_k [B, S, F_kv] (default inputs_q) and inputs_v
         (default inputs_k); returns [B, T, out_features]. As in flax, inputs_v without inputs_k is
@@ -334,6 +338,11 @@ class MultiHeadAttention(nnx.Module):
             S = max_length (the cache's positions).
           decode: decode with the cache (see the class docstring); None: the layer's `decode`.
             Shapes then read S = max_length: `mask`, `bias` and the sown weights are over the cache.
+          mask_fn, score_fn: masks and scores as functions of positions, mask_fn(b, h, q_idx, kv_idx)
+            and score_fn(score, b, h, q_idx, kv_idx) (see `attnlab.attention.mask_functions`:
+            documents, prefix-LM, ALiBi, soft-capping...), evaluated a block at a time; arrays they
+            close over (ALiBi slopes, a relative-position table) get gradients. When decoding,
+            q_idx is the query's position in the sequence (cache index + t) and kv_idx the cache's.
         """
         inputs_k, inputs_v = core.key_value_inputs(inputs_q, inputs_k, inputs_v)
         unbatched = core.check_inputs(inputs_q, inputs_k, inputs_v, self.in_features, self.in_kv_features)
@@ -348,8 +357,10 @@ class MultiHeadAttention(nnx.Module):
                 positions = index + jnp.arange(inputs_q.shape[1])
         query, key, value = self.project(inputs_q, inputs_k, inputs_v, positions, key_positions, rope_theta)
         if decode:
-            key, value, mask, key_value_seq_lengths = self._update_cache(key, value, index, mask)
+            key, value, key_value_seq_lengths, chunk_mask = self._update_cache(key, value, index)
             is_causal = False  # the cache's visibility is causal over the whole sequence
+            mask_fn, score_fn = _at_positions(mask_fn, index), _at_positions(score_fn, index, score=True)
+            mask_fn = chunk_mask if mask_fn is None else (mask_fn if chunk_mask is None else _both(chunk_mask, mask_fn))
 
         deterministic, dropout_rng = self._dropout_state(deterministic, rngs)
         returned = return_statistics or mass_keys is not None
@@ -378,6 +389,8 @@ class MultiHeadAttention(nnx.Module):
             dropout_rng=dropout_rng,
             broadcast_dropout=self.broadcast_dropout,
             deterministic=deterministic,
+            mask_fn=mask_fn,
+            score_fn=score_fn,
         )
         # Unbatched inputs give unbatched results, sown ones included (as flax's layer does).
         unbatch = (lambda tree: jax.tree.map(lambda x: x[0], tree)) if unbatched else (lambda tree: tree)
@@ -474,11 +487,12 @@ class MultiHeadAttention(nnx.Module):
         return index
 
     def _update_cache(
-        self, key: jax.Array, value: jax.Array, index: jax.Array, mask: jax.Array | None
-    ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+        self, key: jax.Array, value: jax.Array, index: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None, Callable | None]:
         """Write key, value [B, T, K, H] at `index`; returns the whole cache (in key's dtype) and the
-        mask and key lengths that show query t the cached keys 0 .. index + t."""
-        T, max_length = key.shape[1], self.cached_key.shape[1]
+        key lengths (one token) or the mask function (a chunk) that show query t the cached keys
+        0 .. index + t."""
+        T = key.shape[1]
         start = (0, index, 0, 0)
         cached_key = jax.lax.dynamic_update_slice(self.cached_key[...], key.astype(self.cached_key.dtype), start)
         cached_value = jax.lax.dynamic_update_slice(
@@ -487,13 +501,14 @@ class MultiHeadAttention(nnx.Module):
         self.cached_key[...] = cached_key
         self.cached_value[...] = cached_value
         self.cache_index[...] = index + T
+        cached_key, cached_value = cached_key.astype(key.dtype), cached_value.astype(value.dtype)
         if T == 1:
             # Key lengths, no mask: every backend (the Pallas kernels included) serves a step.
-            lengths = jnp.full((key.shape[0],), index + 1, jnp.int32)
-            return cached_key.astype(key.dtype), cached_value.astype(value.dtype), mask, lengths
-        visible = jnp.arange(max_length)[None, :] <= index + jnp.arange(T)[:, None]  # [T, max_length]
-        mask = visible if mask is None else core.as_bool_mask(mask) & visible
-        return cached_key.astype(key.dtype), cached_value.astype(value.dtype), mask, None
+            return cached_key, cached_value, jnp.full((key.shape[0],), index + 1, jnp.int32), None
+        # A chunk: query t (at position index + t) sees the cached keys up to its own position, a
+        # rule evaluated a block at a time (no T x max_length array; the online pass skips the
+        # cache's empty blocks).
+        return cached_key, cached_value, None, lambda b, h, q_idx, kv_idx: kv_idx <= index + q_idx
 
     def project(
         self,
@@ -556,3 +571,17 @@ class MultiHeadAttention(nnx.Module):
                 "so pass rngs=nnx.Rngs(dropout=...) to the call"
             )
         return False, stream()
+
+
+def _at_positions(fn: Callable | None, offset: jax.Array, *, score: bool = False) -> Callable | None:
+    """A mask or score function called with q_idx the query's position in the sequence: when
+    decoding, a chunk's query t sits at cache index + t."""
+    if fn is None:
+        return None
+    if score:
+        return lambda s, b, h, q_idx, kv_idx: fn(s, b, h, q_idx + offset, kv_idx)
+    return lambda b, h, q_idx, kv_idx: fn(b, h, q_idx + offset, kv_idx)
+
+
+def _both(first: Callable, second: Callable) -> Callable:
+    return lambda b, h, q_idx, kv_idx: first(b, h, q_idx, kv_idx) & second(b, h, q_idx, kv_idx)

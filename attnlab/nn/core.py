@@ -197,8 +197,11 @@ def attend(
     dropout_rng: jax.Array | None = None,
     broadcast_dropout: bool = True,
     deterministic: bool = True,
+    mask_fn: Callable | None = None,
+    score_fn: Callable | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`dot_product_attention` on [B, T, N, H] / [B, S, K, H] with attention-weight dropout.
+    """`dot_product_attention` on [B, T, N, H] / [B, S, K, H] with attention-weight dropout (mask_fn
+    and score_fn are passed on: see attnlab.attention.mask_functions).
 
     Returns (out [B, T, N, H], aux), aux holding the statistics [B, N, T] when `statistics` and the
     weights [B, N, T, S] (before dropout, as flax sows them) when `return_weights`. Dropout, when
@@ -229,6 +232,8 @@ def attend(
         statistics=statistics,
         mass_keys=mass_keys,
         return_weights=return_weights or dropout,
+        mask_fn=mask_fn,
+        score_fn=score_fn,
     )
     out, aux = result if isinstance(result, tuple) else (result, {})
     if dropout:

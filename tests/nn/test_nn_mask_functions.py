@@ -1,0 +1,64 @@
+"""The NNX layer with masks and scores as functions: equal to the same mask and bias as arrays, a
+learned ALiBi slope per head gets its gradient, and decoding sees the sequence's positions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from attnlab.attention import mask_functions as mf
+from attnlab.nn import MultiHeadAttention
+
+B, T, F, N = 2, 12, 16, 4
+
+
+class ALiBiAttention(nnx.Module):
+    """Attention whose ALiBi slopes are parameters (learned)."""
+
+    def __init__(self, normalizer: str, implementation: str | None):
+        self.attention = MultiHeadAttention(N, F, normalizer=normalizer, implementation=implementation,
+                                            key_block=4, query_block=4, rngs=nnx.Rngs(0))  # fmt: skip
+        self.slopes = nnx.Param(mf.alibi_slopes(N))
+
+    def __call__(self, x, segments, **kwargs):
+        return self.attention(
+            x, is_causal=not kwargs.get("decode", False), mask_fn=mf.document_mask(segments),
+            score_fn=mf.alibi(self.slopes[...]), **kwargs,
+        )  # fmt: skip
+
+
+def _inputs():
+    x = jax.random.normal(jax.random.PRNGKey(0), (B, T, F))
+    segments = jnp.asarray([[0] * 5 + [1] * 7, [0] * 8 + [1] * 4], jnp.int32)
+    return x, segments
+
+
+def test_functions_equal_arrays_and_the_slopes_get_their_gradient():
+    x, segments = _inputs()
+    model = ALiBiAttention("ssmax", "online")
+    mask = (segments[:, None, :, None] == segments[:, None, None, :]) & jnp.tril(jnp.ones((T, T), bool))
+    distance = (jnp.arange(T)[None, :] - jnp.arange(T)[:, None]).astype(jnp.float32)
+
+    def with_arrays(model):
+        bias = model.slopes[...][:, None, None] * distance
+        return model.attention(x, mask=mask, bias=bias)
+
+    np.testing.assert_allclose(model(x, segments), with_arrays(model), atol=2e-5)
+    grads = nnx.grad(lambda m: jnp.sum(m(x, segments) ** 2))(model)
+    expected = nnx.grad(lambda m: jnp.sum(with_arrays(m) ** 2))(model)
+    np.testing.assert_allclose(grads.slopes[...], expected.slopes[...], atol=2e-4, rtol=1e-4)
+    assert float(jnp.max(jnp.abs(grads.slopes[...]))) > 0
+
+
+def test_decoding_with_functions_equals_the_full_forward():
+    """A prompt of 5, then one token at a time: mask_fn and score_fn see q_idx = the position in the sequence."""
+    x, segments = _inputs()
+    model = ALiBiAttention("entmax15", None)
+    full = model(x, segments)
+    model.attention.init_cache((B, T, F))
+    steps = [model(x[:, :5], segments, decode=True)]
+    for t in range(5, T):
+        steps.append(model(x[:, t : t + 1], segments, decode=True))
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5)
