@@ -10,7 +10,8 @@ CPU setting). For each normalizer and n, three calls compute the same attention:
 
 Times are medians of interleaved repetitions (the three calls alternate, so a noisy machine slows
 them alike), forward and forward + backward; memory is the compiled temporaries (XLA's
-memory_analysis). Every call is checked against dense at the smallest n. Writes
+memory_analysis). Every call is checked against dense at the smallest n (max_abs_error_vs_dense:
+the output, or in forward + backward the gradient w.r.t. the queries). Writes
 results/document_mask.json (the previous file archived first) and prints the table.
 
     python benchmarks/document_mask.py [--lengths 2048 4096 8192] [--reps 5] [--out results]
@@ -62,8 +63,10 @@ def _calls(normalizer: str, n: int, mode: str) -> dict[str, tuple]:
     return calls
 
 
-def _output(result) -> np.ndarray:
-    return np.asarray(result[0] if isinstance(result, tuple) else result)
+def _checked(result) -> np.ndarray:
+    """What is compared with dense: the output (forward), or the gradient w.r.t. the queries
+    (forward + backward: the result is (loss, (dq, dk, dv)))."""
+    return np.asarray(result[1][0] if isinstance(result, tuple) else result)
 
 
 def measure(normalizer: str, n: int, mode: str, reps: int, check: bool) -> list[dict]:
@@ -85,9 +88,9 @@ def measure(normalizer: str, n: int, mode: str, reps: int, check: bool) -> list[
             jax.block_until_ready(records[name]["compiled"](*args))
             records[name]["times_seconds"].append(time.perf_counter() - start)
     if check:
-        reference = _output(records["dense"]["compiled"](*calls["dense"][1]))
+        reference = _checked(records["dense"]["compiled"](*calls["dense"][1]))
         for name, (_, args) in calls.items():
-            error = float(np.max(np.abs(_output(records[name]["compiled"](*args)) - reference)))
+            error = float(np.max(np.abs(_checked(records[name]["compiled"](*args)) - reference)))
             records[name]["max_abs_error_vs_dense"] = error
     out = []
     for record in records.values():
