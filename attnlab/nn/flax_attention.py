@@ -51,6 +51,8 @@ OPTIONS = {
     "query_block": None,
     "local_window_size": None,
     "scale": None,
+    "mask_fn": None,
+    "score_fn": None,
 }
 UNSUPPORTED_KEYWORDS = ("qk_attn_weights_einsum", "attn_weights_value_einsum")
 
@@ -79,8 +81,10 @@ def attention_fn(normalizer: str | NormalizerSpec | Normalizer | Callable = "sof
       normalizer: a name from `attnlab.normalizers.NAMES` (its default parameters: "ssmax" is
         SSMax with a fixed s = 0.43), a `Normalizer` (`attnlab.normalizers.get("ssmax", s=0.5)`),
         a `NormalizerSpec` without learned parameters, or a callable f(logits, *, axis, where).
-      **options: implementation, key_block, query_block, local_window_size, scale, passed to
-        `dot_product_attention`. Anything else raises TypeError listing these.
+      **options: implementation, key_block, query_block, local_window_size, scale, mask_fn,
+        score_fn, passed to `dot_product_attention` (mask_fn and score_fn: functions of positions,
+        see `attnlab.attention.mask_functions`; b indexes the batch axes flattened into one).
+        Anything else raises TypeError listing these.
 
     Returns:
       fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
@@ -152,6 +156,8 @@ def attention_fn(normalizer: str | NormalizerSpec | Normalizer | Callable = "sof
             dropout_rng=dropout_rng,
             broadcast_dropout=broadcast_dropout,
             deterministic=deterministic,
+            mask_fn=settings["mask_fn"],
+            score_fn=settings["score_fn"],
         )
         if module is not None:
             _sow_weights(module, aux["weights"].reshape((*batch, *aux["weights"].shape[1:])))

@@ -113,7 +113,7 @@ class MultiHeadAttention(nn.Module):
 
         Every keyword of `attnlab.nn.MultiHeadAttention.__call__` is passed on as it is (mask, bias,
         is_causal, positions, key_positions, rope_theta, key_value_seq_lengths, deterministic,
-        sow_weights, return_statistics, mass_keys), with the same results; `rngs` is replaced by
+        sow_weights, return_statistics, mass_keys, mask_fn, score_fn), with the same results; `rngs` is replaced by
         `dropout_rng`, the key for dropout (default: `make_rng("dropout")`, drawn only when dropout
         is active).
         """

@@ -62,3 +62,23 @@ def test_decoding_with_functions_equals_the_full_forward():
     for t in range(5, T):
         steps.append(model(x[:, t : t + 1], segments, decode=True))
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5)
+
+
+def test_flax_layers_and_the_linen_layer_take_the_functions():
+    """flax's own layer through attention_fn(mask_fn=...), and the Linen layer, equal the NNX layer's call."""
+    from attnlab.nn import LinenMultiHeadAttention, attention_fn
+
+    x, segments = _inputs()
+    documents, alibi = mf.document_mask(segments), mf.alibi(mf.alibi_slopes(N))
+    flax_layer = nnx.MultiHeadAttention(
+        num_heads=N, in_features=F, decode=False, rngs=nnx.Rngs(0),
+        attention_fn=attention_fn("softmax", mask_fn=documents, score_fn=alibi),
+    )  # fmt: skip
+    ours = MultiHeadAttention(N, F, rngs=nnx.Rngs(0))
+    nnx.update(ours, nnx.state(flax_layer, nnx.Param))
+    np.testing.assert_allclose(flax_layer(x), ours(x, mask_fn=documents, score_fn=alibi), atol=1e-5)
+    linen = LinenMultiHeadAttention(num_heads=N, normalizer="sparsemax")
+    variables = linen.init(jax.random.PRNGKey(1), x)
+    got = linen.apply(variables, x, is_causal=True, mask_fn=documents)
+    mask = segments[:, None, :, None] == segments[:, None, None, :]
+    np.testing.assert_allclose(got, linen.apply(variables, x, is_causal=True, mask=mask), atol=1e-5)
