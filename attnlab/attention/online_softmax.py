@@ -33,6 +33,13 @@ Two more kinds of mapping take the same passes (attention.families):
 - "elementwise" (p_i = sigmoid(s_i), its bias folded into b by the caller) needs no running sum:
   out = sum_j p_j v_j, and the backward has ds_j = p_j (1 - p_j) (dout v_j^T) in place of
   p_j * (dout v_j^T - D). Its lse is returned as 0 (+inf for a row holding +inf) and not used.
+
+A mask function (attention.mask_functions) replaces the key-block ranges by a block map derived
+once per call: each query block visits only the key blocks holding a pair visible to some batch row
+and head, evaluating the function on each one. A score function maps each block's logits,
+s = score_fn(q k^T + b), in both passes; the backward takes ds through its pullback, which also
+gives the cotangents of the float arrays it closes over (passed in explicitly: see
+mask_functions.convert).
 """
 
 from __future__ import annotations
