@@ -84,13 +84,13 @@ class Config:
     normalizers: tuple[NormalizerSpec, ...] = DEFAULT_NORMALIZERS
     widths: tuple[int, ...] = setting((16, 32, 64), nonempty, each(positive), increasing, distinct)
     layers: int = setting(2, positive)
-    heads: int = setting(1, positive)
-    vocab_size: int = setting(256, between(4, MAX_VOCAB))
-    num_kv_pairs: int = setting(8, positive)
+    heads: int = setting(2, positive)
+    vocab_size: int = setting(32, between(4, MAX_VOCAB))
+    num_kv_pairs: int = setting(4, positive)
     power_a: float = setting(0.01, noted(positive, "1 is uniform"))
     training: lm.TrainingSetting = dataclasses.field(
         default_factory=lambda: lm.TrainingSetting(
-            seq_len=64, batch_size=64, steps=400, learning_rate=3e-3, warmup=40, log_every=20, checkpoint_every=200
+            seq_len=32, batch_size=64, steps=1000, learning_rate=3e-3, warmup=50, log_every=25, checkpoint_every=250
         )
     )
     eval_examples: int = setting(1024, multiple_of(EVAL_BATCH))
@@ -107,7 +107,7 @@ class Config:
         try:
             self.task()
         except ValueError as err:
-            yield f"the task does not fit (training.seq_len is its sequence length): {err}"
+            yield f"{{num_kv_pairs}}, {{vocab_size}} and {{training.seq_len}} make no MQAR task: {err}"
 
     def __post_init__(self):
         check(self)
