@@ -99,7 +99,7 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
         ax.set_xlabel("row length n")
         ax.set_ylabel("γ at which the self weight reaches 1/2")
         ax.set_title(f"ρ = {rho}")
-    axes[0][0].legend(loc="lower left", frameon=False)
+    axes[0][0].legend(loc="center left", bbox_to_anchor=(0.0, 0.7), frameon=False)
     fig.suptitle("Where the transition sits (mean and 95% t interval over seeds; dashed: exact simplex)")
     paths += style.save(fig, out_dir / f"{name}_gamma_half")
     return paths
