@@ -1,7 +1,8 @@
 """Figures from results JSON alone: no model, no recompute.
 
 `render(json_path)` draws the figures of one results file into <results>/figures/;
-`render_all(results_dir)` does every file and rewrites the results/README.md index.
+`render_all(results_dir)` does every file and rewrites the results/README.md index and the
+findings page, results/FINDINGS.md (attnlab.figures.findings).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def render_all(results_dir: str | Path) -> dict[Path, list[Path]]:
         if payload.get("kind") in drawers:
             rendered[json_path] = _render(json_path, payload, drawers)
     write_index(results_dir, rendered)
+    from attnlab.figures.findings import write_findings
+
+    write_findings(results_dir)
     return rendered
 
 

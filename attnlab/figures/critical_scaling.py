@@ -103,3 +103,49 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
     fig.suptitle("Where the transition sits (mean and 95% t interval over seeds; dashed: exact simplex)")
     paths += style.save(fig, out_dir / f"{name}_gamma_half")
     return paths
+
+
+def findings(payload: dict) -> list:
+    """Per normalizer and rho: where the self weight crosses 1/2 at the smallest and largest n (mean
+    and interval over seeds), against the theory's gamma_c for softmax (is it inside the interval?)."""
+    from attnlab.figures.findings import Finding, interval_text
+
+    summary = _summary(payload)
+    groups = summary["gamma_half"]["groups"]
+    seeds = max((len(g["seeds"]) for g in groups), default=0)
+    figure = f"{payload['experiment']}_gamma_half.png"
+    out = []
+    for normalizer in payload["config"]["normalizers"]:
+        for rho in payload["config"]["rhos"]:
+            rows = [g for g in groups if g["normalizer"] == normalizer and g["rho"] == rho and g.get("gamma_half")]
+            rows.sort(key=lambda g: g["n"])
+            if not rows:
+                continue
+            first, last = rows[0], rows[-1]
+            label = LABELS.get(normalizer, normalizer)
+            claim = (
+                f"{label}, ρ = {rho}, {seeds} seeds: the self weight reaches 1/2 at γ = "
+                f"{interval_text(first['gamma_half'])} for n = {first['n']:,} and {interval_text(last['gamma_half'])} "
+                f"for n = {last['n']:,}"
+            )
+            significant = None
+            if normalizer == "critical_softmax":
+                critical = 1.0 / (1.0 - rho)
+                interval = last["gamma_half"]
+                inside = interval["low"] is not None and interval["low"] <= critical <= interval["high"]
+                where = "inside" if inside else "outside"
+                offset = 100.0 * (interval["mean"] / critical - 1.0)
+                claim += (
+                    f"; the theory's γ_c = 1 / (1 − ρ) = {critical:g} (the exact simplex as n → ∞) is {where} "
+                    f"that interval, which sits {offset:+.1f}% from it"
+                )
+                significant = None if interval["low"] is None else not inside
+            else:
+                a, b = first["gamma_half"], last["gamma_half"]
+                ratio = b["mean"] / a["mean"]
+                claim += f": x{ratio:.2f}, so under γ log n scaling this map goes one-hot at smaller γ as n grows"
+                significant = (
+                    None if a["low"] is None or b["low"] is None else (a["low"] > b["high"] or b["low"] > a["high"])
+                )
+            out.append(Finding(claim, significant, figure))
+    return out

@@ -142,3 +142,23 @@ def training_curves(payload: dict, out_dir: Path) -> list[Path]:
 def render(payload: dict, out_dir: Path) -> list[Path]:
     style.setup()
     return accuracy_vs_width(payload, out_dir) + training_curves(payload, out_dir)
+
+
+def findings(payload: dict) -> list:
+    """Per width, each normalizer's paired accuracy difference to softmax (same seeds, same data),
+    with its interval; and the accuracy of each normalizer at the widest width."""
+    from attnlab.figures.findings import Finding, interval_text
+
+    summary = _summary(payload)
+    figure = f"{payload['experiment']}_accuracy.png"
+    out = []
+    for entry in summary.get("paired", []):
+        diff = entry.get("accuracy")
+        if diff is None:
+            continue
+        claim = (
+            f"{entry['normalizer']} − {entry['against']['normalizer']}, held-out accuracy at width {entry['width']} "
+            f"({diff['n']} paired seeds): {interval_text(diff)}"
+        )
+        out.append(Finding(claim, diff["significant"] if diff["low"] is not None else None, figure))
+    return out
