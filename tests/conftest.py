@@ -1,5 +1,5 @@
 """Shared fixtures: the normalizer tests' jit caches (tests/normalizers/test_normalizers_*.py), and
-`replace_run_point` for the experiment tests.
+`replace_run_point` and `watch_training` for the experiment tests.
 
 Compilation dominates the cost of these tests, so they go through `normalize`, which jits each
 (name, axis, static parameters) once per session; jit then re-traces only for a new shape or
@@ -126,3 +126,42 @@ def replace_run_point(monkeypatch):
         monkeypatch.setitem(experiments.KINDS, kind_name, dataclasses.replace(kind, run_point=fn))
 
     return replace
+
+
+@pytest.fixture(scope="session")
+def watch_training():
+    """watch_training(calls) -> a stand-in for attnlab.experiments.lm.train_model that first appends
+    to `calls`, per call, a dict of: name (the model's, as given), label (the attention
+    normalizer's), output (the output normalizer's label), seed and seq_len (the training's),
+    weights (the initial parameters' sum of squares) and inputs (the first two training batches'
+    inputs); then it trains as the real one does, on the same batches."""
+    import itertools
+
+    from flax import nnx
+
+    from attnlab.experiments import lm
+
+    real = lm.train_model
+
+    def factory(calls: list[dict]):
+        def watched(model_setting, training, normalizer, batches, **keywords):
+            first = list(itertools.islice(batches, 2))
+            output = keywords.get("output", "softmax")
+            initial = model_setting.build(normalizer, training.seed, output)
+            params = jax.tree.leaves(nnx.state(initial, nnx.Param))
+            calls.append(
+                {
+                    "name": keywords.get("name"),
+                    "label": normalizer.label,
+                    "output": getattr(output, "label", output),
+                    "seed": training.seed,
+                    "seq_len": training.seq_len,
+                    "weights": float(sum(np.sum(np.square(np.asarray(p))) for p in params)),
+                    "inputs": [batch.inputs for batch in first],
+                }
+            )
+            return real(model_setting, training, normalizer, itertools.chain(first, batches), **keywords)
+
+        return watched
+
+    return factory

@@ -124,6 +124,8 @@ def test_configs_of_the_fading_and_length_generalization_kinds_run_it_and_draw_i
         "training.log_every=1",
         "--set",
         "rope_theta_factors=[1.0]",
+        "--set",
+        "seeds=[0]",
     ]
     for config, overrides in (("fading_synthetic_quick", fading), ("length_generalization_quick", length)):
         code = cli.main(["run", str(EXPERIMENTS / f"{config}.toml"), "--out", str(out), *overrides, "--no-progress"])

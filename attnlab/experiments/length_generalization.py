@@ -3,8 +3,10 @@
 The SSMax paper's Figures 4-6 at small scale. For each normalizer (default: softmax, SSMax,
 SSMax without the learned s, SSMax with a learned bias, sparsemax, 1.5-entmax, alpha-entmax with
 alpha learned per head) a byte-level `TransformerLM` is trained at L = training.seq_len on the
-default corpus (`attnlab.data.load_corpus()`: the Python standard library's source), with the
-same data, initialisation and optimizer for each. It is then evaluated on validation windows of
+default corpus (`attnlab.data.load_corpus()`: the Python standard library's source), once per
+seed in `seeds`: the seed sets the initialisation and the order of the training windows, the same
+for every normalizer under one seed (training.seed is replaced by the point's). It is then
+evaluated on validation windows of
 `eval_length` tokens, once with each RoPE base training.rope_theta * f for f in
 `rope_theta_factors` (1: as trained; the paper raises it 50x with no retraining):
 
@@ -16,8 +18,11 @@ same data, initialisation and optimizer for each. It is then evaluated on valida
 A model whose loss stays flat beyond L generalises; a largest weight that falls with t is
 attention fading inside a trained model.
 
-Records (one "training" record and one "evaluation" record per theta factor, per normalizer):
-see `run_point`.
+Records (one "training" record and one "evaluation" record per theta factor, per normalizer and
+seed): see `run_point`. The summary (`summarize`) gives the mean and Student-t 95% interval over
+seeds of each normalizer's validation and final training loss, and per RoPE factor of its loss
+over the window, within L, beyond L and over the last eighth, with each normalizer's paired
+difference to softmax on the seeds both ran (`attnlab.experiments.intervals`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from attnlab.data import eval_batches, load_corpus, train_batches
-from attnlab.experiments import lm
+from attnlab.experiments import intervals, lm
 from attnlab.experiments.checks import at_least, check, distinct, each, nonempty, positive, setting
 from attnlab.experiments.kind import Kind
 from attnlab.normalizers import NormalizerSpec
@@ -44,12 +49,16 @@ DEFAULT_NORMALIZERS = (
     NormalizerSpec("entmax15"),
     NormalizerSpec("entmax", learn=("alpha",), label="α-entmax (learned α)"),
 )
+TRAINING_METRICS = ("validation_loss", "train_loss")
+EVALUATION_METRICS = ("loss", "loss_within", "loss_beyond", "loss_last_eighth")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """normalizers: the models to train (see `NormalizerSpec`); model, training: their shape and
-    training (`lm.ModelSetting`, `lm.TrainingSetting`); eval_length: evaluation window length
+    training (`lm.ModelSetting`, `lm.TrainingSetting`; its seed is replaced by the point's);
+    seeds: one model per normalizer and seed, the seed fixing its initialisation and the order
+    of its training windows (the same for every normalizer); eval_length: evaluation window length
     (>= training.seq_len; the paper's question needs >= 8 L); eval_windows: validation windows
     (contiguous, from the start of the validation split); rope_theta_factors: RoPE
     bases to evaluate with, as multiples of model.rope_theta; position_bins: about this many
@@ -62,6 +71,7 @@ class Config:
     eval_windows: int = setting(32, at_least(1))
     rope_theta_factors: tuple[float, ...] = setting((1.0, 50.0), nonempty, each(positive), distinct)
     position_bins: int = setting(24, at_least(1))
+    seeds: tuple[int, ...] = setting((0, 1, 2), nonempty, each(at_least(0)), distinct)
 
     def relations(self) -> Iterator[str]:
         if self.eval_length < self.training.seq_len:
@@ -72,8 +82,8 @@ class Config:
 
 
 def points(config: Config) -> list[dict[str, Any]]:
-    """One point per normalizer: train, then evaluate."""
-    return [{"normalizer": spec.label} for spec in config.normalizers]
+    """One point per seed x normalizer, seed first (an interrupted run has whole seeds): train, then evaluate."""
+    return [{"normalizer": spec.label, "seed": seed} for seed in config.seeds for spec in config.normalizers]
 
 
 def _windows(data: np.ndarray, length: int, count: int) -> list[Any]:
@@ -96,7 +106,8 @@ def statistics_record(stats: dict[str, np.ndarray], edges: np.ndarray) -> dict[s
 def run_point(
     config: Config, point: dict[str, Any], *, progress: lm.Progress | None = None, workdir: Path | None = None
 ) -> list[dict[str, Any]]:
-    """Train one model and evaluate it. Records:
+    """Train one model (initialisation and data order from the point's seed) and evaluate it.
+    Records (the runner adds the point's normalizer and seed to each):
 
     {"record": "training"}: parameters, history, validation_loss (loss_within with the RoPE base as
       trained, when 1 is among rope_theta_factors), tokens_per_second,
@@ -110,7 +121,7 @@ def run_point(
     """
     normalizer = next(spec for spec in config.normalizers if spec.label == point["normalizer"])
     corpus = load_corpus()
-    training = config.training
+    training = dataclasses.replace(config.training, seed=point["seed"])
     length = training.seq_len
 
     batches = train_batches(corpus.train, seq_len=length, batch_size=training.batch_size, seed=training.seed)
@@ -150,6 +161,41 @@ def run_point(
     return records
 
 
+def summary_of(records: list[dict[str, Any]], baseline: str | None = "softmax") -> dict[str, Any]:
+    """Means and Student-t 95% intervals over seeds (see `intervals.summarize_records`):
+
+    {"training": per normalizer: validation_loss, train_loss (the last history entry's);
+     "evaluation": per (normalizer, rope_theta_factor): loss, loss_within, loss_beyond, loss_last_eighth}
+
+    each with the paired difference to the `baseline` normalizer (a label; None: no pairs) on
+    the seeds both ran. A record without a seed (written before seeds were swept) is seed 0.
+    """
+    against = None if baseline is None else {"normalizer": baseline}
+    trained = [
+        {"normalizer": r["normalizer"], "seed": lm.seed_of(r), "validation_loss": r.get("validation_loss"),
+         "train_loss": r["history"][-1]["loss"]}
+        for r in records if r.get("record") == "training"
+    ]  # fmt: skip
+    evaluated = [
+        {"normalizer": r["normalizer"], "rope_theta_factor": r["rope_theta_factor"], "seed": lm.seed_of(r),
+         **{metric: r.get(metric) for metric in EVALUATION_METRICS}}
+        for r in records if r.get("record") == "evaluation"
+    ]  # fmt: skip
+    return {
+        "training": intervals.summarize_records(
+            trained, by=("normalizer",), metrics=TRAINING_METRICS, baseline=against
+        ),
+        "evaluation": intervals.summarize_records(
+            evaluated, by=("normalizer", "rope_theta_factor"), metrics=EVALUATION_METRICS, baseline=against
+        ),
+    }
+
+
+def summarize(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results file's summary: `summary_of` against the config's first softmax normalizer."""
+    return summary_of(records, lm.baseline_label([spec.to_json() for spec in config.normalizers]))
+
+
 KIND = Kind(
     name="length_generalization",
     description=(
@@ -158,6 +204,7 @@ KIND = Kind(
     config_type=Config,
     points=points,
     run_point=run_point,
-    sweep_fields={"normalizers": "normalizer"},
+    sweep_fields={"normalizers": "normalizer", "seeds": "seed"},
     figures="attnlab.figures.length_generalization",
+    summarize=summarize,
 )

@@ -84,7 +84,9 @@ class TrainingSetting:
     seq_len: the training length L (input tokens per window); batch_size windows per step;
     steps; learning_rate (peak); warmup steps; weight_decay; log_every (steps per history entry);
     checkpoint_every (steps between checkpoints, so an interrupted point resumes); seed (the
-    initialisation and the data order; the same for every normalizer).
+    initialisation and the data order; the same for every normalizer). The kinds that sweep
+    `seeds` (length_generalization, needle, calibration, distillation, mqar) replace it with each
+    point's seed, so there it has no effect.
     """
 
     seq_len: int = setting(128, at_least(2))
@@ -146,6 +148,18 @@ def model_settings(
         "eval_every": eval_every,
         **(settings or {}),
     }
+
+
+def seed_of(record: dict[str, Any]) -> int:
+    """The seed of a training kind's record. Records written before these kinds swept seeds have
+    none: each is seed 0 of a single-seed run (every committed config trained with seed 0)."""
+    return record.get("seed", 0)
+
+
+def baseline_label(specs: list[dict[str, Any]]) -> str | None:
+    """The label of the first softmax normalizer among `specs` (NormalizerSpec JSON), or None:
+    the group every other normalizer is compared with, paired by seed, in a summary."""
+    return next((spec["label"] for spec in specs if spec["name"] == "softmax"), None)
 
 
 def corpus_settings(corpus: Any, split: str = "train") -> dict[str, Any]:

@@ -6,13 +6,22 @@ The SSMax paper's needle figures at small scale. Each model is trained from scra
 filler at a uniformly random depth, the question at the end; only the answer digits are scored)
 at L = training.seq_len. Then, for every RoPE base model.rope_theta * f (f in
 `rope_theta_factors`), every context length n in `eval_lengths` and every depth in `depths`,
-`eval_examples` fresh sequences (a seed apart from training's) give:
+`eval_examples` fresh sequences (drawn from seeds apart from training's, the same for every
+model) give:
 
   - retrieval accuracy: the fraction of sequences whose every answer digit is the argmax
     prediction (sequence accuracy), and the fraction of answer digits right (digit accuracy);
   - the attention mass on the needle: at the query that predicts the first answer digit, the
     total weight each layer and head puts on the needle sentence's positions, averaged over the
     sequences (uniform attention would put needle_length / n there).
+
+A model is trained per normalizer and seed in `seeds`: the seed sets the initialisation and the
+training stream (which sequences, in which order), the same for every normalizer under one seed
+(training.seed is replaced by the point's). The summary (`summarize`) gives the mean and
+Student-t 95% interval over seeds of the sequence and digit accuracy per (normalizer, RoPE
+factor, length) (means over the depths) and within L (lengths <= L) and beyond it, and of the
+final training loss, each with the paired difference to softmax on the seeds both ran
+(`attnlab.experiments.intervals`).
 """
 
 from __future__ import annotations
@@ -22,9 +31,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from attnlab.data import NeedleConfig, load_corpus, needle_batch, needle_train_batches
 from attnlab.data.tasks import FILLERS
-from attnlab.experiments import lm
+from attnlab.experiments import intervals, lm
 from attnlab.experiments.checks import (
     at_least,
     between,
@@ -48,11 +59,16 @@ DEFAULT_NORMALIZERS = (
     NormalizerSpec("entmax15"),
 )
 EVAL_SEED_OFFSET = 1_000_003  # evaluation sequences are drawn apart from the training stream
+ACCURACIES = ("sequence_accuracy", "digit_accuracy")
+# Accuracies over the cells of lengths <= L (within) and > L (beyond), L the training length.
+SPAN_METRICS = tuple(f"{a}_{span}" for span in ("within", "beyond") for a in ACCURACIES)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """normalizers, model, training: as in `length_generalization` (training.seq_len is L);
+    """normalizers, model, training: as in `length_generalization` (training.seq_len is L; its
+    seed is replaced by the point's); seeds: one model per normalizer and seed, the seed fixing
+    its initialisation and its training sequences (the same for every normalizer);
     key_length, value_length, filler: the task (`attnlab.data.NeedleConfig`); eval_lengths:
     context lengths to test (each >= the task's minimum); depths: needle depths in [0, 1];
     eval_examples: sequences per (length, depth) cell; rope_theta_factors: RoPE bases to test,
@@ -70,6 +86,7 @@ class Config:
     depths: tuple[float, ...] = setting((0.0, 0.25, 0.5, 0.75, 1.0), nonempty, each(between(0, 1)), distinct)
     eval_examples: int = setting(32, at_least(1))
     rope_theta_factors: tuple[float, ...] = setting((1.0, 50.0), nonempty, each(positive), distinct)
+    seeds: tuple[int, ...] = setting((0, 1, 2), nonempty, each(at_least(0)), distinct)
 
     def relations(self) -> Iterator[str]:
         for n in (self.training.seq_len, *self.eval_lengths):
@@ -93,14 +110,17 @@ class Config:
 
 
 def points(config: Config) -> list[dict[str, Any]]:
-    """One point per normalizer: train, then test every (theta, length, depth) cell."""
-    return [{"normalizer": spec.label} for spec in config.normalizers]
+    """One point per seed x normalizer, seed first (an interrupted run has whole seeds): train, then
+    test every (theta, length, depth) cell."""
+    return [{"normalizer": spec.label, "seed": seed} for seed in config.seeds for spec in config.normalizers]
 
 
 def run_point(
     config: Config, point: dict[str, Any], *, progress: lm.Progress | None = None, workdir: Path | None = None
 ) -> list[dict[str, Any]]:
-    """Train one model and test it. Records:
+    """Train one model (initialisation and training sequences from the point's seed) and test it
+    on the same sequences whatever the seed. Records (the runner adds the point's normalizer and
+    seed to each):
 
     {"record": "training"}: as in `length_generalization` (parameters, history, tokens_per_second,
       compile_seconds, train_seconds, wall_seconds, learned).
@@ -109,7 +129,7 @@ def run_point(
       query), needle_mass_uniform (needle_length / (query position + 1), what uniform weights give).
     """
     normalizer = next(spec for spec in config.normalizers if spec.label == point["normalizer"])
-    training = config.training
+    training = dataclasses.replace(config.training, seed=point["seed"])
     corpus = load_corpus().validation if config.filler == "corpus" else None
     batches = needle_train_batches(
         config.task(training.seq_len, 0.0), batch_size=training.batch_size, seed=training.seed, corpus=corpus
@@ -150,12 +170,68 @@ def run_point(
     return records
 
 
+def summary_of(records: list[dict[str, Any]], seq_len: int, baseline: str | None = "softmax") -> dict[str, Any]:
+    """Means and Student-t 95% intervals over seeds (see `intervals.summarize_records`):
+
+    {"training": per normalizer: train_loss (the last history entry's);
+     "retrieval": per (normalizer, rope_theta_factor, length): sequence_accuracy, digit_accuracy
+       (each the mean over the depths);
+     "spans": per (normalizer, rope_theta_factor): sequence_accuracy_within, digit_accuracy_within
+       (the mean over the cells of lengths <= seq_len, the training length L),
+       sequence_accuracy_beyond, digit_accuracy_beyond (lengths > L; null when none is)}
+
+    each with the paired difference to the `baseline` normalizer (a label; None: no pairs) on
+    the seeds both ran. A record without a seed (written before seeds were swept) is seed 0.
+    """
+    against = None if baseline is None else {"normalizer": baseline}
+    trained = [
+        {"normalizer": r["normalizer"], "seed": lm.seed_of(r), "train_loss": r["history"][-1]["loss"]}
+        for r in records if r.get("record") == "training"
+    ]  # fmt: skip
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("record") == "retrieval":
+            cells.setdefault((r["normalizer"], r["rope_theta_factor"], lm.seed_of(r)), []).append(r)
+    by_length, by_span = [], []
+    for (label, factor, seed), found in cells.items():
+        group = {"normalizer": label, "rope_theta_factor": factor, "seed": seed}
+        for length in sorted({r["length"] for r in found}):
+            at = [r for r in found if r["length"] == length]
+            by_length.append({**group, "length": length, **{a: float(np.mean([r[a] for r in at])) for a in ACCURACIES}})
+        spans = {
+            "within": [r for r in found if r["length"] <= seq_len],
+            "beyond": [r for r in found if r["length"] > seq_len],
+        }
+        means = {f"{a}_{span}": float(np.mean([r[a] for r in rows])) if rows else None
+                 for span, rows in spans.items() for a in ACCURACIES}  # fmt: skip
+        by_span.append({**group, **means})
+    return {
+        "training": intervals.summarize_records(trained, by=("normalizer",), metrics=("train_loss",), baseline=against),
+        "retrieval": intervals.summarize_records(
+            by_length, by=("normalizer", "rope_theta_factor", "length"), metrics=ACCURACIES, baseline=against
+        ),
+        "spans": intervals.summarize_records(
+            by_span,
+            by=("normalizer", "rope_theta_factor"),
+            metrics=SPAN_METRICS,
+            baseline=against,
+        ),
+    }
+
+
+def summarize(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results file's summary: `summary_of` at the training length against the config's first softmax normalizer."""
+    specs = [spec.to_json() for spec in config.normalizers]
+    return summary_of(records, config.training.seq_len, lm.baseline_label(specs))
+
+
 KIND = Kind(
     name="needle",
     description="one LM per normalizer trained on passkey retrieval at L; accuracy over length (to >= 8 L) x depth",
     config_type=Config,
     points=points,
     run_point=run_point,
-    sweep_fields={"normalizers": "normalizer"},
+    sweep_fields={"normalizers": "normalizer", "seeds": "seed"},
     figures="attnlab.figures.needle",
+    summarize=summarize,
 )

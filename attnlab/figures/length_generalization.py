@@ -1,5 +1,12 @@
-"""Figures of a length_generalization results file: training curves, loss vs position, and the
-attention inside each trained model (max weight, entropy, zero fraction) vs position, per layer."""
+"""Figures of a length_generalization results file: training curves, loss vs position, the
+losses within and beyond L per normalizer with their paired differences to softmax, and the
+attention inside each trained model (max weight, entropy, zero fraction) vs position, per layer.
+
+Every curve is the mean over the seeds with its 95% t interval as a band (`bands`); the losses
+per normalizer come from the results file's "summary" (written when the sweep finished), or for
+a run still in progress from its records the same way. A file of one seed (or written before
+seeds were swept: its records are seed 0) is drawn as that one run, without bands.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +16,14 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from attnlab.figures import style
-from attnlab.figures.training import DASHES, draw_curves
+from attnlab.experiments import length_generalization, lm
+from attnlab.figures import bands, style
+from attnlab.figures.training import DASHES, draw_curves, seed_curve
 
 LOSS_BINS = 24
+# The losses the summary figure shows per normalizer, with their legend names and markers.
+SUMMARY_LOSSES = (("loss_within", "within L", "o"), ("loss_beyond", "beyond L", "s"),
+                  ("loss_last_eighth", "last eighth", "^"))  # fmt: skip
 
 
 def _by_label(records: list[dict], kind: str) -> dict[str, list[dict]]:
@@ -23,8 +34,15 @@ def _by_label(records: list[dict], kind: str) -> dict[str, list[dict]]:
     return out
 
 
+def _final(runs: list[dict]) -> float | None:
+    """The mean over seeds of the runs' validation loss (None when they have none)."""
+    losses = [r["validation_loss"] for r in runs if r.get("validation_loss") is not None]
+    return float(np.mean(losses)) if losses else None
+
+
 def training_curves(payload: dict, out_dir: Path, ylabel: str) -> list[Path]:
-    """Training loss vs step, one curve per normalizer (shared with the needle figures)."""
+    """Training loss vs step, one curve per normalizer, the mean over seeds with its 95% t band
+    (shared with the needle figures)."""
     config, name = payload["config"], payload["experiment"]
     specs = config["normalizers"]
     colors = style.colors_for(specs)
@@ -33,20 +51,20 @@ def training_curves(payload: dict, out_dir: Path, ylabel: str) -> list[Path]:
         {
             "label": style.display_label(spec),
             "color": colors[spec["label"]],
-            "steps": [h["step"] for h in trained[spec["label"]][0]["history"]],
-            "losses": [h["loss"] for h in trained[spec["label"]][0]["history"]],
-            "final": trained[spec["label"]][0].get("validation_loss"),
+            **seed_curve(trained[spec["label"]]),
+            "final": _final(trained[spec["label"]]),
         }
         for spec in specs
         if spec["label"] in trained
     ]
+    seeds = len(bands.seeds_in([r for runs in trained.values() for r in runs]))
     fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
     draw_curves(ax, curves)
     model, training = config["model"], config["training"]
     ax.set_ylabel(ylabel)
     ax.set_title(
         f"{model['layers']} layers, width {model['width']}, {model['heads']} heads; trained at L = "
-        f"{training['seq_len']}, batch {training['batch_size']}",
+        f"{training['seq_len']}, batch {training['batch_size']}\n{bands.note(seeds)}",
         fontsize=10,
     )
     return style.save(fig, out_dir / f"{name}_training_loss")
@@ -85,10 +103,11 @@ def loss_vs_position(payload: dict, out_dir: Path) -> list[Path]:
             rows = [r for r in evaluations.get(spec["label"], []) if r["rope_theta_factor"] == factor]
             if not rows:
                 continue
-            x, y = _log_binned(rows[0]["per_position_loss"], LOSS_BINS)
-            ax.plot(
-                x, y, color=colors[spec["label"]], ls=DASHES[i % len(DASHES)], lw=1.5, label=style.display_label(spec)
-            )
+            binned = [_log_binned(r["per_position_loss"], LOSS_BINS) for r in rows]  # one per seed
+            bands.draw(
+                ax, binned[0][0], *bands.curve_band([y for _, y in binned]), color=colors[spec["label"]],
+                ls=DASHES[i % len(DASHES)], lw=1.5, label=style.display_label(spec),
+            )  # fmt: skip
         _mark_training_length(ax, length)
         ax.set_xscale("log")
         ax.set_xlabel("position t + 1 (bytes of context)")
@@ -96,17 +115,73 @@ def loss_vs_position(payload: dict, out_dir: Path) -> list[Path]:
         ax.set_title(f"RoPE θ = {theta:g}" + (" (as trained)" if factor == 1 else f" ({factor:g}× training θ)"))
     axes[0][0].set_ylabel("validation loss (nats per byte, log-binned)")
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center", frameon=False)
+    seeds = len(bands.seeds_in([r for rows in evaluations.values() for r in rows]))
     fig.suptitle(
         f"Loss vs position, trained at L = {length}, evaluated to {config['eval_length']} "
-        f"(mean over {config['eval_windows']} validation windows)",
+        f"(mean over {config['eval_windows']} validation windows; {bands.note(seeds)})",
         fontsize=11,
     )
     return style.save(fig, out_dir / f"{name}_loss_vs_position")
 
 
+def _summary(payload: dict) -> dict:
+    """The results file's summary, or the same computed from its records (a run in progress)."""
+    summary = payload.get("summary")
+    if summary is not None:
+        return summary
+    return length_generalization.summary_of(payload["records"], lm.baseline_label(payload["config"]["normalizers"]))
+
+
+def losses_by_normalizer(payload: dict, out_dir: Path) -> list[Path]:
+    """Per RoPE factor (columns): top, each normalizer's validation loss within L, beyond L and
+    over the last eighth of the window, mean over seeds with its 95% t interval; bottom (when a
+    softmax normalizer ran), each other normalizer's paired difference to softmax (same seeds,
+    same data): bars that miss 0 mark a difference at the 95% level."""
+    config, name = payload["config"], payload["experiment"]
+    specs, factors = config["normalizers"], config["rope_theta_factors"]
+    summary = _summary(payload)["evaluation"]
+    paired = summary["paired"]
+    rows = 2 if paired else 1
+    fig, axes = plt.subplots(
+        rows, len(factors), figsize=(max(4.0, 0.55 * len(specs) + 1.5) * len(factors), 3.6 * rows),
+        squeeze=False, sharex=True, layout="constrained",
+    )  # fmt: skip
+    labels = [spec["label"] for spec in specs]
+    x = np.arange(len(labels), dtype=float)
+    shift = np.linspace(-0.22, 0.22, len(SUMMARY_LOSSES))
+    for col, factor in enumerate(factors):
+        panels = [("groups", summary["groups"], axes[0][col])]
+        if paired:
+            panels.append(("paired", paired, axes[1][col]))
+        for which, entries, ax in panels:
+            at = {e["normalizer"]: e for e in entries if e["rope_theta_factor"] == factor}
+            for (metric, legend, marker), dx in zip(SUMMARY_LOSSES, shift, strict=True):
+                mean, low, high = bands.from_summary([(at.get(label) or {}).get(metric) for label in labels])
+                ax.errorbar(
+                    x + dx, mean, yerr=bands.errors(mean, low, high), marker=marker, ms=4.5, ls="none",
+                    capsize=2.5, lw=1.2, label=legend,
+                )  # fmt: skip
+            if which == "paired":
+                ax.axhline(0.0, color="black", lw=0.8)
+                ax.set_ylabel(f"loss − {paired[0]['against']['normalizer']}'s (paired by seed)")
+            else:
+                theta = config["model"]["rope_theta"] * factor
+                ax.set_title(f"RoPE θ = {theta:g}" + (" (as trained)" if factor == 1 else f" ({factor:g}× training θ)"))
+                ax.set_ylabel("validation loss (nats per byte)")
+            ax.set_xticks(x, [style.display_label(spec) for spec in specs], rotation=35, ha="right", fontsize=8)
+    axes[0][0].legend(frameon=False, fontsize=8)
+    seeds = max((len(g["seeds"]) for g in summary["groups"]), default=1)
+    fig.suptitle(
+        f"Loss per normalizer, trained at L = {config['training']['seq_len']}, evaluated to "
+        f"{config['eval_length']} ({bands.note(seeds)})",
+        fontsize=11,
+    )
+    return style.save(fig, out_dir / f"{name}_losses")
+
+
 def _per_layer(payload: dict, out_dir: Path, keys: list[tuple[str, str]], stem: str, title: str) -> list[Path]:
-    """One row per statistic, one column per layer; lines per normalizer (theta as trained solid,
-    raised dashed when evaluated)."""
+    """One row per statistic, one column per layer; lines per normalizer, the mean over seeds
+    (theta as trained solid, with its 95% t band; raised dashed when evaluated)."""
     config, name = payload["config"], payload["experiment"]
     specs = config["normalizers"]
     colors = style.colors_for(specs)
@@ -119,18 +194,19 @@ def _per_layer(payload: dict, out_dir: Path, keys: list[tuple[str, str]], stem: 
         for layer in range(layers):
             ax = axes[row][layer]
             for spec in specs:
-                for r in evaluations.get(spec["label"], []):
-                    as_trained = r["rope_theta_factor"] == 1.0
-                    if not as_trained and len(config["rope_theta_factors"]) > 1 and key != "max_weight":
+                for factor in config["rope_theta_factors"]:
+                    runs = [r for r in evaluations.get(spec["label"], []) if r["rope_theta_factor"] == factor]
+                    as_trained = factor == 1.0
+                    if not runs or (not as_trained and len(config["rope_theta_factors"]) > 1 and key != "max_weight"):
                         continue
-                    ax.plot(
-                        _bin_centers(r["position_edges"]),
-                        r[key][layer],
-                        color=colors[spec["label"]],
-                        ls="-" if as_trained else "--",
-                        lw=1.5 if as_trained else 1.0,
+                    mean, low, high = bands.curve_band([r[key][layer] for r in runs])
+                    if not as_trained:
+                        low = high = np.full_like(mean, np.nan)  # the raised base's band would hide the others
+                    bands.draw(
+                        ax, _bin_centers(runs[0]["position_edges"]), mean, low, high, color=colors[spec["label"]],
+                        ls="-" if as_trained else "--", lw=1.5 if as_trained else 1.0,
                         label=style.display_label(spec) if as_trained else None,
-                    )
+                    )  # fmt: skip
             _mark_training_length(ax, config["training"]["seq_len"])
             ax.set_xscale("log")
             if key == "max_weight":
@@ -150,20 +226,22 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
     style.setup()
     raised = [f for f in payload["config"]["rope_theta_factors"] if f != 1.0]
     note = f"; dashed: RoPE θ × {raised[0]:g}" if raised else ""
+    seeds = bands.note(len(bands.seeds_in([r for r in payload["records"] if r.get("record") == "evaluation"])))
     paths = training_curves(payload, out_dir, "training loss (nats per byte)")
     paths += loss_vs_position(payload, out_dir)
+    paths += losses_by_normalizer(payload, out_dir)
     paths += _per_layer(
         payload,
         out_dir,
         [("max_weight", "max attention weight"), ("entropy", "attention entropy (nats)")],
         "attention_vs_position",
-        f"Attention inside the trained models, mean over heads and windows (solid: θ as trained{note})",
+        f"Attention inside the trained models, mean over heads and windows (solid: θ as trained{note}); {seeds}",
     )
     paths += _per_layer(
         payload,
         out_dir,
         [("zero_fraction", "fraction of exact zeros"), ("support_size", "support size (keys)")],
         "sparsity_vs_position",
-        "Sparsity inside the trained models, mean over heads and windows (θ as trained)",
+        f"Sparsity inside the trained models, mean over heads and windows (θ as trained); {seeds}",
     )
     return paths

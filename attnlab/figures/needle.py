@@ -1,5 +1,13 @@
 """Figures of a needle results file: retrieval accuracy over context length x needle depth per
-normalizer, the attention mass on the needle per layer and head, and the training curves."""
+normalizer, retrieval accuracy vs context length with its 95% t interval over seeds and the
+paired differences to softmax, the attention mass on the needle per layer and head, and the
+training curves.
+
+Heatmaps, masses and curves are means over the seeds; the intervals come from the results file's
+"summary" (written when the sweep finished), or for a run still in progress from its records the
+same way. A file of one seed (or written before seeds were swept: its records are seed 0) is
+drawn as that one run, without intervals.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from attnlab.figures import style
+from attnlab.experiments import lm, needle
+from attnlab.figures import bands, style
 from attnlab.figures.length_generalization import training_curves
 
 LAYER_COLORS = ["#4e79a7", "#e15759", "#59a14f", "#f28e2b", "#b07aa1", "#9c755f", "#edc948", "#ff9da7"]
@@ -22,7 +31,24 @@ def _cells(records: list[dict], label: str, factor: float) -> list[dict]:
     ]
 
 
+def _summary(payload: dict) -> dict:
+    """The results file's summary, or the same computed from its records (a run in progress)."""
+    summary = payload.get("summary")
+    if summary is not None:
+        return summary
+    config = payload["config"]
+    return needle.summary_of(
+        payload["records"], config["training"]["seq_len"], lm.baseline_label(config["normalizers"])
+    )
+
+
+def _seeds(records: list[dict]) -> int:
+    return len(bands.seeds_in([r for r in records if r.get("record") == "retrieval"]))
+
+
 def accuracy_heatmaps(payload: dict, out_dir: Path) -> list[Path]:
+    """Sequence accuracy per (depth, context length) cell, one panel per normalizer and RoPE base
+    (the mean over the seeds)."""
     config, name, records = payload["config"], payload["experiment"], payload["records"]
     specs, factors = config["normalizers"], config["rope_theta_factors"]
     lengths, depths = config["eval_lengths"], config["depths"]
@@ -34,9 +60,14 @@ def accuracy_heatmaps(payload: dict, out_dir: Path) -> list[Path]:
     for row, factor in enumerate(factors):
         for col, spec in enumerate(specs):
             ax = axes[row][col]
-            grid = np.full((len(depths), len(lengths)), np.nan)
+            found: dict[tuple[int, int], list[float]] = {}
             for r in _cells(records, spec["label"], factor):
-                grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["sequence_accuracy"]
+                found.setdefault((depths.index(r["depth"]), lengths.index(r["length"])), []).append(
+                    r["sequence_accuracy"]
+                )
+            grid = np.full((len(depths), len(lengths)), np.nan)
+            for cell, values in found.items():
+                grid[cell] = np.mean(values)
             image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="upper")
             for (i, j), value in np.ndenumerate(grid):
                 if not np.isnan(value):
@@ -62,17 +93,72 @@ def accuracy_heatmaps(payload: dict, out_dir: Path) -> list[Path]:
                 ax.set_ylabel(f"needle depth\n(RoPE θ = {theta:g})")
     fig.colorbar(image, ax=axes, shrink=0.8, label="retrieval accuracy (all digits right)")
     fig.supxlabel("context length n (bytes)", fontsize=10)
+    seeds = _seeds(records)
     fig.suptitle(
         f"Needle retrieval, trained at L = {config['training']['seq_len']} (dashed: beyond L); "
-        f"{config['eval_examples']} sequences per cell",
+        f"{config['eval_examples']} sequences per cell" + (f", mean over {seeds} seeds" if seeds > 1 else ""),
         fontsize=10,
     )
     return style.save(fig, out_dir / f"{name}_accuracy")
 
 
+def accuracy_vs_length(payload: dict, out_dir: Path) -> list[Path]:
+    """Per RoPE base (columns): top, sequence accuracy (the mean over depths) vs context length,
+    one line per normalizer, mean over seeds with its 95% t interval; bottom (when a softmax
+    normalizer ran), each other normalizer's paired difference to softmax (same seeds, same
+    training and test sequences): bars that miss 0 mark a difference at the 95% level."""
+    config, name = payload["config"], payload["experiment"]
+    specs, factors, lengths = config["normalizers"], config["rope_theta_factors"], config["eval_lengths"]
+    summary = _summary(payload)["retrieval"]
+    colors = style.colors_for(specs)
+    paired = summary["paired"]
+    rows = 2 if paired else 1
+    fig, axes = plt.subplots(
+        rows, len(factors), figsize=(4.8 * len(factors) + 1.6, 3.6 * rows), squeeze=False, sharex=True,
+        layout="constrained",
+    )  # fmt: skip
+    offsets = 2.0 ** np.linspace(-0.08, 0.08, len(specs)) if len(specs) > 1 else np.ones(1)
+    for col, factor in enumerate(factors):
+        panels = [(summary["groups"], axes[0][col])] + ([(paired, axes[1][col])] if paired else [])
+        for entries, ax in panels:
+            for i, spec in enumerate(specs):
+                at = {e["length"]: e["sequence_accuracy"] for e in entries
+                      if e["normalizer"] == spec["label"] and e["rope_theta_factor"] == factor}  # fmt: skip
+                if not at:
+                    continue
+                mean, low, high = bands.from_summary([at.get(n) for n in lengths])
+                ax.errorbar(
+                    np.array(lengths) * offsets[i], mean, yerr=bands.errors(mean, low, high),
+                    color=colors[spec["label"]], marker=style.MARKERS[i % len(style.MARKERS)], ms=4.5, lw=1.4,
+                    capsize=2.5, label=style.display_label(spec),
+                )  # fmt: skip
+            ax.axvline(config["training"]["seq_len"], color="0.3", ls=":", lw=1.0)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(lengths, [str(n) for n in lengths])
+            ax.minorticks_off()
+        theta = config["model"]["rope_theta"] * factor
+        axes[0][col].set_title(
+            f"RoPE θ = {theta:g}" + (" (as trained)" if factor == 1 else f" ({factor:g}× training θ)")
+        )
+        axes[0][col].set_ylim(-0.03, 1.03)
+        axes[-1][col].set_xlabel("context length n (bytes; dotted: L)")
+        if paired:
+            axes[1][col].axhline(0.0, color="black", lw=0.8)
+    axes[0][0].set_ylabel("retrieval accuracy (all digits right)")
+    if paired:
+        axes[1][0].set_ylabel(f"accuracy − {paired[0]['against']['normalizer']}'s (paired by seed)")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center", frameon=False)
+    seeds = max((len(g["seeds"]) for g in summary["groups"]), default=1)
+    fig.suptitle(
+        f"Needle retrieval vs context length, mean over depths; {bands.note(seeds)}",
+        fontsize=10,
+    )
+    return style.save(fig, out_dir / f"{name}_accuracy_vs_length")
+
+
 def needle_mass(payload: dict, out_dir: Path) -> list[Path]:
     """Mass on the needle at the first answer query, per layer and head, vs context length (theta
-    as trained, mean over depths), with the mass uniform attention would give."""
+    as trained, mean over depths and seeds), with the mass uniform attention would give."""
     config, name, records = payload["config"], payload["experiment"], payload["records"]
     specs, lengths = config["normalizers"], config["eval_lengths"]
     factor = config["rope_theta_factors"][0]
@@ -107,7 +193,9 @@ def needle_mass(payload: dict, out_dir: Path) -> list[Path]:
     axes[0][0].set_ylabel("attention mass on the needle\n(first answer query, one line per head)")
     axes[0][-1].legend(frameon=False, fontsize=7.5)
     theta = config["model"]["rope_theta"] * factor
-    fig.suptitle(f"Where the heads look when answering (RoPE θ = {theta:g}, mean over depths)", fontsize=11)
+    seeds = _seeds(records)
+    over = "depths" if seeds == 1 else f"depths and {seeds} seeds"
+    fig.suptitle(f"Where the heads look when answering (RoPE θ = {theta:g}, mean over {over})", fontsize=11)
     return style.save(fig, out_dir / f"{name}_needle_mass")
 
 
@@ -115,5 +203,6 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
     style.setup()
     paths = training_curves(payload, out_dir, "training loss on the answer digits (nats)")
     paths += accuracy_heatmaps(payload, out_dir)
+    paths += accuracy_vs_length(payload, out_dir)
     paths += needle_mass(payload, out_dir)
     return paths

@@ -29,11 +29,12 @@ REPO = Path(__file__).resolve().parents[2]
 FADING_QUICK = REPO / "experiments" / "fading_synthetic_quick.toml"
 TINY_FADING = ["--set", "normalizers=['softmax']", "--set", "seeds=1", "--set", "sigmas=[1.0]"]
 
-# A length_generalization run small enough to train twice in a test: one layer, width 16, 4 steps.
+# A length_generalization run small enough to train twice in a test: one layer, width 16, 4 steps, one seed.
 TINY_LM = """\
 kind = "length_generalization"
 name = "tiny_lm"
 normalizers = ["softmax"]
+seeds = [0]
 eval_length = 16
 eval_windows = 1
 position_bins = 4
