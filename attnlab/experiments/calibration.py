@@ -3,11 +3,12 @@
 For each output normalizer (`attnlab.losses.OutputNormalizer`: softmax, softmax with label
 smoothing, 1.5-entmax, sparsemax, alpha-entmax) a `TransformerLM` with softmax attention is
 trained at L = training.seq_len on the default corpus with the output's own loss
-(cross-entropy, or the matching Fenchel-Young loss), the same data, initialisation and
-optimizer for each. Its next-byte predictions p = output.probabilities(z) are then scored on
-`eval_windows` validation windows of L bytes spread evenly over the validation split: every
-position of `fit_windows` of them (evenly interleaved) is the held-out set on which one
-temperature T is fitted
+(cross-entropy, or the matching Fenchel-Young loss), once per seed in `seeds`: the seed sets the
+initialisation and the order of the training windows, the same for every output under one seed
+(training.seed is replaced by the point's), and the optimizer is the same for all. Its
+next-byte predictions p = output.probabilities(z) are then scored on `eval_windows` validation
+windows of L bytes spread evenly over the validation split: every position of `fit_windows` of
+them (evenly interleaved) is the held-out set on which one temperature T is fitted
 (`attnlab.calibration.fit_temperature`: NLL for softmax, the output's Fenchel-Young loss for
 a sparse one), and every position of the remaining windows is scored with z and with z / T:
 
@@ -15,7 +16,10 @@ a sparse one), and every position of the remaining windows is scored with z and 
     Brier score, mean confidence and support, ECE (equal-width and equal-mass bins),
     the output's training loss, and the reliability diagram's bins.
 
-Records (per output): see `run_point`.
+Records (per output and seed): see `run_point`. The summary (`summarize`) gives the mean and
+Student-t 95% interval over seeds of every score before and after scaling (a seed whose NLL is
++inf is left out of the NLL's), and of the fitted temperature, with each output's paired
+difference to softmax's scores on the seeds both ran (`attnlab.experiments.intervals`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import numpy as np
 
 from attnlab import calibration
 from attnlab.data import load_corpus, spread_batches, train_batches
-from attnlab.experiments import lm
-from attnlab.experiments.checks import at_least, check, multiple_of, setting
+from attnlab.experiments import intervals, lm
+from attnlab.experiments.checks import at_least, check, distinct, each, multiple_of, nonempty, setting
 from attnlab.experiments.kind import Kind
 from attnlab.losses import OutputNormalizer
 from attnlab.normalizers import NormalizerSpec
@@ -46,12 +50,17 @@ DEFAULT_OUTPUTS = (
 )
 ATTENTION = NormalizerSpec("softmax")
 EVAL_BATCH = 8
+STAGES = ("before", "after")  # scored with z, and with z / T
+SCORES = ("accuracy", "nll", "nll_nonzero", "zero_target_fraction", "brier", "confidence", "support",
+          "ece_width", "ece_mass")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """outputs: the output normalizers, one model each (a mapping name or a table {mapping, alpha,
-    label_smoothing}); model, training: as in the other training kinds (attention is softmax);
+    label_smoothing}); model, training: as in the other training kinds (attention is softmax;
+    training.seed is replaced by the point's); seeds: one model per output and seed, the seed
+    fixing its initialisation and the order of its training windows (the same for every output);
     eval_windows: validation windows of training.seq_len bytes at evenly spaced offsets, every
     position scored; fit_windows: this many of them, evenly interleaved, fit the temperature, the
     rest are the test set; bins: reliability bins (equal-width and equal-mass)."""
@@ -62,6 +71,7 @@ class Config:
     eval_windows: int = setting(256, multiple_of(EVAL_BATCH))
     fit_windows: int = setting(64, at_least(1))
     bins: int = setting(15, at_least(1))
+    seeds: tuple[int, ...] = setting((0, 1, 2), nonempty, each(at_least(0)), distinct)
 
     def relations(self) -> Iterator[str]:
         if self.fit_windows >= self.eval_windows:
@@ -72,8 +82,8 @@ class Config:
 
 
 def points(config: Config) -> list[dict[str, Any]]:
-    """One point per output normalizer: train, fit T, score."""
-    return [{"output": output.label} for output in config.outputs]
+    """One point per seed x output normalizer, seed first (an interrupted run has whole seeds): train, fit T, score."""
+    return [{"output": output.label, "seed": seed} for seed in config.seeds for output in config.outputs]
 
 
 def fit_mask(config: Config) -> np.ndarray:
@@ -114,7 +124,9 @@ def _report(output: OutputNormalizer, logits: np.ndarray, labels: np.ndarray, bi
 def run_point(
     config: Config, point: dict[str, Any], *, progress: lm.Progress | None = None, workdir: Path | None = None
 ) -> list[dict[str, Any]]:
-    """Train one model with its output normalizer, fit T on the fit windows, score the test windows. Records:
+    """Train one model with its output normalizer (initialisation and data order from the point's
+    seed), fit T on the fit windows, score the test windows (the same windows whatever the seed).
+    Records (the runner adds the point's output and seed to each):
 
     {"record": "training", "output"}: parameters, history (the output's own training loss),
       tokens_per_second, compile_seconds, train_seconds, wall_seconds (see `lm.train_model`).
@@ -126,7 +138,7 @@ def run_point(
       {width, mass: {edges, count, confidence, accuracy}} (empty bins: null).
     """
     output = next(o for o in config.outputs if o.label == point["output"])
-    training = config.training
+    training = dataclasses.replace(config.training, seed=point["seed"])
     corpus = load_corpus()
     batches = train_batches(corpus.train, seq_len=training.seq_len, batch_size=training.batch_size, seed=training.seed)
     model, trained = lm.train_model(
@@ -162,12 +174,48 @@ def run_point(
     ]
 
 
+def baseline_label(outputs: list[dict[str, Any]]) -> str | None:
+    """The label of the first plain softmax output (no label smoothing) among `outputs`
+    (OutputNormalizer JSON), or None: the output every other one is compared with."""
+    parsed = [OutputNormalizer.parse(output) for output in outputs]
+    return next((o.label for o in parsed if o.mapping == "softmax" and not o.label_smoothing), None)
+
+
+def summary_of(records: list[dict[str, Any]], baseline: str | None = "softmax") -> dict[str, Any]:
+    """Means and Student-t 95% intervals over seeds (see `intervals.summarize_records`):
+
+    {"scores": per (output, stage): each of SCORES, stage "before" (z) or "after" (z / T), with the
+       paired difference to the `baseline` output (a label; None: no pairs) at the same stage;
+     "temperature": per output: the fitted temperature}
+
+    A score that is null for a seed (an NLL of +inf) is summarised over the other seeds. A record
+    without a seed (written before seeds were swept) is seed 0.
+    """
+    scored = [r for r in records if r.get("record") == "calibration"]
+    rows = [
+        {"output": r["output"], "stage": stage, "seed": lm.seed_of(r), **{k: r[stage].get(k) for k in SCORES}}
+        for r in scored for stage in STAGES
+    ]  # fmt: skip
+    temperatures = [{"output": r["output"], "seed": lm.seed_of(r), "temperature": r["temperature"]} for r in scored]
+    against = None if baseline is None else {"output": baseline}
+    return {
+        "scores": intervals.summarize_records(rows, by=("output", "stage"), metrics=SCORES, baseline=against),
+        "temperature": intervals.summarize_records(temperatures, by=("output",), metrics=("temperature",)),
+    }
+
+
+def summarize(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results file's summary: `summary_of` against the config's first plain softmax output."""
+    return summary_of(records, baseline_label([output.to_json() for output in config.outputs]))
+
+
 KIND = Kind(
     name="calibration",
     description="one LM per output normalizer: accuracy, NLL, ECE and reliability before and after temperature scaling",
     config_type=Config,
     points=points,
     run_point=run_point,
-    sweep_fields={"outputs": "output"},
+    sweep_fields={"outputs": "output", "seeds": "seed"},
     figures="attnlab.figures.calibration",
+    summarize=summarize,
 )

@@ -1,5 +1,13 @@
 """Figures of a calibration results file: reliability diagrams before and after temperature scaling,
-the calibration scores per output normalizer, and the training curves."""
+the calibration scores per output normalizer, and the training curves.
+
+The scores are each output's mean over the seeds with its 95% t interval as an error bar, from
+the results file's "summary" (written when the sweep finished) or, for a run still in progress,
+computed from its records the same way; the reliability diagrams pool the seeds' predictions
+(equal-width bins are the same for every seed), the training curves are the mean over seeds with
+their 95% t band. A file of one seed (or written before seeds were swept: its records are seed
+0) is drawn as that one run, without intervals.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +16,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from attnlab.figures import style
-from attnlab.figures.training import draw_curves
+from attnlab.experiments import calibration
+from attnlab.figures import bands, style
+from attnlab.figures.training import draw_curves, seed_curve
 
 BEFORE, AFTER = "#e15759", "#4e79a7"
 SCORES = (
@@ -20,15 +29,45 @@ SCORES = (
 )
 
 
-def _records(payload: dict, kind: str) -> dict[str, dict]:
-    return {r["output"]: r for r in payload["records"] if r.get("record") == kind}
+def _records(payload: dict, kind: str) -> dict[str, list[dict]]:
+    """output label -> its records of `kind` (one per seed), in the order the run wrote them."""
+    out: dict[str, list[dict]] = {}
+    for r in payload["records"]:
+        if r.get("record") == kind:
+            out.setdefault(r["output"], []).append(r)
+    return out
 
 
 def _outputs(payload: dict) -> list[str]:
-    """Output labels in config order, those with results only."""
+    """Output labels in run order, those with results only."""
     found = _records(payload, "calibration")
-    trained = [r["output"] for r in payload["records"] if r.get("record") == "training"]
-    return [label for label in trained if label in found]
+    return [label for label in _records(payload, "training") if label in found]
+
+
+def _summary(payload: dict) -> dict:
+    """The results file's summary, or the same computed from its records (a run in progress)."""
+    summary = payload.get("summary")
+    if summary is not None:
+        return summary
+    return calibration.summary_of(payload["records"], calibration.baseline_label(payload["config"]["outputs"]))
+
+
+def _pooled(reports: list[dict]) -> dict:
+    """Equal-width reliability bins pooled over seeds: counts added, confidence and accuracy
+    averaged with the counts as weights (the seeds' bins share their edges)."""
+    edges = reports[0]["reliability"]["width"]["edges"]
+    count = np.zeros(len(edges) - 1)
+    confidence, accuracy = np.zeros_like(count), np.zeros_like(count)
+    for report in reports:
+        bins = report["reliability"]["width"]
+        if bins["edges"] != edges:
+            raise ValueError("the seeds' equal-width reliability bins differ; they cannot be pooled")
+        n = np.array(bins["count"], dtype=float)
+        count += n
+        confidence += n * np.array([0.0 if v is None else v for v in bins["confidence"]])
+        accuracy += n * np.array([0.0 if v is None else v for v in bins["accuracy"]])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"edges": edges, "count": count, "confidence": confidence / count, "accuracy": accuracy / count}
 
 
 def _curve(bins: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -36,25 +75,36 @@ def _curve(bins: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.array([bins["confidence"][i] for i in keep]), np.array([bins["accuracy"][i] for i in keep])
 
 
+def _score(summary: dict, label: str, stage: str, key: str) -> dict | None:
+    """The summary interval of one output's score at one stage (None when it has none)."""
+    entry = next((e for e in summary["scores"]["groups"] if e["output"] == label and e["stage"] == stage), None)
+    return None if entry is None else entry.get(key)
+
+
+def _temperature(summary: dict, label: str) -> float:
+    return next(e["temperature"]["mean"] for e in summary["temperature"]["groups"] if e["output"] == label)
+
+
 def reliability(payload: dict, out_dir: Path) -> list[Path]:
-    """Per output: accuracy vs confidence (equal-width bins) before and after scaling, and the
-    number of test predictions per bin underneath."""
+    """Per output: accuracy vs confidence (equal-width bins, every seed's test predictions pooled)
+    before and after scaling, and the number of test predictions per bin underneath; the legend
+    gives the mean over seeds of the fitted T and of the ECE."""
     found = _records(payload, "calibration")
+    summarised = _summary(payload)
     labels = _outputs(payload)
     fig, axes = plt.subplots(
         2, len(labels), figsize=(3.0 * len(labels), 5.4), squeeze=False, height_ratios=[3, 1.2], layout="constrained"
     )
     for column, label in enumerate(labels):
-        record = found[label]
+        records = found[label]
         top, bottom = axes[0, column], axes[1, column]
         top.plot([0, 1], [0, 1], color="#7f7f7f", lw=1, ls=":", label="perfect calibration")
-        stages = (("before", BEFORE, "as trained"), ("after", AFTER, f"T = {record['temperature']:.2f}"))
+        stages = (("before", BEFORE, "as trained"), ("after", AFTER, f"T = {_temperature(summarised, label):.2f}"))
         for stage, color, name in stages:
-            report = record[stage]
-            confidence, accuracy = _curve(report["reliability"]["width"])
-            name = f"{name}: ECE {report['ece_width']:.3f}"
+            bins = _pooled([r[stage] for r in records])
+            confidence, accuracy = _curve(bins)
+            name = f"{name}: ECE {_score(summarised, label, stage, 'ece_width')['mean']:.3f}"
             top.plot(confidence, accuracy, marker="o", ms=4, color=color, lw=1.4, label=name)
-            bins = report["reliability"]["width"]
             centres = (np.array(bins["edges"][:-1]) + np.array(bins["edges"][1:])) / 2
             width = np.diff(bins["edges"]) * 0.42
             offset = -width / 2 if stage == "before" else width / 2
@@ -69,44 +119,49 @@ def reliability(payload: dict, out_dir: Path) -> list[Path]:
         if column == 0:
             top.set_ylabel("accuracy of the argmax")
             bottom.set_ylabel("predictions")
-    test = next(iter(found.values()))["test_examples"] if found else 0
-    fig.suptitle(f"Reliability of next-byte predictions ({test:,} validation positions per model)", fontsize=11)
+    test = next(iter(found.values()))[0]["test_examples"] if found else 0
+    seeds = len(bands.seeds_in([r for records in found.values() for r in records]))
+    pooled = f"; {seeds} seeds pooled, T and ECE their means" if seeds > 1 else ""
+    fig.suptitle(f"Reliability of next-byte predictions ({test:,} validation positions per model{pooled})", fontsize=11)
     return style.save(fig, out_dir / f"{payload['experiment']}_reliability")
 
 
 def summary(payload: dict, out_dir: Path) -> list[Path]:
-    """Grouped bars per output: ECE (both binnings), Brier score and zero-probability targets, before and after."""
-    found = _records(payload, "calibration")
+    """Grouped bars per output: ECE (both binnings), Brier score and zero-probability targets,
+    before and after, each the mean over seeds with its 95% t interval as an error bar."""
+    summarised = _summary(payload)
     labels = _outputs(payload)
     x = np.arange(len(labels))
     fig, axes = plt.subplots(1, len(SCORES), figsize=(3.3 * len(SCORES), 3.8), layout="constrained")
     for ax, (key, title) in zip(axes, SCORES, strict=True):
         for stage, color, shift in (("before", BEFORE, -0.2), ("after", AFTER, 0.2)):
-            values = [found[label][stage][key] for label in labels]
+            mean, low, high = bands.from_summary([_score(summarised, label, stage, key) for label in labels])
             name = "as trained" if stage == "before" else "temperature-scaled"
-            ax.bar(x + shift, values, width=0.4, color=color, label=name)
+            ax.bar(x + shift, mean, width=0.4, color=color, label=name)
+            if np.any(high > low):
+                ax.errorbar(x + shift, mean, yerr=bands.errors(mean, low, high), ls="none", color="black",
+                            capsize=2.5, lw=1.0)  # fmt: skip
         ax.set_xticks(x, labels, rotation=30, ha="right")
         ax.set_title(title)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncol=2, frameon=False)
-    temperatures = ", ".join(f"{label} {found[label]['temperature']:.2f}" for label in labels)
-    fig.suptitle(f"Calibration on validation bytes; fitted T: {temperatures}", fontsize=10)
+    temperatures = ", ".join(f"{label} {_temperature(summarised, label):.2f}" for label in labels)
+    seeds = max((len(g["seeds"]) for g in summarised["scores"]["groups"]), default=1)
+    fig.suptitle(
+        f"Calibration on validation bytes ({bands.note(seeds)}); fitted T{' (mean)' if seeds > 1 else ''}: "
+        f"{temperatures}",
+        fontsize=10,
+    )
     return style.save(fig, out_dir / f"{payload['experiment']}_scores")
 
 
 def training_curves(payload: dict, out_dir: Path) -> list[Path]:
-    """Each model's training loss (its own output's loss, so scales differ between outputs) vs step."""
+    """Each model's training loss (its own output's loss, so scales differ between outputs) vs
+    step, the mean over seeds with its 95% t band."""
     trained = _records(payload, "training")
     colors = style.colors_for([{"name": label.split(" ")[0], "label": label} for label in trained])
-    curves = [
-        {
-            "label": label,
-            "color": colors[label],
-            "steps": [h["step"] for h in record["history"]],
-            "losses": [h["loss"] for h in record["history"]],
-        }
-        for label, record in trained.items()
-    ]
+    curves = [{"label": label, "color": colors[label], **seed_curve(runs)} for label, runs in trained.items()]
+    seeds = len(bands.seeds_in([r for runs in trained.values() for r in runs]))
     fig, axes = plt.subplots(1, len(curves), figsize=(2.8 * len(curves), 3.2), squeeze=False, layout="constrained")
     for ax, curve in zip(axes[0], curves, strict=True):
         draw_curves(ax, [curve])
@@ -115,7 +170,7 @@ def training_curves(payload: dict, out_dir: Path) -> list[Path]:
     model, training = payload["config"]["model"], payload["config"]["training"]
     fig.suptitle(
         f"{model['layers']} layers, width {model['width']}, softmax attention; L = {training['seq_len']}, "
-        f"batch {training['batch_size']}",
+        f"batch {training['batch_size']}; {bands.note(seeds)}",
         fontsize=10,
     )
     return style.save(fig, out_dir / f"{payload['experiment']}_training_loss")
