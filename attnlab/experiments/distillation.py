@@ -7,7 +7,7 @@ softmax attention and output throughout:
   - the teacher (`teacher`, trained as `teacher_training`) learns from the labels;
   - the baseline student (`student`, trained as `student_training`) learns from the labels;
   - for every soft-loss weight w in `weights` and temperature T in `temperatures`, a student of
-    the same shape, initialisation, data and optimizer learns from
+    the same shape, initialisation, data and optimizer as the baseline learns from
     (1 - w) CE + w T^2 KL(softmax(teacher / T) || softmax(student / T))
     (`attnlab.train.distillation_loss`), the frozen teacher run inside each training step.
 
@@ -16,11 +16,19 @@ bytes spread evenly over the validation split: cross-entropy (nats per byte) and
 every `eval_every` steps and at the end. A distilled student below the baseline gained from the
 teacher; the teacher's own loss is how much there was to gain.
 
-The teacher is trained once, checkpointed under the run's `workdir` (keyed by its settings); every student
-point restores it from there (training it first if no point has yet), so any subset of the
-points runs, and an interrupted run resumes.
+All of this is done once per seed in `seeds`: the seed sets the teacher's and the students'
+initialisation and the order of their training windows (teacher_training.seed and
+student_training.seed are replaced by the point's), so under one seed the baseline and every
+distilled student share their initialisation and data, and learn from that seed's teacher.
 
-Records (one per model): see `run_point`.
+Each seed's teacher is trained once, checkpointed under the run's `workdir` (keyed by its
+settings); every student point of that seed restores it from there (training it first if no
+point has yet), so any subset of the points runs, and an interrupted run resumes.
+
+Records (one per model and seed): see `run_point`. The summary (`summarize`) gives the mean and
+Student-t 95% interval over seeds of every model's validation loss and token accuracy, and each
+distilled student's (and the teacher's) paired difference to the baseline on the seeds both ran
+(`attnlab.experiments.intervals`).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from attnlab.data import load_corpus, spread_batches, train_batches
-from attnlab.experiments import lm
+from attnlab.experiments import intervals, lm
 from attnlab.experiments.checks import (
     at_least,
     between,
@@ -51,6 +59,10 @@ from attnlab.train import distillation_objective
 TEACHER, BASELINE, STUDENT = "teacher", "baseline", "student"
 ATTENTION = NormalizerSpec("softmax")
 EVAL_BATCH = 8
+METRICS = ("validation_loss", "token_accuracy")
+GROUPS = ("model", "temperature", "weight")
+# The baseline student's group: every other model is compared with it, paired by seed.
+BASELINE_GROUP = {"model": BASELINE, "temperature": None, "weight": 0.0}
 
 
 def _default_student() -> lm.ModelSetting:
@@ -62,7 +74,9 @@ class Config:
     """teacher, student: the two shapes (`lm.ModelSetting`; default 4 layers x width 128 and
     2 layers x width 64, both with head_dim 32); teacher_training, student_training: how each is
     trained (`lm.TrainingSetting`; the baseline and every distilled student share
-    student_training: same data, initialisation seed and optimizer); temperatures: the T of the
+    student_training: same data, initialisation seed and optimizer; the seeds of both are
+    replaced by the point's); seeds: one teacher, baseline and set of students per seed, the
+    seed fixing their initialisation and the order of their training windows; temperatures: the T of the
     distilled students (> 0); weights: the soft-loss weights w in (0, 1], one student per w x T;
     eval_windows: validation windows (a multiple of 8), the same for every model; eval_every:
     steps between validation evaluations during training (0: only at the end).
@@ -80,6 +94,7 @@ class Config:
     )
     eval_windows: int = setting(64, multiple_of(EVAL_BATCH))
     eval_every: int = setting(50, noted(at_least(0), "0: only at the end"))
+    seeds: tuple[int, ...] = setting((0, 1, 2), nonempty, each(at_least(0)), distinct)
 
     def relations(self) -> Iterator[str]:
         if self.teacher_training.seq_len < self.student_training.seq_len:
@@ -93,14 +108,23 @@ class Config:
 
 
 def points(config: Config) -> list[dict[str, Any]]:
-    """The teacher, the baseline student, then one distilled student per weight x temperature."""
-    students = [{"model": STUDENT, "temperature": t, "weight": w} for w in config.weights for t in config.temperatures]
-    return [{"model": TEACHER}, {"model": BASELINE}, *students]
+    """Per seed (seed first: an interrupted run has whole seeds), the teacher, the baseline student,
+    then one distilled student per weight x temperature."""
+    out = []
+    for seed in config.seeds:
+        out += [{"model": TEACHER, "seed": seed}, {"model": BASELINE, "seed": seed}]
+        out += [
+            {"model": STUDENT, "temperature": t, "weight": w, "seed": seed}
+            for w in config.weights
+            for t in config.temperatures
+        ]
+    return out
 
 
 def _train(
     config: Config,
     role: str,
+    seed: int,
     *,
     workdir: Path | None,
     progress: lm.Progress | None,
@@ -108,11 +132,12 @@ def _train(
     objective: Any = None,
     objective_settings: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Train (or restore from workdir) the teacher or a student; returns the model and its record
-    (with model_key, validation_loss and token_accuracy: the last evaluation's).
+    """Train (or restore from workdir) the teacher or a student of `seed` (its initialisation and
+    data order); returns the model and its record (with model_key, validation_loss and
+    token_accuracy: the last evaluation's).
     `objective_settings` describes `objective` in the model's key (the teacher's key, T, w)."""
     setting = config.teacher if role == TEACHER else config.student
-    training = config.teacher_training if role == TEACHER else config.student_training
+    training = dataclasses.replace(config.teacher_training if role == TEACHER else config.student_training, seed=seed)
     corpus = load_corpus()
     batches = train_batches(corpus.train, seq_len=training.seq_len, batch_size=training.batch_size, seed=training.seed)
     windows = spread_batches(
@@ -144,7 +169,9 @@ def _train(
 def run_point(
     config: Config, point: dict[str, Any], *, progress: lm.Progress | None = None, workdir: Path | None = None
 ) -> list[dict[str, Any]]:
-    """Train one model (the teacher, the baseline, or a student distilled at T and w). One record:
+    """Train one model of the point's seed (the teacher, the baseline, or a student distilled at
+    T and w from that seed's teacher). One record (the runner adds the point's keys, seed
+    included):
 
     {"record": "training", "model": "teacher" | "baseline" | "student", "temperature" (T; null for
       the teacher and the baseline), "weight" (w; 0 for the baseline, null for the teacher)}:
@@ -155,25 +182,26 @@ def run_point(
       token_accuracy, ...), validation_loss and token_accuracy (the last evaluation's),
       tokens_per_second, compile_seconds, train_seconds, wall_seconds (see `lm.train_model`).
 
-    A student point restores the teacher from its checkpoint under workdir (keyed by the
-    teacher's settings), training it there first if no point has (without a workdir, it trains
-    the teacher again).
+    A student point restores its seed's teacher from its checkpoint under workdir (keyed by the
+    teacher's settings, seed included), training it there first if no point has (without a
+    workdir, it trains the teacher again).
     """
-    role = point["model"]
+    role, seed = point["model"], point["seed"]
     if role == TEACHER:
-        _, record = _train(config, TEACHER, workdir=workdir, progress=progress)
+        _, record = _train(config, TEACHER, seed, workdir=workdir, progress=progress)
         return [{**record, "temperature": None, "weight": None}]
     if role == BASELINE:
-        _, record = _train(config, BASELINE, workdir=workdir, progress=progress)
+        _, record = _train(config, BASELINE, seed, workdir=workdir, progress=progress)
         return [{**record, "temperature": None, "weight": 0.0}]
     temperature, weight = point["temperature"], point["weight"]
-    teacher, taught = _train(config, TEACHER, workdir=workdir, progress=progress)
+    teacher, taught = _train(config, TEACHER, seed, workdir=workdir, progress=progress)
     objective = distillation_objective(teacher, temperature=temperature, weight=weight)
     described = {"teacher": taught["model_key"], "temperature": temperature, "weight": weight}
     name = f"student_T{temperature:g}_w{weight:g}"
     _, record = _train(
         config,
         STUDENT,
+        seed,
         workdir=workdir,
         progress=progress,
         name=name,
@@ -181,6 +209,25 @@ def run_point(
         objective_settings=described,
     )
     return [{**record, "temperature": temperature, "weight": weight}]
+
+
+def summary_of(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per model (teacher, baseline, each distilled student's T and w), the mean and Student-t 95%
+    interval over seeds of its validation loss and token accuracy, and each model's paired
+    difference to the baseline student on the seeds both ran (see `intervals.summarize_records`;
+    a student below the baseline's loss gained from its teacher). A record without a seed
+    (written before seeds were swept) is seed 0."""
+    rows = [
+        {**{key: r[key] for key in GROUPS}, "seed": lm.seed_of(r), **{metric: r.get(metric) for metric in METRICS}}
+        for r in records
+        if r.get("record") == "training"
+    ]
+    return intervals.summarize_records(rows, by=GROUPS, metrics=METRICS, baseline=BASELINE_GROUP)
+
+
+def summarize(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results file's summary: `summary_of` the records."""
+    return summary_of(records)
 
 
 KIND = Kind(
@@ -191,6 +238,7 @@ KIND = Kind(
     config_type=Config,
     points=points,
     run_point=run_point,
-    sweep_fields={"temperatures": "temperature", "weights": "weight"},
+    sweep_fields={"temperatures": "temperature", "weights": "weight", "seeds": "seed"},
     figures="attnlab.figures.distillation",
+    summarize=summarize,
 )
