@@ -206,14 +206,9 @@ def summary_of(records: list[dict[str, Any]], baseline: str | None = "softmax") 
     return intervals.summarize_records(trained, by=GROUPS, metrics=METRICS, baseline=against)
 
 
-def baseline_label(specs: list[dict[str, Any]]) -> str | None:
-    """The label of the first softmax normalizer among `specs` (NormalizerSpec JSON), or None."""
-    return next((spec["label"] for spec in specs if spec["name"] == "softmax"), None)
-
-
 def summarize(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
     """The results file's summary: `summary_of` against the config's softmax normalizer."""
-    return summary_of(records, baseline_label([spec.to_json() for spec in config.normalizers]))
+    return summary_of(records, lm.baseline_label([spec.to_json() for spec in config.normalizers]))
 
 
 KIND = Kind(

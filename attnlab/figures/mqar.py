@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from attnlab.experiments import mqar
+from attnlab.experiments import lm, mqar
 from attnlab.figures import style
 
 # Neighbouring normalizers' error bars at one width are spread over +-SPREAD of a log2 step.
@@ -24,7 +24,7 @@ def _summary(payload: dict) -> dict:
     summary = payload.get("summary")
     if summary is not None:
         return summary
-    return mqar.summary_of(payload["records"], mqar.baseline_label(payload["config"]["normalizers"]))
+    return mqar.summary_of(payload["records"], lm.baseline_label(payload["config"]["normalizers"]))
 
 
 def _series(entries: list[dict], label: str, widths: list[int], metric: str) -> tuple[np.ndarray, ...]:
