@@ -8,12 +8,13 @@ findings page, results/FINDINGS.md (attnlab.figures.findings).
 from __future__ import annotations
 
 import importlib
-import re
 from pathlib import Path
 from typing import Any
 
 from attnlab.atomic import write_atomic
 from attnlab.experiments.results import ResultsError, read_json
+from attnlab.figures.findings import write_findings
+from attnlab.figures.names import figure_name
 
 FIGURES = "figures"
 
@@ -23,13 +24,6 @@ def renderers() -> dict[str, Any]:
     from attnlab.experiments.kinds import KINDS
 
     return {name: importlib.import_module(kind.figures).render for name, kind in KINDS.items() if kind.figures}
-
-
-def figure_name(json_path: Path) -> str:
-    """The stem every figure of a results file starts with: the file's own stem, reduced to
-    A-Z a-z 0-9 . _ - (a results file's `experiment` field is not trusted for file names)."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(json_path).stem).lstrip(".")[:100]
-    return name or "results"
 
 
 def render(json_path: str | Path) -> list[Path]:
@@ -60,8 +54,6 @@ def render_all(results_dir: str | Path) -> dict[Path, list[Path]]:
         if payload.get("kind") in drawers:
             rendered[json_path] = _render(json_path, payload, drawers)
     write_index(results_dir, rendered)
-    from attnlab.figures.findings import write_findings
-
     write_findings(results_dir)
     return rendered
 

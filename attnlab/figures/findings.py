@@ -18,6 +18,7 @@ from typing import Any
 
 from attnlab.atomic import write_atomic
 from attnlab.experiments.results import read_json
+from attnlab.figures.names import figure_name
 
 PAGE = "FINDINGS.md"
 CAVEAT = (
@@ -68,8 +69,6 @@ def _kind_findings() -> dict[str, Any]:
 
 def page(results_dir: Path) -> str:
     """The text of FINDINGS.md for the results files in `results_dir`."""
-    from attnlab.figures import figure_name
-
     makers = _kind_findings()
     lines = [
         "# Findings",
