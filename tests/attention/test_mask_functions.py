@@ -29,6 +29,15 @@ CASES = [
     ("entmax15", "query_blocked"),
     ("stick_breaking", "query_blocked"),
 ]
+# By default one normalizer per backend and family with a scale policy among them (SSMax, ASEntmax);
+# the rest run with -m slow (the same backends and code paths).
+QUICK = {
+    ("ssmax", "online"),
+    ("sigmoid", "online"),
+    ("asentmax", "blocked_entmax"),
+    ("stick_breaking", "query_blocked"),
+}
+CASE_PARAMS = [pytest.param(*case, marks=() if case in QUICK else pytest.mark.slow) for case in CASES]
 
 
 def _inputs(seed=0, t=T):
@@ -84,7 +93,7 @@ def test_builtin_masks_equal_their_arrays(mask_name):
         assert bool(array[0, 0, 29, 10]) and not bool(array[0, 0, 29, 9]) and not bool(array[0, 0, 10, 11])
 
 
-@pytest.mark.parametrize(("name", "implementation"), CASES)
+@pytest.mark.parametrize(("name", "implementation"), CASE_PARAMS)
 def test_mask_and_score_functions_equal_the_mask_and_bias_arrays_values_and_gradients(name, implementation):
     """A document + causal mask and ALiBi as functions, against the same mask and bias as arrays on
     the dense reference: outputs and gradients (queries, keys, values and ALiBi's slopes)."""
@@ -112,7 +121,7 @@ def test_mask_and_score_functions_equal_the_mask_and_bias_arrays_values_and_grad
         _close(got, want, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("name", "implementation"), CASES)
+@pytest.mark.parametrize(("name", "implementation"), CASE_PARAMS)
 def test_nonlinear_score_function_and_scale_policy_follow_the_dense_reference(name, implementation):
     """Soft-capping is not a bias: the memory-efficient backends apply it to each block's logits and
     the normalizer's scale policy (SSMax's s log n, ASEntmax's) to its output, as the dense path does;

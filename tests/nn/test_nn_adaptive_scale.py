@@ -156,6 +156,7 @@ def test_errors_name_the_value_and_what_is_accepted(kwargs, message):
             ModelConfig(num_layers=1, width=16, num_heads=2, adaptive_scale=True, **config)
 
 
+@pytest.mark.slow  # tests/attention/test_attention_fast_paths.py checks the backend with per-query parameters
 def test_the_query_blocked_backend_cuts_per_query_parameters_by_block():
     """A learned alpha (traced) with per-query beta and gamma runs on the query-blocked backend, which
     cuts [B, N, T, 1] parameters like the queries: equal to dense, values and gradients."""

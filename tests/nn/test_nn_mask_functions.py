@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from attnlab.attention import mask_functions as mf
@@ -35,6 +36,7 @@ def _inputs():
     return x, segments
 
 
+@pytest.mark.slow  # tests/attention/test_mask_functions.py checks the same functions and the slopes' gradient
 def test_functions_equal_arrays_and_the_slopes_get_their_gradient():
     x, segments = _inputs()
     model = ALiBiAttention("ssmax", "online")
