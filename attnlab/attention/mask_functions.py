@@ -38,7 +38,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
-from attnlab.attention.masks import Visibility, mask_indices
+from attnlab.attention.masks import Visibility
 
 MaskFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 ScoreFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -267,11 +267,6 @@ def convert(fn: Callable | None, *example_args: Any) -> Converted | None:
         return out
 
     return Converted(call, tuple(closed.consts))
-
-
-def block_indices(heads: tuple[int, int, int], query_pos: jax.Array, key_pos: jax.Array) -> tuple[jax.Array, ...]:
-    """The index arrays (b, h, q_idx, kv_idx) a mask or score function is called on for one block."""
-    return mask_indices(heads, query_pos, key_pos)
 
 
 def _is_float(x: Any) -> bool:

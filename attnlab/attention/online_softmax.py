@@ -58,13 +58,12 @@ from attnlab.attention.blocks import reduce_to
 from attnlab.attention.blocks import split as _split
 from attnlab.attention.mask_functions import (
     add_cotangents,
-    block_indices,
     block_map,
     cast_cotangents,
     convert,
     zero_cotangents,
 )
-from attnlab.attention.masks import Visibility
+from attnlab.attention.masks import Visibility, mask_indices
 
 F32 = jnp.float32
 KINDS = ("softmax", "elementwise")
@@ -180,7 +179,7 @@ def _block_logits(static, q_i, q_offset, k_j, bias_ij, mask_ij, q_lengths, kv_le
         s = s + bias_ij.astype(F32)
     key_pos = j * static.key_block + jnp.arange(static.key_block)
     query_pos = q_offset + jnp.arange(q_i.shape[3])
-    indices = block_indices(static.heads, query_pos, key_pos)
+    indices = mask_indices(static.heads, query_pos, key_pos)
     pullback = None
     if static.score_fn is not None:
         s, pullback = jax.vjp(lambda raw, consts: static.score_fn(raw, *indices, *consts), s, functions.score)
@@ -467,7 +466,7 @@ def _prepare(
     B, K, G = q.shape[:3]
     key_block, query_block = max(1, min(key_block, k.shape[2])), max(1, min(query_block, q.shape[3]))
     heads = (B, K, G)
-    indices = block_indices(heads, jnp.arange(query_block), jnp.arange(key_block))
+    indices = mask_indices(heads, jnp.arange(query_block), jnp.arange(key_block))
     mask_fn = convert(visibility.mask_fn, *indices)
     score_fn = convert(score_fn, jnp.zeros((B, K, G, query_block, key_block), F32), *indices)
     listing = None

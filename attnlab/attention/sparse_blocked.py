@@ -43,8 +43,8 @@ import jax.numpy as jnp
 
 from attnlab.attention import statistics
 from attnlab.attention.blocks import reduce_to
-from attnlab.attention.mask_functions import add_cotangents, block_indices, cast_cotangents, convert, zero_cotangents
-from attnlab.attention.masks import Visibility
+from attnlab.attention.mask_functions import add_cotangents, cast_cotangents, convert, zero_cotangents
+from attnlab.attention.masks import Visibility, mask_indices
 from attnlab.normalizers.mappings import jacobian_weights
 from attnlab.normalizers.thresholds import entmax_threshold
 
@@ -143,7 +143,7 @@ def _slice_block(static, q, k, v, bias, mask, q_lengths, kv_lengths, index, exte
     if mask is not None:
         visible = visible & keys(rows(mask))
     mask_fn, score_fn = (None, None) if group is None else static.functions[group]
-    indices = block_indices(static.heads, query_pos, jnp.arange(extent))
+    indices = mask_indices(static.heads, query_pos, jnp.arange(extent))
     if mask_fn is not None:
         visible = visible & mask_fn(*indices, *consts[0])
     score = None if score_fn is None else (score_fn, consts[1])
@@ -388,7 +388,7 @@ def sparse_blocked_attention(
 
     converted, functions = [], []
     for group in groups:
-        indices = block_indices((B, K, G), jnp.arange(query_block), jnp.arange(group.extent))
+        indices = mask_indices((B, K, G), jnp.arange(query_block), jnp.arange(group.extent))
         mask_c = convert(visibility.mask_fn, *indices)
         score_c = convert(score_fn, jnp.zeros((B, K, G, query_block, group.extent), F32), *indices)
         converted.append(tuple(None if c is None else c.call for c in (mask_c, score_c)))
