@@ -4,6 +4,7 @@ For layer l with input h_{l-1} [B, T, D], x = rmsnorm(h_{l-1}) and the layer's o
 
     q = rope(x W_q, t), k = rope(x W_k, s)                 [B, T, N, H], [B, T, K, H]
     logits[l, b, n, t, s] = (q[b, t, n] / sqrt(H)) . k[b, s, n // G]      G = N / K
+                            (+ slope_n (s - t) for a model with positional="alibi"; no rope then)
 
 which is exactly what `attnlab.nn.MultiHeadAttention` passes to `dot_product_attention` (scale on
 the queries, float32 accumulation), before any scale policy of the normalizer (SSMax's s log n, a
@@ -71,6 +72,12 @@ def attention_logits(
         query, key, _ = query_key_value(
             block.attention, block.attention_norm(h), positions=positions, rope_theta=rope_theta
         )
-        layers.append(head_logits(query, key))
+        logits = head_logits(query, key)
+        score_fn = block.score_fn()
+        if score_fn is not None:  # ALiBi's distance penalty, as the attention pass adds it
+            T = logits.shape[-1]
+            heads = jnp.arange(logits.shape[1])[:, None, None]
+            logits = score_fn(logits, 0, heads, jnp.arange(T)[:, None], jnp.arange(T)[None, :])
+        layers.append(logits)
         h, _ = block(h, positions=positions, rope_theta=rope_theta, statistics=False, mass_keys=None)
     return jnp.stack(layers)

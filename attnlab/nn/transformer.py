@@ -3,7 +3,9 @@
 For tokens x [B, T] (ints in [0, vocab_size)), width D, L layers:
 
     h_0 = embed(x)                                             [B, T, D]
-    h_l = h_{l-1} + attention_l(rmsnorm(h_{l-1}))             causal, RoPE on queries and keys,
+    h_l = h_{l-1} + attention_l(rmsnorm(h_{l-1}))             causal; positions by config.positional
+                                                               (RoPE on queries and keys, none, or
+                                                               ALiBi's distance penalty on the logits),
                                                                an output gate when config.gate is set,
                                                                ASEntmax's adaptive scale with adaptive_scale
     h_l = h_l + mlp_l(rmsnorm(h_l))                            mlp(u) = W_2 gelu(W_1 u), hidden 4D
@@ -30,12 +32,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnlab.attention.mask_functions import alibi, alibi_slopes
 from attnlab.losses import OutputNormalizer
 from attnlab.nn import core
 from attnlab.nn.attention import MultiHeadAttention, check_adaptive_scale, check_gate
 from attnlab.normalizers.spec import NormalizerSpec, as_spec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+POSITIONAL = {
+    "rope": "RoPE on queries and keys, base rope_theta",
+    "none": "NoPE: no positional encoding (order only through the causal mask)",
+    "alibi": "ALiBi: score + slope_n (s - t), the fixed slopes of alibi_slopes(num_heads)",
+}
 
 
 def _positive_int(value: Any, field: str) -> int:
@@ -56,7 +64,18 @@ class ModelConfig:
       mlp_width: hidden width of the MLP (None: 4 * width).
       normalizer: one normalizer for every layer (a name from `attnlab.normalizers.NAMES` or a
         `NormalizerSpec`), or a tuple with one per layer. Stored as a tuple of L specs.
-      rope_theta: RoPE base used in training (evaluation can raise it per call).
+      positional: how positions reach attention, the same in every layer (`POSITIONAL`):
+        "rope" (the default): RoPE on queries and keys with base rope_theta;
+        "none" (NoPE): nothing, so the order is known only through the causal mask;
+        "alibi": ALiBi (Press et al. 2022), each logit plus slope_n * (s - t) for key s of query t,
+          with the fixed per-head slopes `attnlab.attention.mask_functions.alibi_slopes(num_heads)`,
+          applied as the score function of every backend (`alibi`), so no T x S bias is built.
+        None of them has parameters: a model's parameters and their initial values are the same
+        under each. A normalizer's scale policy (SSMax's s log n, ...) multiplies the logits
+        after the ALiBi term is added (`attnlab.attention.mask_functions`: score_fn, then the
+        scale), so it scales the distance penalty too.
+      rope_theta: RoPE base used in training (evaluation can raise it per call); read only with
+        positional="rope".
       tie_embeddings: the output projection is the transposed token embedding.
       implementation, key_block, query_block: passed to `attnlab.attention.dot_product_attention`
         (None picks dense for short inputs and the memory-efficient path for long ones).
@@ -85,6 +104,7 @@ class ModelConfig:
     num_kv_heads: int | None = None
     mlp_width: int | None = None
     normalizer: Any = "softmax"
+    positional: str = "rope"
     rope_theta: float = 10_000.0
     tie_embeddings: bool = True
     implementation: str | None = None
@@ -106,7 +126,18 @@ class ModelConfig:
         if self.mlp_width is not None:
             _positive_int(self.mlp_width, "mlp_width")
         core.check_heads(self.num_heads, self.num_kv_heads or self.num_heads, self.width, "ModelConfig")
-        core.check_rope_theta(self.rope_theta, self.head_dim, "ModelConfig")
+        if not isinstance(self.positional, str) or self.positional not in POSITIONAL:
+            accepted = "; ".join(f"{name!r} ({what})" for name, what in POSITIONAL.items())
+            raise ValueError(
+                f"ModelConfig.positional={self.positional!r} is not a positional encoding; accepted: {accepted}"
+            )
+        if self.positional == "rope":
+            if self.rope_theta is None:
+                raise ValueError(
+                    "ModelConfig.rope_theta=None with positional='rope': RoPE needs a base > 0; for no positional "
+                    "encoding set positional='none'"
+                )
+            core.check_rope_theta(self.rope_theta, self.head_dim, "ModelConfig")
         core.check_implementation(self.implementation, self.key_block, self.query_block, "ModelConfig")
         check_gate(self.gate, "ModelConfig")
         if self.dtype not in DTYPES:
@@ -188,7 +219,7 @@ class Block(nnx.Module):
             config.width,
             num_kv_heads=config.num_kv_heads,
             normalizer=spec,
-            rope_theta=config.rope_theta,
+            rope_theta=config.rope_theta if config.positional == "rope" else None,
             gate=config.gate,
             adaptive_scale=config.adaptive_scale,
             implementation=config.implementation,
@@ -204,6 +235,12 @@ class Block(nnx.Module):
         self.mlp = MLP(
             config.width, config.mlp_width or 4 * config.width, std=std, out_std=out_std, dtype=dtype, rngs=rngs
         )
+        self.positional = config.positional
+
+    def score_fn(self) -> Any:
+        """The score function that carries the positions into this layer's logits: ALiBi's with
+        positional="alibi", else None (RoPE lives in the layer's projections)."""
+        return alibi(alibi_slopes(self.attention.num_heads)) if self.positional == "alibi" else None
 
     def __call__(
         self,
@@ -223,6 +260,7 @@ class Block(nnx.Module):
             return_statistics=statistics,
             mass_keys=mass_keys,
             decode=decode,
+            score_fn=self.score_fn(),
         )
         attended, stats = attended if isinstance(attended, tuple) else (attended, None)
         h = h + attended
@@ -283,10 +321,12 @@ class TransformerLM(nnx.Module):
         Args:
           tokens: int [B, T], each in [0, vocab_size).
           positions: RoPE positions [T] or [B, T] (default arange(T); when decoding, the cache
-            index + arange(T)).
+            index + arange(T)). Only with positional="rope" (ALiBi reads each token's index in
+            the sequence, or in the cache when decoding).
           rope_theta: RoPE base for this call (default the config's; the SSMax paper evaluates
             long contexts at 50x the training base). When decoding it reaches the new tokens only
-            (the cache holds keys already rotated): keep it the same over a whole decode.
+            (the cache holds keys already rotated): keep it the same over a whole decode. Only
+            with positional="rope".
           statistics: also return the attention statistics of every layer.
           mass_keys: bool [B, T] (or [T]): also return "key_mass", the attention weight each query
             puts on these positions (e.g. a needle), per layer and head; implies statistics. When
@@ -307,6 +347,13 @@ class TransformerLM(nnx.Module):
                 f"TransformerLM: tokens must be an int array [batch, seq]; got {tokens.dtype}{tokens.shape}"
             )
         check_token_range(tokens, self.config.vocab_size)
+        if self.config.positional != "rope":
+            for name, value in (("positions", positions), ("rope_theta", rope_theta)):
+                if value is not None:
+                    raise ValueError(
+                        f"TransformerLM: {name} is a RoPE setting, but this model has positional="
+                        f"{self.config.positional!r}; leave it out (or build the model with positional='rope')"
+                    )
         statistics = statistics or mass_keys is not None
         h = self.embed(tokens)
         layer_stats = []
