@@ -16,8 +16,20 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from attnlab.experiments import calibration
+from attnlab.experiments import calibration, lm
 from attnlab.figures import bands, style
+from attnlab.figures.findings import (
+    Finding,
+    against_baseline,
+    comparison_text,
+    extremes,
+    interval_text,
+    one_seed,
+    paired,
+    seed_count,
+    seeds_text,
+    significance,
+)
 from attnlab.figures.training import draw_curves, seed_curve
 
 BEFORE, AFTER = "#e15759", "#4e79a7"
@@ -179,3 +191,92 @@ def training_curves(payload: dict, out_dir: Path) -> list[Path]:
 def render(payload: dict, out_dir: Path) -> list[Path]:
     style.setup()
     return reliability(payload, out_dir) + summary(payload, out_dir) + training_curves(payload, out_dir)
+
+
+def findings(payload: dict) -> list:
+    """Against plain softmax, paired by seed: the outputs with the lowest and highest ECE as trained
+    and after temperature scaling, what scaling does to each output's ECE, the lowest and highest
+    accuracy, the NLL of the outputs where it is finite, and the share of targets the sparse ones
+    give probability 0 (their NLL is infinite)."""
+    config, name = payload["config"], payload["experiment"]
+    summarised = _summary(payload)
+    scores = summarised["scores"]
+    seeds = seed_count(scores["groups"])
+    out = [one_seed(config)] if seeds == 1 else []
+    bins = config.get("bins")
+    ece = f"ECE ({bins} equal-width bins)" if bins else "ECE (equal-width bins)"
+    figure, reliability = f"{name}_scores.png", f"{name}_reliability.png"
+    stages = {"before": "as trained", "after": "after temperature scaling"}
+    for stage, words in stages.items():
+        found = against_baseline(scores, "ece_width", "output", {"stage": stage})
+        out += extremes(f"{ece} {words}, {seeds_text(seeds)}", "ECE", found, figure)
+    out += _scaling(payload, summarised, ece, seeds, reliability)
+    found = against_baseline(scores, "accuracy", "output", {"stage": "before"})
+    out += extremes(f"Next-byte accuracy, {seeds_text(seeds)}", "accuracy", found, None)
+    baseline, base_nll, rows = against_baseline(scores, "nll", "output", {"stage": "before"})
+    for row in rows:
+        claim = f"NLL (nats per byte) as trained, {seeds_text(seeds)}: {comparison_text(row, baseline, base_nll)}"
+        out.append(Finding(claim, significance(row.difference), None))
+    out += _zeros(summarised, baseline, base_nll, seeds, figure)
+    return out
+
+
+def _scaling(payload: dict, summarised: dict, ece: str, seeds: int, figure: str) -> list:
+    """One finding: each output's ECE before -> after temperature scaling, with its fitted T (and,
+    over several seeds, the paired interval of the change)."""
+    before_by_seed: dict[str, dict[int, float]] = {}
+    after_by_seed: dict[str, dict[int, float]] = {}
+    for r in payload["records"]:
+        if r.get("record") == "calibration" and r["before"].get("ece_width") is not None:
+            before_by_seed.setdefault(r["output"], {})[lm.seed_of(r)] = r["before"]["ece_width"]
+            after_by_seed.setdefault(r["output"], {})[lm.seed_of(r)] = r["after"]["ece_width"]
+    parts = []
+    for label in _outputs(payload):
+        before, after = (
+            _score(summarised, label, "before", "ece_width"),
+            _score(summarised, label, "after", "ece_width"),
+        )
+        if before is None or after is None or label not in before_by_seed:
+            continue
+        part = f"{label} {before['mean']:.3f} → {after['mean']:.3f} (T = {_temperature(summarised, label):.2f}"
+        if seeds > 1:
+            part += f"; {interval_text(paired(after_by_seed[label], before_by_seed[label]), signed=True)}"
+        parts.append(part + ")")
+    if not parts:
+        return []
+    temperatures = [e["temperature"]["mean"] for e in summarised["temperature"]["groups"]]
+    fitted = "T fitted per output on held-out windows" + ("; T the mean over seeds" if seeds > 1 else "")
+    if temperatures and max(temperatures) < 1.0:
+        fitted += "; every T below 1, so scaling sharpens every output"
+    elif temperatures and min(temperatures) > 1.0:
+        fitted += "; every T above 1, so scaling flattens every output"
+    change = ", the change paired by seed" if seeds > 1 else ""
+    return [
+        Finding(
+            f"Temperature scaling ({fitted}), {seeds_text(seeds)}, {ece} before → after{change}: " + ", ".join(parts),
+            None,
+            figure,
+        )
+    ]
+
+
+def _zeros(summarised: dict, baseline: str | None, base_nll: dict | None, seeds: int, figure: str) -> list:
+    """One finding naming the outputs that give probability 0 to some test targets (NLL infinite)."""
+    zero = [
+        g for g in summarised["scores"]["groups"]
+        if g["stage"] == "before" and g.get("zero_target_fraction") and g["zero_target_fraction"]["mean"] > 0
+    ]  # fmt: skip
+    if not zero:
+        return []
+    parts = ", ".join(f"{g['output']} {100 * g['zero_target_fraction']['mean']:.2f}%" for g in zero)
+    claim = (
+        f"Targets given probability 0 as trained, {seeds_text(seeds)}: {parts} of the test bytes; on any seed "
+        "where that share is above 0 the NLL is infinite"
+    )
+    nonzero = ", ".join(f"{g['output']} {g['nll_nonzero']['mean']:.3f}" for g in zero if g.get("nll_nonzero"))
+    if nonzero and base_nll is not None:
+        claim += (
+            f"; the NLL over the other targets ({nonzero}) leaves out the targets given probability 0, so it is "
+            f"not comparable with {baseline}'s {base_nll['mean']:.3f}"
+        )
+    return [Finding(claim, None, figure)]

@@ -18,6 +18,16 @@ import numpy as np
 
 from attnlab.experiments import distillation
 from attnlab.figures import bands, style
+from attnlab.figures.findings import (
+    Finding,
+    Row,
+    comparison_text,
+    one_seed,
+    seed_count,
+    seeds_text,
+    significance,
+    value_text,
+)
 from attnlab.figures.training import draw_curves, seed_curve
 
 TEACHER_COLOR, BASELINE_COLOR = "#000000", "#7f7f7f"
@@ -183,3 +193,66 @@ def training_curves(payload: dict, out_dir: Path) -> list[Path]:
 def render(payload: dict, out_dir: Path) -> list[Path]:
     style.setup()
     return temperature_sweep(payload, out_dir) + training_curves(payload, out_dir)
+
+
+def _gain(difference: dict) -> dict:
+    """The gain over the student alone (alone - distilled) from a (distilled - alone) difference's interval."""
+    low, high = difference["low"], difference["high"]
+    flipped = {"low": None if high is None else -high, "high": None if low is None else -low}
+    return {**difference, "mean": -difference["mean"], **flipped}
+
+
+def findings(payload: dict) -> list:
+    """Against the student trained alone, paired by seed: the teacher's validation loss (how much
+    there was to gain), each weight's gain from distillation at every temperature, and the best
+    and worst (T, w) setting."""
+    config, name = payload["config"], payload["experiment"]
+    summary = _summary(payload)
+    groups, pairs = summary["groups"], summary["paired"]
+    seeds = seed_count(groups)
+    figure = f"{name}_temperature.png"
+    alone = _entry(groups, "baseline", None, 0.0)
+    if alone is None or alone.get("validation_loss") is None:
+        return []
+    base = alone["validation_loss"]
+    context = f"Validation loss (nats per byte), {seeds_text(seeds)}"
+    out = [one_seed(config)] if seeds == 1 else []
+    teacher, taught = _entry(groups, "teacher"), _entry(pairs, "teacher")
+    if teacher is not None and taught is not None and taught.get("validation_loss") is not None:
+        row = Row(f"the teacher ({_shape(config['teacher'])})", teacher["validation_loss"], taught["validation_loss"])
+        student = f"the student alone ({_shape(config['student'])})"
+        out.append(Finding(f"{context}: {comparison_text(row, student, base)}", significance(row.difference), figure))
+    students = []
+    for weight in config["weights"]:
+        parts = []
+        for temperature in sorted(config["temperatures"]):
+            group, difference = (
+                _entry(groups, "student", temperature, weight),
+                _entry(pairs, "student", temperature, weight),
+            )
+            if group is None or difference is None or difference.get("validation_loss") is None:
+                continue
+            gain = _gain(difference["validation_loss"])
+            students.append((temperature, weight, group["validation_loss"], difference["validation_loss"], gain))
+            parts.append((temperature, gain))
+        if not parts:
+            continue
+        listed = ", ".join(f"T = {t:g}: {value_text(gain, signed=True)}" for t, gain in parts)
+        claim = (
+            f"Gain over the student alone (its validation loss minus the distilled student's, nats per byte; "
+            f"> 0: the teacher helped), w = {weight:g}, {seeds_text(seeds)}: {listed}"
+        )
+        if seeds > 1:
+            helped = ", ".join(f"{t:g}" for t, gain in parts if significance(gain) and gain["mean"] > 0)
+            hurt = ", ".join(f"{t:g}" for t, gain in parts if significance(gain) and gain["mean"] < 0)
+            claim += f"; interval above 0 (the teacher helped) at T = {helped}" if helped else "; no interval above 0"
+            claim += f", below 0 (it hurt) at T = {hurt}" if hurt else ", none below 0"
+        out.append(Finding(claim, None, figure))
+    if students:
+        ordered = sorted(students, key=lambda s: s[2]["mean"])
+        picks = [("best", ordered[0])] + ([("worst", ordered[-1])] if len(ordered) > 1 else [])
+        for word, (temperature, weight, loss, difference, _) in picks:
+            row = Row(f"T = {temperature:g}, w = {weight:g},", loss, difference)
+            claim = f"{context}, the {word} distilled student is {comparison_text(row, 'the student alone', base)}"
+            out.append(Finding(claim, significance(difference), figure))
+    return out

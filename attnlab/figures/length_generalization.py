@@ -16,8 +16,21 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from attnlab.experiments import length_generalization, lm
+from attnlab.experiments import intervals, length_generalization, lm
 from attnlab.figures import bands, style
+from attnlab.figures.findings import (
+    Finding,
+    against_baseline,
+    difference_text,
+    extremes,
+    interval_text,
+    one_seed,
+    paired,
+    seed_count,
+    seeds_text,
+    significance,
+    tally,
+)
 from attnlab.figures.training import DASHES, draw_curves, seed_curve
 
 LOSS_BINS = 24
@@ -245,3 +258,87 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
         f"Sparsity inside the trained models, mean over heads and windows (θ as trained); {seeds}",
     )
     return paths
+
+
+# A map whose loss beyond L exceeds its loss within L by at most this much (nats per byte) does
+# not climb beyond L.
+FLAT = 0.05
+
+
+def _rises(records: list[dict], factor: float) -> dict[str, dict[int, float]]:
+    """label -> seed -> loss beyond L minus loss within L, from the evaluation records at `factor`."""
+    out: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r.get("record") == "evaluation" and r["rope_theta_factor"] == factor and r.get("loss_beyond") is not None:
+            out.setdefault(r["normalizer"], {})[lm.seed_of(r)] = r["loss_beyond"] - r["loss_within"]
+    return out
+
+
+def _theta(factor: float) -> str:
+    return "RoPE θ as trained" if factor == 1.0 else f"RoPE θ × {factor:g} (no retraining)"
+
+
+def findings(payload: dict) -> list:
+    """Per RoPE factor: the normalizers with the lowest and the highest loss beyond L against
+    softmax's (paired by seed), and with several seeds which are below, above or level with it;
+    the same within L with the base as trained; and which maps' loss does not climb beyond L
+    (beyond minus within at most FLAT), against softmax's climb."""
+    config, name = payload["config"], payload["experiment"]
+    evaluation = _summary(payload)["evaluation"]
+    names = {spec["label"]: style.display_label(spec) for spec in config["normalizers"]}
+    length, eval_length = config["training"]["seq_len"], config["eval_length"]
+    seeds = seed_count(evaluation["groups"])
+    losses, curves = f"{name}_losses.png", f"{name}_loss_vs_position.png"
+    out = [one_seed(config)] if seeds == 1 else []
+    what = "loss (nats per byte)"
+    for factor in config["rope_theta_factors"]:
+        if eval_length > length:
+            context = f"Beyond L (positions {length:,} to {eval_length - 1:,}), {_theta(factor)}, {seeds_text(seeds)}"
+            found = against_baseline(evaluation, "loss_beyond", "normalizer", {"rope_theta_factor": factor}, names)
+            out += extremes(context, what, found, losses)
+            if factor == 1.0:
+                out += tally(context, found, losses)
+        if factor == 1.0:
+            context = f"Within L = {length}, {_theta(factor)}, {seeds_text(seeds)}"
+            found = against_baseline(evaluation, "loss_within", "normalizer", {"rope_theta_factor": factor}, names)
+            out += extremes(context, what, found, losses)
+    out += _flat(payload, names, seeds, curves)
+    return out
+
+
+def _flat(payload: dict, names: dict[str, str], seeds: int, figure: str) -> list:
+    """Which maps' loss does not climb beyond L (RoPE θ as trained), each against softmax's climb,
+    and the range of the others' climbs."""
+    config = payload["config"]
+    if 1.0 not in config["rope_theta_factors"] or config["eval_length"] <= config["training"]["seq_len"]:
+        return []
+    rises = _rises(payload["records"], 1.0)
+    order = [spec["label"] for spec in config["normalizers"] if spec["label"] in rises]
+    means = {label: float(np.mean(list(rises[label].values()))) for label in order}
+    baseline = lm.baseline_label(config["normalizers"])
+    context = f"RoPE θ as trained, {seeds_text(seeds)}"
+    out = []
+    flat = [label for label in order if means[label] <= FLAT]
+    for label in flat:
+        rise = intervals.t_interval(list(rises[label].values())).to_json()
+        claim = (
+            f"{names[label]}'s loss does not climb beyond L ({context}): its loss beyond L minus within L "
+            f"(nats per byte) is {interval_text(rise, signed=True)}"
+        )
+        significant = None
+        if baseline in rises and label != baseline:
+            difference = paired(rises[label], rises[baseline])
+            claim += f" against {names[baseline]}'s {means[baseline]:+.3f}, {difference_text(difference)}"
+            significant = significance(difference)
+        out.append(Finding(claim, significant, figure))
+    climbing = sorted((means[label], names[label]) for label in order if label not in flat)
+    if climbing:
+        (low, lowest), (high, highest) = climbing[0], climbing[-1]
+        every = "Every other normalizer's" if flat else "Every normalizer's"
+        span = f"by {low:+.3f} ({lowest})" + (f" to {high:+.3f} ({highest})" if len(climbing) > 1 else "")
+        over = "; beyond minus within, the mean over seeds" if seeds > 1 else ""
+        claim = f"{every} loss climbs beyond L ({context}{over}): {span}"
+        if baseline in means and baseline not in flat:
+            claim += f"; {names[baseline]}'s by {means[baseline]:+.3f}"
+        out.append(Finding(claim, None, figure))
+    return out

@@ -15,6 +15,7 @@ import numpy as np
 
 from attnlab.experiments import lm, mqar
 from attnlab.figures import style
+from attnlab.figures.findings import Finding, against_baseline, extremes, one_seed, seed_count, seeds_text
 
 # Neighbouring normalizers' error bars at one width are spread over +-SPREAD of a log2 step.
 SPREAD = 0.12
@@ -145,20 +146,33 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
 
 
 def findings(payload: dict) -> list:
-    """Per width, each normalizer's paired accuracy difference to softmax (same seeds, same data),
-    with its interval; and the accuracy of each normalizer at the widest width."""
-    from attnlab.figures.findings import Finding, interval_text
-
+    """Held-out accuracy per normalizer at every width (one sentence), and at each width the
+    normalizers with the highest and the lowest accuracy against softmax's, paired by seed."""
+    config, name = payload["config"], payload["experiment"]
     summary = _summary(payload)
-    figure = f"{payload['experiment']}_accuracy.png"
-    out = []
-    for entry in summary.get("paired", []):
-        diff = entry.get("accuracy")
-        if diff is None:
-            continue
-        claim = (
-            f"{entry['normalizer']} − {entry['against']['normalizer']}, held-out accuracy at width {entry['width']} "
-            f"({diff['n']} paired seeds): {interval_text(diff)}"
+    seeds = seed_count(summary["groups"])
+    figure = f"{name}_accuracy.png"
+    names = {spec["label"]: style.display_label(spec) for spec in config["normalizers"]}
+    widths = config["widths"]
+    out = [one_seed(config)] if seeds == 1 else []
+    table = []
+    for spec in config["normalizers"]:
+        label = spec["label"]
+        at = {e["width"]: e["accuracy"] for e in summary["groups"] if e["normalizer"] == label and e.get("accuracy")}
+        if at:
+            table.append(f"{names[label]} " + " / ".join(f"{at[w]['mean']:.3f}" if w in at else "n/a" for w in widths))
+    if table:
+        over = "" if seeds == 1 else ", means over seeds"
+        out.append(
+            Finding(
+                f"Held-out query accuracy at width {' / '.join(map(str, widths))}, {seeds_text(seeds)}{over} "
+                f"(guessing among the {config['num_kv_pairs']} pairs: {1 / config['num_kv_pairs']:.3f}): "
+                + "; ".join(table),
+                None,
+                figure,
+            )
         )
-        out.append(Finding(claim, diff["significant"] if diff["low"] is not None else None, figure))
+    for width in widths:
+        found = against_baseline(summary, "accuracy", "normalizer", {"width": width}, names)
+        out += extremes(f"Width {width}, {seeds_text(seeds)}", "accuracy", found, figure)
     return out

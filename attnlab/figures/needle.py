@@ -16,8 +16,20 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from attnlab.data.tasks import VALUE_ALPHABET
 from attnlab.experiments import lm, needle
 from attnlab.figures import bands, style
+from attnlab.figures.findings import (
+    Finding,
+    Row,
+    comparison_text,
+    difference_text,
+    one_seed,
+    seed_count,
+    seeds_text,
+    significance,
+    value_text,
+)
 from attnlab.figures.length_generalization import training_curves
 
 LAYER_COLORS = ["#4e79a7", "#e15759", "#59a14f", "#f28e2b", "#b07aa1", "#9c755f", "#edc948", "#ff9da7"]
@@ -206,3 +218,104 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
     paths += accuracy_vs_length(payload, out_dir)
     paths += needle_mass(payload, out_dir)
     return paths
+
+
+# A model that retrieves the needle in fewer than this fraction of the sequences at the training
+# length did not learn the task (guessing every digit gets 10^-value_length).
+LEARNED = 0.1
+
+
+def _at_length(summary: dict, label: str, factor: float, length: int) -> tuple[dict | None, dict | None]:
+    """(the summary group, the paired difference to the baseline) of one normalizer at one
+    (RoPE factor, length) cell of the retrieval summary."""
+    retrieval = summary["retrieval"]
+
+    def pick(entries: list[dict]) -> dict | None:
+        cell = (label, factor, length)
+        return next((e for e in entries if (e["normalizer"], e["rope_theta_factor"], e["length"]) == cell), None)
+
+    return pick(retrieval["groups"]), pick(retrieval["paired"])
+
+
+def _theta(factor: float) -> str:
+    return "RoPE θ as trained" if factor == 1.0 else f"RoPE θ × {factor:g} (no retraining)"
+
+
+def findings(payload: dict) -> list:
+    """Per RoPE factor: softmax's retrieval accuracy at the training length L and at the longest
+    length; each other normalizer's against it at L (as trained) and at the longest length, paired
+    by seed. A normalizer that retrieves fewer than LEARNED of the needles at L with the base as
+    trained did not learn the task: said plainly, and its long-length accuracy is not compared."""
+    config, name = payload["config"], payload["experiment"]
+    summary = _summary(payload)
+    names = {spec["label"]: style.display_label(spec) for spec in config["normalizers"]}
+    baseline = lm.baseline_label(config["normalizers"])
+    length, lengths = config["training"]["seq_len"], config["eval_lengths"]
+    shorter = [n for n in lengths if n <= length]
+    longest = lengths[-1]
+    if baseline is None or not shorter:
+        return []
+    at_l = shorter[-1]
+    where = f"L = {length}" if at_l == length else f"n = {at_l:,} (≤ L = {length})"
+    far = f"n = {longest:,}" + (f" ({longest // length} L)" if longest % length == 0 else "")
+    seeds = seed_count(summary["retrieval"]["groups"])
+    figure = f"{name}_accuracy_vs_length.png"
+    out = [one_seed(config)] if seeds == 1 else []
+    digits = config.get("value_length", 4)
+    chance = 1.0 / len(VALUE_ALPHABET)
+    steps = config["training"]["steps"]
+
+    learned = {}
+    if 1.0 in config["rope_theta_factors"]:
+        for spec in config["normalizers"]:
+            group, _ = _at_length(summary, spec["label"], 1.0, at_l)
+            if group is not None:
+                learned[spec["label"]] = group["sequence_accuracy"]["mean"] >= LEARNED
+
+    for factor in config["rope_theta_factors"]:
+        context = f"{_theta(factor)}, {seeds_text(seeds)}"
+        base_l, _ = _at_length(summary, baseline, factor, at_l)
+        base_far, _ = _at_length(summary, baseline, factor, longest)
+        if base_l is None or base_far is None:
+            continue
+        claim = (
+            f"{context}: {names[baseline]} retrieves the needle (all {digits} digits right; mean over the depths) "
+            f"in {value_text(base_l['sequence_accuracy'])} of the sequences at {where} and "
+            f"{value_text(base_far['sequence_accuracy'])} at {far}"
+        )
+        if factor == 1.0 and not learned.get(baseline, True):
+            claim += (
+                f", under {LEARNED:g} at L: it did not learn the task at the training length in {steps:,} steps, "
+                "so no comparison with it beyond L says anything about extrapolation"
+            )
+        out.append(Finding(claim, None, figure))
+        for spec in config["normalizers"]:
+            label = spec["label"]
+            if label == baseline:
+                continue
+            group, difference = _at_length(summary, label, factor, at_l)
+            if factor == 1.0 and group is not None and difference is not None:
+                if learned.get(label, True):
+                    row = Row(names[label], group["sequence_accuracy"], difference["sequence_accuracy"])
+                    claim = (
+                        f"At {where}, {context}, retrieval: "
+                        f"{comparison_text(row, names[baseline], base_l['sequence_accuracy'])}"
+                    )
+                else:
+                    base = base_l["sequence_accuracy"]["mean"]
+                    claim = (
+                        f"{names[label]} did not learn the task at the training length in {steps:,} steps "
+                        f"({context}): at {where} it retrieves the needle in "
+                        f"{value_text(group['sequence_accuracy'])} of the sequences (under {LEARNED:g}) against "
+                        f"{names[baseline]}'s {base:.3f}, {difference_text(difference['sequence_accuracy'])}, and gets "
+                        f"{value_text(group['digit_accuracy'])} of the digits right (guessing: {chance:g}), so its "
+                        "accuracy beyond L says nothing about extrapolation"
+                    )
+                out.append(Finding(claim, significance(difference["sequence_accuracy"]), figure))
+            group, difference = _at_length(summary, label, factor, longest)
+            if longest > length and learned.get(label, True) and group is not None and difference is not None:
+                row = Row(names[label], group["sequence_accuracy"], difference["sequence_accuracy"])
+                compared = comparison_text(row, names[baseline], base_far["sequence_accuracy"])
+                significant = significance(difference["sequence_accuracy"])
+                out.append(Finding(f"At {far}, {context}, retrieval: {compared}", significant, figure))
+    return out
