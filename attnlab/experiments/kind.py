@@ -50,10 +50,11 @@ class Kind:
       description: one line for `attnlab list`.
       config_type: its frozen config dataclass (fields, defaults and checks).
       points: points(config) -> the sweep, a list of flat JSON dicts, in run order.
-      run_point: run_point(config, point, *, progress=None, workdir=None) -> records (flat JSON
-        dicts) of one point; `progress(description, completed, total)` reports work inside a long
-        point, `workdir` is the folder where it may keep checkpoints (keyed by their settings).
-        Either keyword may be left out of the signature.
+      run_point: run_point(config, point, *, progress=None, workdir=None, records=None) -> records
+        (flat JSON dicts) of one point; `progress(description, completed, total)` reports work
+        inside a long point, `workdir` is the folder where it may keep checkpoints (keyed by their
+        settings), `records` is a copy of the run's records so far (e.g. the learning-rate tuning
+        a main point reads: `lm.TuningSetting`). Any keyword may be left out of the signature.
       sweep_fields: {config field: point key} for the fields that only enumerate the sweep; a
         point's key leaves these fields out and keeps the point (and, for a list of normalizer
         specs, the spec whose label the point names under that point key). Every other config

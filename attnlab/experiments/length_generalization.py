@@ -51,6 +51,9 @@ DEFAULT_NORMALIZERS = (
 )
 TRAINING_METRICS = ("validation_loss", "train_loss")
 EVALUATION_METRICS = ("loss", "loss_within", "loss_beyond", "loss_last_eighth")
+# Windows of length L from the second half of the validation split (the evaluation windows come
+# from its start) score every model: its validation_loss, and at a tuning point its rate.
+TUNING_WINDOWS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +61,9 @@ class Config:
     """normalizers: the models to train (see `NormalizerSpec`); model, training: their shape and
     training (`lm.ModelSetting`, `lm.TrainingSetting`; its seed is replaced by the point's);
     seeds: one model per normalizer and seed, the seed fixing its initialisation and the order
-    of its training windows (the same for every normalizer); eval_length: evaluation window length
+    of its training windows (the same for every normalizer); tuning: the learning-rate sweep per
+    normalizer before the main run (`lm.TuningSetting`; scored by the loss on TUNING_WINDOWS
+    windows of length L from the second half of the validation split); eval_length: evaluation window length
     (>= training.seq_len; the paper's question needs >= 8 L); eval_windows: validation windows
     (contiguous, from the start of the validation split); rope_theta_factors: RoPE
     bases to evaluate with, as multiples of model.rope_theta; position_bins: about this many
@@ -72,6 +77,7 @@ class Config:
     rope_theta_factors: tuple[float, ...] = setting((1.0, 50.0), nonempty, each(positive), distinct)
     position_bins: int = setting(24, at_least(1))
     seeds: tuple[int, ...] = setting((0, 1, 2), nonempty, each(at_least(0)), distinct)
+    tuning: lm.TuningSetting = dataclasses.field(default_factory=lm.TuningSetting)
 
     def relations(self) -> Iterator[str]:
         if self.eval_length < self.training.seq_len:
@@ -82,8 +88,11 @@ class Config:
 
 
 def points(config: Config) -> list[dict[str, Any]]:
-    """One point per seed x normalizer, seed first (an interrupted run has whole seeds): train, then evaluate."""
-    return [{"normalizer": spec.label, "seed": seed} for seed in config.seeds for spec in config.normalizers]
+    """The tuning points (normalizer x learning rate; none without tuning), then one point per
+    seed x normalizer, seed first (an interrupted run has whole seeds): train, then evaluate."""
+    labels = [spec.label for spec in config.normalizers]
+    main = [{"normalizer": label, "seed": seed} for seed in config.seeds for label in labels]
+    return lm.tuning_points(config.tuning, [{"normalizer": label} for label in labels]) + main
 
 
 def _windows(data: np.ndarray, length: int, count: int) -> list[Any]:
@@ -104,13 +113,21 @@ def statistics_record(stats: dict[str, np.ndarray], edges: np.ndarray) -> dict[s
 
 
 def run_point(
-    config: Config, point: dict[str, Any], *, progress: lm.Progress | None = None, workdir: Path | None = None
+    config: Config,
+    point: dict[str, Any],
+    *,
+    progress: lm.Progress | None = None,
+    workdir: Path | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train one model (initialisation and data order from the point's seed) and evaluate it.
-    Records (the runner adds the point's normalizer and seed to each):
+    """Train one model (initialisation and data order from the point's seed, the learning rate
+    its normalizer's tuning chose among `records`) and evaluate it; or, at a tuning point, train
+    one model at the point's rate and score it. Records (the runner adds the point to each):
 
-    {"record": "training"}: parameters, history, validation_loss (loss_within with the RoPE base as
-      trained, when 1 is among rope_theta_factors), tokens_per_second,
+    {"record": "tuning"}: see `lm.tuning_record` (validation_loss on TUNING_WINDOWS windows of
+      length L from the second half of the validation split).
+    {"record": "training"}: parameters, history, validation_loss (on the same windows as tuning),
+      evaluations, learning_rate (the rate it trained at), tokens_per_second,
       compile_seconds, train_seconds, wall_seconds (see `lm.train_model`), learned (the learned
       normalizer parameters per layer and head at the end: s, bias, alpha...).
     {"record": "evaluation"} per rope_theta_factor: rope_theta, per_position_loss [eval_length]
@@ -121,15 +138,30 @@ def run_point(
     """
     normalizer = next(spec for spec in config.normalizers if spec.label == point["normalizer"])
     corpus = load_corpus()
-    training = dataclasses.replace(config.training, seed=point["seed"])
+    if lm.is_tuning(point):
+        training = lm.tuning_training(config.training, config.tuning, point["learning_rate"])
+    else:
+        group = {"normalizer": normalizer.label}
+        training = lm.main_training(config.training, config.tuning, records, group, point["seed"])
     length = training.seq_len
 
     batches = train_batches(corpus.train, seq_len=length, batch_size=training.batch_size, seed=training.seed)
     data = {"data": lm.corpus_settings(corpus)}
+    held_out = _windows(corpus.validation[corpus.validation.size // 2 :], length, TUNING_WINDOWS)
     model, trained = lm.train_model(
-        config.model, training, normalizer, batches, settings=data, workdir=workdir, progress=progress
+        config.model,
+        training,
+        normalizer,
+        batches,
+        settings=data,
+        eval_batches=lambda: held_out,
+        workdir=workdir,
+        progress=progress,
     )
-    records = [{"record": "training", **trained, "learned": lm.learned_parameters(model)}]
+    if lm.is_tuning(point):
+        return [lm.tuning_record(trained, training)]
+    out = [{"record": "training", **trained, "learning_rate": training.learning_rate,
+            "learned": lm.learned_parameters(model)}]  # fmt: skip
 
     long_windows = _windows(corpus.validation, config.eval_length, config.eval_windows)
     edges = lm.position_bins(config.eval_length, config.position_bins)
@@ -140,7 +172,7 @@ def run_point(
         theta = config.model.rope_theta * factor
         result, stats = probe.measure(long_windows, rope_theta=theta)
         loss = result.per_position_loss
-        records.append(
+        out.append(
             {
                 "record": "evaluation",
                 "rope_theta_factor": factor,
@@ -153,18 +185,14 @@ def run_point(
                 **statistics_record(stats, edges),
             }
         )
-    # Positions t < L of a long window see exactly what a length-L window shows them, so the loss
-    # there with the training RoPE base is the validation loss at the training length.
-    within = [r["loss_within"] for r in records[1:] if r["rope_theta_factor"] == 1.0]
-    if within:
-        records[0]["validation_loss"] = within[0]
-    return records
+    return out
 
 
 def summary_of(records: list[dict[str, Any]], baseline: str | None = "softmax") -> dict[str, Any]:
     """Means and Student-t 95% intervals over seeds (see `intervals.summarize_records`):
 
-    {"training": per normalizer: validation_loss, train_loss (the last history entry's);
+    {"tuning": per normalizer, the learning rates tried and chosen (`lm.tuning_summary`; empty without tuning);
+     "training": per normalizer: validation_loss, train_loss (the last history entry's);
      "evaluation": per (normalizer, rope_theta_factor): loss, loss_within, loss_beyond, loss_last_eighth}
 
     each with the paired difference to the `baseline` normalizer (a label; None: no pairs) on
@@ -182,6 +210,7 @@ def summary_of(records: list[dict[str, Any]], baseline: str | None = "softmax") 
         for r in records if r.get("record") == "evaluation"
     ]  # fmt: skip
     return {
+        "tuning": lm.tuning_summary(records),
         "training": intervals.summarize_records(
             trained, by=("normalizer",), metrics=TRAINING_METRICS, baseline=against
         ),

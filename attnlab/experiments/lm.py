@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnlab.experiments.checks import at_least, check, positive, setting
+from attnlab.experiments.checks import at_least, check, distinct, each, positive, setting
 from attnlab.experiments.config import to_json
 from attnlab.experiments.kind import settings_key
 from attnlab.nn import ModelConfig, TransformerLM
@@ -116,6 +116,139 @@ class TrainingSetting:
         return TrainConfig(
             steps=self.steps, optimizer=optimizer, log_every=self.log_every, checkpoint_every=self.checkpoint_every
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningSetting:
+    """A learning-rate sweep per normalizer before the main run, so each is compared at its own best rate.
+
+    learning_rates: the grid (empty: no tuning, every model trains at training.learning_rate);
+    seed: the seed of the tuning models (initialisation and data order);
+    steps: training steps of a tuning model (0: training.steps; then a tuning model with the
+      same seed as a main point *is* that point's model at the chosen rate, restored from its
+      checkpoint rather than trained twice).
+
+    A tuning model is trained per (normalizer, rate) and scored by its validation loss (the
+    kind's objective on held-out data, after training); each normalizer's main models train at
+    the rate with the lowest loss, a rate whose loss is not finite never chosen. The choice is
+    made on one seed and with the main run's schedule (or a shorter one): a rate chosen at the
+    edge of the grid (`tuning_summary` says so) may not be the best rate.
+    """
+
+    learning_rates: tuple[float, ...] = setting((), each(positive), distinct)
+    seed: int = setting(0, at_least(0))
+    steps: int = setting(0, at_least(0))
+
+    def __post_init__(self):
+        check(self)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.learning_rates)
+
+
+def tuning_points(tuning: TuningSetting, groups: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tuning points, to run before every main point: one per group (e.g. {"normalizer": label},
+    or {"normalizer": label, "width": d}: each group gets its own rate) and rate."""
+    return [{**group, "learning_rate": rate} for group in groups for rate in tuning.learning_rates]
+
+
+def is_tuning(point: dict[str, Any]) -> bool:
+    return "learning_rate" in point
+
+
+def tuning_training(training: TrainingSetting, tuning: TuningSetting, learning_rate: float) -> TrainingSetting:
+    """The training of a tuning model: `training` at `learning_rate`, with the tuning seed and steps."""
+    steps = tuning.steps or training.steps
+    if training.warmup >= steps:
+        raise ValueError(f"tuning.steps = {steps} must be > training.warmup = {training.warmup}")
+    return dataclasses.replace(training, learning_rate=learning_rate, seed=tuning.seed, steps=steps)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def tuning_record(trained: dict[str, Any], training: TrainingSetting) -> dict[str, Any]:
+    """The record of a tuning point from `train_model`'s record (trained with eval batches):
+    validation_loss (None when not finite), the last train_loss, and the seed and steps."""
+    if "validation_loss" not in trained:
+        raise ValueError("a tuning model needs a validation loss: train it with eval_batches")
+    return {
+        "record": "tuning",
+        "validation_loss": _finite_or_none(trained["validation_loss"]),
+        "train_loss": _finite_or_none(trained["history"][-1]["loss"]),
+        "tuning_seed": training.seed,
+        "steps": training.steps,
+        "model_key": trained["model_key"],
+        "train_seconds": trained["train_seconds"],
+    }
+
+
+# The fields of a tuning record that are not its point: the rest, less learning_rate, name its group.
+TUNING_FIELDS = ("record", "validation_loss", "train_loss", "tuning_seed", "steps", "model_key", "train_seconds",
+                 "point_key", "learning_rate")  # fmt: skip
+
+
+def tuning_groups(records: Iterable[dict[str, Any]]) -> tuple[str, ...]:
+    """The fields that name a tuning record's group (e.g. ("normalizer",) or ("normalizer", "width"))."""
+    first = next((r for r in records if r.get("record") == "tuning"), None)
+    return () if first is None else tuple(k for k in first if k not in TUNING_FIELDS)
+
+
+def tuning_summary(records: Iterable[dict[str, Any]], by: tuple[str, ...] = ("normalizer",)) -> list[dict[str, Any]]:
+    """Per group of tuning records (their `by` fields, in first-seen order): the rates tried
+    (ascending), their validation losses (None: not finite), the chosen rate (the lowest loss;
+    None when none is finite) and whether it lies at an edge of the grid."""
+    groups: dict[tuple, dict[float, float | None]] = {}
+    for record in records:
+        if record.get("record") == "tuning":
+            groups.setdefault(tuple(record[k] for k in by), {})[record["learning_rate"]] = record["validation_loss"]
+    out = []
+    for group, losses in groups.items():
+        rates = sorted(losses)
+        finite = [rate for rate in rates if losses[rate] is not None]
+        chosen = min(finite, key=lambda rate: losses[rate]) if finite else None
+        out.append(
+            {
+                **dict(zip(by, group, strict=True)),
+                "learning_rates": rates,
+                "validation_loss": [losses[rate] for rate in rates],
+                "chosen": chosen,
+                "at_edge": chosen is not None and len(rates) > 1 and chosen in (rates[0], rates[-1]),
+            }
+        )
+    return out
+
+
+def main_training(
+    training: TrainingSetting,
+    tuning: TuningSetting,
+    records: list[dict[str, Any]] | None,
+    group: dict[str, Any],
+    seed: int,
+) -> TrainingSetting:
+    """The training of a main point: `training` with the point's seed and, when tuning is enabled,
+    the rate that the tuning records of its `group` (among `records`, the run's records so far)
+    chose."""
+    training = dataclasses.replace(training, seed=seed)
+    if not tuning.enabled:
+        return training
+    if records is None:
+        raise ValueError(
+            f"{group}: tuning is enabled, so a main point needs the run's records (the runner passes them)"
+        )
+    by = tuple(group)
+    entry = next((e for e in tuning_summary(records, by) if all(e[k] == v for k, v in group.items())), None)
+    tried = entry["learning_rates"] if entry else []
+    if tried != sorted(tuning.learning_rates):
+        raise ValueError(
+            f"{group}: the tuning records have rates {tried}, not the grid {sorted(tuning.learning_rates)}: "
+            "the tuning points run before the main ones"
+        )
+    if entry["chosen"] is None:
+        raise ValueError(f"{group}: no rate of {tried} gave a finite validation loss in tuning; widen the grid")
+    return dataclasses.replace(training, learning_rate=entry["chosen"])
 
 
 def _file_name(label: str) -> str:

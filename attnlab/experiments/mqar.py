@@ -54,6 +54,7 @@ from attnlab.experiments.checks import (
 from attnlab.experiments.config import to_json
 from attnlab.experiments.kind import Kind
 from attnlab.normalizers import NormalizerSpec
+from attnlab.train import evaluate
 
 DEFAULT_NORMALIZERS = (
     NormalizerSpec("softmax"),
@@ -64,8 +65,10 @@ DEFAULT_NORMALIZERS = (
 )
 EVAL_BATCH = 64  # held-out sequences per evaluation batch
 # Training streams draw their batch seeds from [0, TRAINING_SEEDS); evaluation batch j has seed
-# TRAINING_SEEDS + j, so no training batch is ever an evaluation batch's twin.
+# TRAINING_SEEDS + j and validation batch j (which scores learning rates in tuning) seed
+# TRAINING_SEEDS + VALIDATION_SEEDS + j, so no two of the three sets share a batch.
 TRAINING_SEEDS = 2**31
+VALIDATION_SEEDS = 2**20
 METRICS = ("accuracy", "sequence_accuracy", "eval_loss", "train_loss")
 GROUPS = ("normalizer", "width")
 
@@ -79,7 +82,9 @@ class Config:
     once); training: how each model is trained (`lm.TrainingSetting`; its seed is replaced by the
     point's); eval_examples: held-out sequences (a multiple of 64), the same for every point;
     eval_every: steps between evaluations during training (0: only at the end); seeds: one model
-    per seed, the seed fixing its initialisation and its training data."""
+    per seed, the seed fixing its initialisation and its training data; tuning: the learning-rate
+    sweep per normalizer and width before the main run (`lm.TuningSetting`, scored by the loss at
+    the queries of eval_examples validation sequences, apart from the evaluation's)."""
 
     normalizers: tuple[NormalizerSpec, ...] = DEFAULT_NORMALIZERS
     widths: tuple[int, ...] = setting((16, 32, 64), nonempty, each(positive), increasing, distinct)
@@ -96,6 +101,7 @@ class Config:
     eval_examples: int = setting(1024, multiple_of(EVAL_BATCH))
     eval_every: int = setting(0, noted(at_least(0), "0: only at the end"))
     seeds: tuple[int, ...] = setting((0, 1, 2), nonempty, each(at_least(0)), distinct)
+    tuning: lm.TuningSetting = dataclasses.field(default_factory=lm.TuningSetting)
 
     def relations(self) -> Iterator[str]:
         bad = [w for w in self.widths if w % self.heads or (w // self.heads) % 2]
@@ -123,13 +129,11 @@ class Config:
 
 
 def points(config: Config) -> list[dict[str, Any]]:
-    """One point per seed x width x normalizer, seed first: an interrupted run has whole seeds."""
-    return [
-        {"normalizer": spec.label, "width": width, "seed": seed}
-        for seed in config.seeds
-        for width in config.widths
-        for spec in config.normalizers
-    ]
+    """The tuning points (width x normalizer x learning rate; none without tuning), then one point
+    per seed x width x normalizer, seed first: an interrupted run has whole seeds."""
+    groups = [{"normalizer": spec.label, "width": width} for width in config.widths for spec in config.normalizers]
+    main = [{**group, "seed": seed} for seed in config.seeds for group in groups]
+    return lm.tuning_points(config.tuning, groups) + main
 
 
 def training_batches(task: MQARConfig, *, batch_size: int, seed: int) -> Iterator[Batch]:
@@ -140,54 +144,74 @@ def training_batches(task: MQARConfig, *, batch_size: int, seed: int) -> Iterato
         yield mqar_batch(task, batch_size=batch_size, seed=int(rng.integers(0, TRAINING_SEEDS)))
 
 
-def evaluation_batches(task: MQARConfig, examples: int) -> list[Batch]:
-    """The held-out sequences: `examples` / 64 batches, batch j drawn with seed 2^31 + j."""
-    return [mqar_batch(task, batch_size=EVAL_BATCH, seed=TRAINING_SEEDS + j) for j in range(examples // EVAL_BATCH)]
+def evaluation_batches(task: MQARConfig, examples: int, *, validation: bool = False) -> list[Batch]:
+    """The held-out sequences: `examples` / 64 batches, batch j drawn with seed 2^31 + j (the
+    evaluation's) or, with validation=True, 2^31 + 2^20 + j (tuning's)."""
+    first = TRAINING_SEEDS + (VALIDATION_SEEDS if validation else 0)
+    return [mqar_batch(task, batch_size=EVAL_BATCH, seed=first + j) for j in range(examples // EVAL_BATCH)]
 
 
 def run_point(
-    config: Config, point: dict[str, Any], *, progress: lm.Progress | None = None, workdir: Path | None = None
+    config: Config,
+    point: dict[str, Any],
+    *,
+    progress: lm.Progress | None = None,
+    workdir: Path | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train one model on MQAR and score it on the held-out sequences. One record:
+    """Train one model on MQAR (at the learning rate that tuning chose for its normalizer and width
+    among `records`) and score it on the held-out sequences; or, at a tuning point, train one at
+    the point's rate and score it on the validation sequences ({"record": "tuning"}, see
+    `lm.tuning_record`). One record:
 
     {"record": "training", "normalizer", "width", "seed"}: accuracy (queries answered right),
       sequence_accuracy (sequences with every query right), eval_loss (nats at the queries),
       train_loss and train_accuracy (the last history entry's: means over its log_every steps),
       steps, layers, heads, head_dim, parameters, history (per log_every steps: step, loss,
-      accuracy, grad_norm, learning_rate, tokens_per_second, elapsed_seconds), evaluations (every
-      eval_every steps and at the end: step, loss, token_accuracy, sequence_accuracy, ...),
-      validation_loss, tokens_per_second, compile_seconds, train_seconds, wall_seconds (see
+      accuracy, grad_norm, learning_rate, tokens_per_second, elapsed_seconds), evaluations (on
+      the validation sequences, every eval_every steps and at the end: step, loss,
+      token_accuracy, sequence_accuracy, ...), validation_loss, learning_rate (the rate it
+      trained at), tokens_per_second, compile_seconds, train_seconds, wall_seconds (see
       `lm.train_model`), learned (each learned normalizer parameter, [layer][head]).
     """
     normalizer = next(spec for spec in config.normalizers if spec.label == point["normalizer"])
-    width, seed = point["width"], point["seed"]
+    width = point["width"]
     model_setting = lm.ModelSetting(layers=config.layers, width=width, heads=config.heads)
-    training = dataclasses.replace(config.training, seed=seed)
+    tuning = lm.is_tuning(point)
+    if tuning:
+        training = lm.tuning_training(config.training, config.tuning, point["learning_rate"])
+    else:
+        group = {"normalizer": normalizer.label, "width": width}
+        training = lm.main_training(config.training, config.tuning, records, group, point["seed"])
+    seed = training.seed
     task = config.task()
-    held_out = evaluation_batches(task, config.eval_examples)
+    validation = evaluation_batches(task, config.eval_examples, validation=True)
     model, trained = lm.train_model(
         model_setting,
         training,
         normalizer,
         training_batches(task, batch_size=training.batch_size, seed=seed),
-        settings={"data": {"task": to_json(task)}, "evaluation": {"examples": config.eval_examples}},
-        eval_batches=lambda: held_out,
+        settings={"data": {"task": to_json(task)}, "validation": {"examples": config.eval_examples}},
+        eval_batches=lambda: validation,
         workdir=workdir,
         progress=progress,
         name=f"mqar_{normalizer.label}_d{width}_seed{seed}",
         eval_every=config.eval_every,
     )
-    final = trained["evaluations"][-1]
+    if tuning:
+        return [lm.tuning_record(trained, training)]
+    final = evaluate(model, evaluation_batches(task, config.eval_examples))
     return [
         {
             "record": "training",
             **point,
-            "accuracy": final["token_accuracy"],
-            "sequence_accuracy": final["sequence_accuracy"],
-            "eval_loss": final["loss"],
+            "accuracy": final.token_accuracy,
+            "sequence_accuracy": final.sequence_accuracy,
+            "eval_loss": final.loss,
             "train_loss": trained["history"][-1]["loss"],
             "train_accuracy": trained["history"][-1]["accuracy"],
             "steps": training.steps,
+            "learning_rate": training.learning_rate,
             "layers": config.layers,
             "heads": config.heads,
             "head_dim": width // config.heads,
@@ -203,7 +227,10 @@ def summary_of(records: list[dict[str, Any]], baseline: str | None = "softmax") 
     (see `intervals.summarize_records`); records of other kinds of record are ignored."""
     trained = [r for r in records if r.get("record") == "training"]
     against = None if baseline is None else {"normalizer": baseline}
-    return intervals.summarize_records(trained, by=GROUPS, metrics=METRICS, baseline=against)
+    return {
+        **intervals.summarize_records(trained, by=GROUPS, metrics=METRICS, baseline=against),
+        "tuning": lm.tuning_summary(records, GROUPS),
+    }
 
 
 def summarize(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:

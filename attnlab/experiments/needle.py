@@ -59,6 +59,7 @@ DEFAULT_NORMALIZERS = (
     NormalizerSpec("entmax15"),
 )
 EVAL_SEED_OFFSET = 1_000_003  # evaluation sequences are drawn apart from the training stream
+HELD_OUT_SEED_OFFSET = 2_000_003  # and the held-out sequences that score a model, apart from both
 ACCURACIES = ("sequence_accuracy", "digit_accuracy")
 # Accuracies over the cells of lengths <= L (within) and > L (beyond), L the training length.
 SPAN_METRICS = tuple(f"{a}_{span}" for span in ("within", "beyond") for a in ACCURACIES)
@@ -72,7 +73,8 @@ class Config:
     key_length, value_length, filler: the task (`attnlab.data.NeedleConfig`); eval_lengths:
     context lengths to test (each >= the task's minimum); depths: needle depths in [0, 1];
     eval_examples: sequences per (length, depth) cell; rope_theta_factors: RoPE bases to test,
-    as multiples of model.rope_theta."""
+    as multiples of model.rope_theta; tuning: the learning-rate sweep per normalizer before the
+    main run (`lm.TuningSetting`; scored by the loss on the `held_out` sequences)."""
 
     normalizers: tuple[NormalizerSpec, ...] = DEFAULT_NORMALIZERS
     model: lm.ModelSetting = dataclasses.field(default_factory=lambda: lm.ModelSetting(layers=2, width=64, heads=4))
@@ -87,6 +89,7 @@ class Config:
     eval_examples: int = setting(32, at_least(1))
     rope_theta_factors: tuple[float, ...] = setting((1.0, 50.0), nonempty, each(positive), distinct)
     seeds: tuple[int, ...] = setting((0, 1, 2), nonempty, each(at_least(0)), distinct)
+    tuning: lm.TuningSetting = dataclasses.field(default_factory=lm.TuningSetting)
 
     def relations(self) -> Iterator[str]:
         for n in (self.training.seq_len, *self.eval_lengths):
@@ -110,26 +113,52 @@ class Config:
 
 
 def points(config: Config) -> list[dict[str, Any]]:
-    """One point per seed x normalizer, seed first (an interrupted run has whole seeds): train, then
-    test every (theta, length, depth) cell."""
-    return [{"normalizer": spec.label, "seed": seed} for seed in config.seeds for spec in config.normalizers]
+    """The tuning points (normalizer x learning rate; none without tuning), then one point per
+    seed x normalizer, seed first (an interrupted run has whole seeds): train, then test every
+    (theta, length, depth) cell."""
+    labels = [spec.label for spec in config.normalizers]
+    main = [{"normalizer": label, "seed": seed} for seed in config.seeds for label in labels]
+    return lm.tuning_points(config.tuning, [{"normalizer": label} for label in labels]) + main
+
+
+def held_out(config: Config, length: int, corpus: np.ndarray | None) -> list[Any]:
+    """The sequences that score a model at the training length: eval_examples per depth, drawn
+    apart from both the training stream and the retrieval tests (`HELD_OUT_SEED_OFFSET`)."""
+    return [
+        needle_batch(config.task(length, depth), batch_size=config.eval_examples,
+                     seed=HELD_OUT_SEED_OFFSET + i, corpus=corpus)
+        for i, depth in enumerate(config.depths)
+    ]  # fmt: skip
 
 
 def run_point(
-    config: Config, point: dict[str, Any], *, progress: lm.Progress | None = None, workdir: Path | None = None
+    config: Config,
+    point: dict[str, Any],
+    *,
+    progress: lm.Progress | None = None,
+    workdir: Path | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train one model (initialisation and training sequences from the point's seed) and test it
-    on the same sequences whatever the seed. Records (the runner adds the point's normalizer and
-    seed to each):
+    """Train one model (initialisation and training sequences from the point's seed, the learning
+    rate its normalizer's tuning chose among `records`) and test it on the same sequences whatever
+    the seed; or, at a tuning point, train one model at the point's rate and score it. Records
+    (the runner adds the point to each):
 
-    {"record": "training"}: as in `length_generalization` (parameters, history, tokens_per_second,
-      compile_seconds, train_seconds, wall_seconds, learned).
+    {"record": "tuning"}: see `lm.tuning_record` (validation_loss: the loss on the answer digits
+      of `held_out` sequences at L).
+    {"record": "training"}: as in `length_generalization` (parameters, history, validation_loss,
+      evaluations, learning_rate, tokens_per_second, compile_seconds, train_seconds, wall_seconds,
+      learned).
     {"record": "retrieval"} per (rope_theta_factor, length, depth): rope_theta, sequence_accuracy,
       digit_accuracy, needle_mass ([layer][head] mean weight on the needle at the first answer
       query), needle_mass_uniform (needle_length / (query position + 1), what uniform weights give).
     """
     normalizer = next(spec for spec in config.normalizers if spec.label == point["normalizer"])
-    training = dataclasses.replace(config.training, seed=point["seed"])
+    if lm.is_tuning(point):
+        training = lm.tuning_training(config.training, config.tuning, point["learning_rate"])
+    else:
+        group = {"normalizer": normalizer.label}
+        training = lm.main_training(config.training, config.tuning, records, group, point["seed"])
     corpus = load_corpus().validation if config.filler == "corpus" else None
     batches = needle_train_batches(
         config.task(training.seq_len, 0.0), batch_size=training.batch_size, seed=training.seed, corpus=corpus
@@ -137,10 +166,21 @@ def run_point(
     data = {"data": {"task": to_json(config.task(training.seq_len, 0.0))}}
     if corpus is not None:
         data["data"]["filler_corpus"] = lm.corpus_settings(load_corpus(), "validation")
+    validation = held_out(config, training.seq_len, corpus)
     model, trained = lm.train_model(
-        config.model, training, normalizer, batches, settings=data, workdir=workdir, progress=progress
+        config.model,
+        training,
+        normalizer,
+        batches,
+        settings=data,
+        eval_batches=lambda: validation,
+        workdir=workdir,
+        progress=progress,
     )
-    records = [{"record": "training", **trained, "learned": lm.learned_parameters(model)}]
+    if lm.is_tuning(point):
+        return [lm.tuning_record(trained, training)]
+    out = [{"record": "training", **trained, "learning_rate": training.learning_rate,
+            "learned": lm.learned_parameters(model)}]  # fmt: skip
 
     probe = lm.Probe(model)
     cells = [(f, n, d) for f in config.rope_theta_factors for n in config.eval_lengths for d in config.depths]
@@ -154,7 +194,7 @@ def run_point(
         result, stats = probe.measure([batch], rope_theta=theta, needle=True)
         query = length - config.value_length  # the input position whose target is the first digit
         mass = stats["key_mass"][:, :, :, query].mean(axis=1)  # [L, N]
-        records.append(
+        out.append(
             {
                 "record": "retrieval",
                 "rope_theta_factor": factor,
@@ -167,13 +207,15 @@ def run_point(
                 "needle_mass_uniform": task.needle_length / (query + 1),
             }
         )
-    return records
+    return out
 
 
 def summary_of(records: list[dict[str, Any]], seq_len: int, baseline: str | None = "softmax") -> dict[str, Any]:
     """Means and Student-t 95% intervals over seeds (see `intervals.summarize_records`):
 
-    {"training": per normalizer: train_loss (the last history entry's);
+    {"tuning": per normalizer, the learning rates tried and chosen (`lm.tuning_summary`);
+     "training": per normalizer: train_loss (the last history entry's), validation_loss (on the
+       held-out sequences; None in files written before it was recorded);
      "retrieval": per (normalizer, rope_theta_factor, length): sequence_accuracy, digit_accuracy
        (each the mean over the depths);
      "spans": per (normalizer, rope_theta_factor): sequence_accuracy_within, digit_accuracy_within
@@ -185,7 +227,8 @@ def summary_of(records: list[dict[str, Any]], seq_len: int, baseline: str | None
     """
     against = None if baseline is None else {"normalizer": baseline}
     trained = [
-        {"normalizer": r["normalizer"], "seed": lm.seed_of(r), "train_loss": r["history"][-1]["loss"]}
+        {"normalizer": r["normalizer"], "seed": lm.seed_of(r), "train_loss": r["history"][-1]["loss"],
+         "validation_loss": r.get("validation_loss")}
         for r in records if r.get("record") == "training"
     ]  # fmt: skip
     cells: dict[tuple, list[dict[str, Any]]] = {}
@@ -206,7 +249,10 @@ def summary_of(records: list[dict[str, Any]], seq_len: int, baseline: str | None
                  for span, rows in spans.items() for a in ACCURACIES}  # fmt: skip
         by_span.append({**group, **means})
     return {
-        "training": intervals.summarize_records(trained, by=("normalizer",), metrics=("train_loss",), baseline=against),
+        "tuning": lm.tuning_summary(records),
+        "training": intervals.summarize_records(
+            trained, by=("normalizer",), metrics=("train_loss", "validation_loss"), baseline=against
+        ),
         "retrieval": intervals.summarize_records(
             by_length, by=("normalizer", "rope_theta_factor", "length"), metrics=ACCURACIES, baseline=against
         ),

@@ -148,11 +148,13 @@ def lock(out_dir: str | Path, *, wait: bool = True) -> Iterator[Path]:
         handle.close()
 
 
-def _point_keywords(run_point: Any, update: Any, workdir: Path) -> dict[str, Any]:
+def _point_keywords(run_point: Any, update: Any, workdir: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
     """The optional keywords a kind's run_point takes: `progress(description, completed, total)`
-    to show work inside a long point, and `workdir`, a folder for its checkpoints."""
+    to show work inside a long point, `workdir`, a folder for its checkpoints, and `records`, a
+    copy of the run's records so far (those of the points before it, reused ones included: e.g.
+    the learning-rate tuning a main point reads, see `attnlab.experiments.lm.TuningSetting`)."""
     accepted = inspect.signature(run_point).parameters
-    offered = {"progress": update, "workdir": workdir}
+    offered = {"progress": update, "workdir": workdir, "records": records}
     return {name: value for name, value in offered.items() if name in accepted}
 
 
@@ -205,9 +207,11 @@ def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True) -
         def update(description: str, completed: int, total: int) -> None:
             bar.update(inner, description=f"  {description}", completed=completed, total=total, visible=True)
 
-        keywords = _point_keywords(kind.run_point, update, out_dir / CHECKPOINTS)
         for point, key in todo:
             bar.update(task, point=_describe(point))
+            keywords = _point_keywords(
+                kind.run_point, update, out_dir / CHECKPOINTS, [dict(r) for r in results.records]
+            )
             results.add(point, key, kind.run_point(experiment.config, point, **keywords))
             bar.update(inner, visible=False)
             bar.advance(task)

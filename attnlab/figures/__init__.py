@@ -1,6 +1,7 @@
 """Figures from results JSON alone: no model, no recompute.
 
-`render(json_path)` draws the figures of one results file into <results>/figures/;
+`render(json_path)` draws the figures of one results file into <results>/figures/ (with the
+learning-rate tuning figure, attnlab.figures.tuning, where its records hold a tuning);
 `render_all(results_dir)` does every file and rewrites the results/README.md index and the
 findings page, results/FINDINGS.md (attnlab.figures.findings).
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 from attnlab.atomic import write_atomic
 from attnlab.experiments.results import ResultsError, read_json
+from attnlab.figures import tuning
 from attnlab.figures.findings import write_findings
 from attnlab.figures.names import figure_name
 
@@ -40,7 +42,9 @@ def _render(json_path: Path, payload: dict[str, Any], drawers: dict[str, Any]) -
     if not isinstance(payload.get("records"), list) or not isinstance(payload.get("config"), dict):
         raise ResultsError(f"{json_path}: not a results file (it needs a config object and a records list)")
     out_dir = json_path.parent / FIGURES
-    return drawers[kind]({**payload, "experiment": figure_name(json_path)}, out_dir)
+    named = {**payload, "experiment": figure_name(json_path)}
+    paths = drawers[kind](named, out_dir)
+    return paths + tuning.render(named, out_dir) if tuning.has_tuning(named) else paths
 
 
 def render_all(results_dir: str | Path) -> dict[Path, list[Path]]:

@@ -1,0 +1,65 @@
+"""The learning-rate tuning of a results file that has one (`attnlab.experiments.lm.TuningSetting`):
+each group's validation loss against the rate, the chosen rate filled, a diverged rate marked at
+the top. Drawn by `attnlab.figures.render` for every kind whose records hold tuning records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from attnlab.experiments import lm
+from attnlab.figures import style
+
+
+def has_tuning(payload: dict) -> bool:
+    return any(r.get("record") == "tuning" for r in payload["records"])
+
+
+def render(payload: dict, out_dir: Path) -> list[Path]:
+    """<experiment>_tuning.png/svg: one panel per value of the groups' fields other than the
+    normalizer (e.g. per width), one line per normalizer."""
+    style.setup()
+    records = payload["records"]
+    by = lm.tuning_groups(records)
+    entries = lm.tuning_summary(records, by)
+    label_key = next((k for k in ("normalizer", "output") if k in by), by[0])
+    panel_keys = [k for k in by if k != label_key]
+    panels = list(dict.fromkeys(tuple(e[k] for k in panel_keys) for e in entries))
+    specs = payload["config"].get("normalizers") or [{"name": e[label_key], "label": e[label_key]} for e in entries]
+    colors = style.colors_for(list(specs))
+    labels = {spec["label"]: style.display_label(spec) for spec in specs}
+    tuned = [r for r in records if r.get("record") == "tuning"]
+    seeds = sorted({r["tuning_seed"] for r in tuned})
+    steps = sorted({r["steps"] for r in tuned})
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False, layout="constrained")
+    for ax, panel in zip(axes[0], panels, strict=True):
+        chosen_here = [e for e in entries if tuple(e[k] for k in panel_keys) == panel]
+        finite = [v for e in chosen_here for v in e["validation_loss"] if v is not None]
+        top = max(finite) if finite else 1.0
+        for i, entry in enumerate(chosen_here):
+            label = entry[label_key]
+            color = colors.get(label, "#7f7f7f")
+            rates = np.array(entry["learning_rates"])
+            losses = np.array([np.nan if v is None else v for v in entry["validation_loss"]])
+            marker = style.MARKERS[i % len(style.MARKERS)]
+            ax.plot(rates, losses, color=color, marker=marker, mfc="white", lw=1.4, label=labels.get(label, label))
+            if entry["chosen"] is not None:
+                best = entry["validation_loss"][entry["learning_rates"].index(entry["chosen"])]
+                ax.plot([entry["chosen"]], [best], color=color, marker=marker, ms=9, ls="none")
+            diverged = rates[np.isnan(losses)]
+            if diverged.size:
+                ax.plot(diverged, np.full(diverged.size, top), color=color, marker="x", ms=9, ls="none")
+        ax.set_xscale("log")
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("validation loss after training (nats)")
+        if panel_keys:
+            ax.set_title(", ".join(f"{k} = {v}" for k, v in zip(panel_keys, panel, strict=True)))
+    axes[0][0].legend(frameon=False)
+    fig.suptitle(
+        f"Learning-rate tuning (seed {', '.join(map(str, seeds))}, {', '.join(map(str, steps))} steps): "
+        "filled, the rate each one's main models train at; x, not finite"
+    )
+    return style.save(fig, out_dir / f"{payload['experiment']}_tuning")
