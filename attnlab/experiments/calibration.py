@@ -63,7 +63,9 @@ class Config:
     fixing its initialisation and the order of its training windows (the same for every output);
     eval_windows: validation windows of training.seq_len bytes at evenly spaced offsets, every
     position scored; fit_windows: this many of them, evenly interleaved, fit the temperature, the
-    rest are the test set; bins: reliability bins (equal-width and equal-mass)."""
+    rest are the test set; bins: reliability bins (equal-width and equal-mass); tuning: the
+    learning-rate sweep per output before the main run (`lm.TuningSetting`), scored by the
+    output's own loss on the fit windows (never the test windows)."""
 
     outputs: tuple[OutputNormalizer, ...] = DEFAULT_OUTPUTS
     model: lm.ModelSetting = dataclasses.field(default_factory=lm.ModelSetting)
@@ -72,6 +74,7 @@ class Config:
     fit_windows: int = setting(64, at_least(1))
     bins: int = setting(15, at_least(1))
     seeds: tuple[int, ...] = setting((0, 1, 2), nonempty, each(at_least(0)), distinct)
+    tuning: lm.TuningSetting = dataclasses.field(default_factory=lm.TuningSetting)
 
     def relations(self) -> Iterator[str]:
         if self.fit_windows >= self.eval_windows:
@@ -82,8 +85,11 @@ class Config:
 
 
 def points(config: Config) -> list[dict[str, Any]]:
-    """One point per seed x output normalizer, seed first (an interrupted run has whole seeds): train, fit T, score."""
-    return [{"output": output.label, "seed": seed} for seed in config.seeds for output in config.outputs]
+    """The tuning points (output x learning rate; none without tuning), then one point per seed x
+    output normalizer, seed first (an interrupted run has whole seeds): train, fit T, score."""
+    groups = [{"output": output.label} for output in config.outputs]
+    main = [{**group, "seed": seed} for seed in config.seeds for group in groups]
+    return lm.tuning_points(config.tuning, groups) + main
 
 
 def fit_mask(config: Config) -> np.ndarray:
@@ -122,14 +128,21 @@ def _report(output: OutputNormalizer, logits: np.ndarray, labels: np.ndarray, bi
 
 
 def run_point(
-    config: Config, point: dict[str, Any], *, progress: lm.Progress | None = None, workdir: Path | None = None
+    config: Config,
+    point: dict[str, Any],
+    *,
+    progress: lm.Progress | None = None,
+    workdir: Path | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Train one model with its output normalizer (initialisation and data order from the point's
-    seed), fit T on the fit windows, score the test windows (the same windows whatever the seed).
-    Records (the runner adds the point's output and seed to each):
+    seed, the learning rate its output's tuning chose among `records`), fit T on the fit windows,
+    score the test windows (the same windows whatever the seed); or, at a tuning point, train one
+    at the point's rate and score it by the output's loss on the fit windows ({"record":
+    "tuning"}, see `lm.tuning_record`). Records (the runner adds the point to each):
 
     {"record": "training", "output"}: parameters, history (the output's own training loss),
-      tokens_per_second, compile_seconds, train_seconds, wall_seconds (see `lm.train_model`).
+      learning_rate, tokens_per_second, compile_seconds, train_seconds, wall_seconds (see `lm.train_model`).
     {"record": "calibration", "output"}: mapping, alpha, label_smoothing, temperature (fitted),
       fit_examples, test_examples, and "before" / "after" (logits z and z / T on the test
       positions), each with accuracy, nll (+inf when a target has probability 0),
@@ -138,7 +151,10 @@ def run_point(
       {width, mass: {edges, count, confidence, accuracy}} (empty bins: null).
     """
     output = next(o for o in config.outputs if o.label == point["output"])
-    training = dataclasses.replace(config.training, seed=point["seed"])
+    if lm.is_tuning(point):
+        training = lm.tuning_training(config.training, config.tuning, point["learning_rate"])
+    else:
+        training = lm.main_training(config.training, config.tuning, records, {"output": output.label}, point["seed"])
     corpus = load_corpus()
     batches = train_batches(corpus.train, seq_len=training.seq_len, batch_size=training.batch_size, seed=training.seed)
     model, trained = lm.train_model(
@@ -158,9 +174,12 @@ def run_point(
     vocab, fit = logits.shape[-1], fit_mask(config)
     fit_logits, fit_labels = logits[fit].reshape(-1, vocab), targets[fit].reshape(-1)
     test_logits, test_labels = logits[~fit].reshape(-1, vocab), targets[~fit].reshape(-1)
+    if lm.is_tuning(point):
+        fit_loss = float(jnp.mean(output.loss(jnp.asarray(fit_logits), jnp.asarray(fit_labels))))
+        return [lm.tuning_record({**trained, "validation_loss": fit_loss}, training)]
     temperature = calibration.fit_temperature(fit_logits, fit_labels, output=output)
     return [
-        {"record": "training", "output": output.label, **trained},
+        {"record": "training", "output": output.label, **trained, "learning_rate": training.learning_rate},
         {
             "record": "calibration",
             "output": output.label,
@@ -184,7 +203,8 @@ def baseline_label(outputs: list[dict[str, Any]]) -> str | None:
 def summary_of(records: list[dict[str, Any]], baseline: str | None = "softmax") -> dict[str, Any]:
     """Means and Student-t 95% intervals over seeds (see `intervals.summarize_records`):
 
-    {"scores": per (output, stage): each of SCORES, stage "before" (z) or "after" (z / T), with the
+    {"tuning": per output, the learning rates tried and chosen (`lm.tuning_summary`);
+     "scores": per (output, stage): each of SCORES, stage "before" (z) or "after" (z / T), with the
        paired difference to the `baseline` output (a label; None: no pairs) at the same stage;
      "temperature": per output: the fitted temperature}
 
@@ -199,6 +219,7 @@ def summary_of(records: list[dict[str, Any]], baseline: str | None = "softmax") 
     temperatures = [{"output": r["output"], "seed": lm.seed_of(r), "temperature": r["temperature"]} for r in scored]
     against = None if baseline is None else {"output": baseline}
     return {
+        "tuning": lm.tuning_summary(records, ("output",)),
         "scores": intervals.summarize_records(rows, by=("output", "stage"), metrics=SCORES, baseline=against),
         "temperature": intervals.summarize_records(temperatures, by=("output",), metrics=("temperature",)),
     }

@@ -60,9 +60,9 @@ def test_a_main_point_without_its_tuning_stops_with_what_is_missing():
     with pytest.raises(ValueError, match=r"rates \[0.001\], not the grid \[0.001, 0.003\]"):
         lm.main_training(training, tuning, [_tuning(group, 1e-3, 1.0)], group, seed=0)
     diverged = [_tuning(group, 1e-3, None), _tuning(group, 3e-3, None)]
-    with pytest.raises(ValueError, match="no rate of .* gave a finite validation loss"):
+    with pytest.raises(ValueError, match=r"no rate of .* gave a finite validation loss"):
         lm.main_training(training, tuning, diverged, group, seed=0)
-    with pytest.raises(ValueError, match="tuning.steps = 20 must be > training.warmup = 30"):
+    with pytest.raises(ValueError, match=r"tuning\.steps = 20 must be > training\.warmup = 30"):
         lm.tuning_training(training, lm.TuningSetting(learning_rates=(1e-3,), steps=20), 1e-3)
     with pytest.raises(SettingError, match="learning_rates must all be > 0"):
         lm.TuningSetting(learning_rates=(1e-3, -1.0))
@@ -136,9 +136,28 @@ def test_main_points_keep_their_keys_and_a_changed_grid_tunes_again(tuned_run, t
 
 
 def test_the_tuning_figure_is_drawn_with_the_kinds_own(tuned_run, tmp_path):
-    out, payload, _ = tuned_run
+    out, _, _ = tuned_run
     target = tmp_path / "mqar_quick.json"
     target.write_text((out / "mqar_quick.json").read_text())
     names = {path.name for path in figures.render(target)}
     assert {"mqar_quick_tuning.png", "mqar_quick_tuning.svg"} <= names
-    assert "mqar_quick_accuracy.png" in names or any(n.startswith("mqar_quick_") for n in names - {"mqar_quick_tuning.png"})
+    assert "mqar_quick_accuracy.png" in names, "the kind's own figures are drawn too"
+
+
+def test_calibration_tunes_each_output_on_its_fit_windows(tmp_path):
+    """An output's rate is chosen by its own loss on the fit windows; the test windows stay unseen."""
+    quick = REPO / "experiments" / "calibration_quick.toml"
+    overrides = ["tuning.learning_rates=[1e-3, 1e-2]", "seeds=[0]", 'outputs=["softmax", "sparsemax"]']
+    args = ["run", str(quick), "--out", str(tmp_path), "--no-progress", "--no-figures"]
+    assert cli.main(args + [a for o in overrides for a in ("--set", o)]) == 0
+    payload = json.loads((tmp_path / "calibration_quick.json").read_text())
+    records = payload["records"]
+    assert [r["record"] for r in records[:4]] == ["tuning"] * 4
+    chosen = {e["output"]: e["chosen"] for e in payload["summary"]["tuning"]}
+    assert set(chosen) == {"softmax", "sparsemax"}
+    for record in records:
+        if record["record"] == "training":
+            assert record["learning_rate"] == chosen[record["output"]]
+            tuned = next(r for r in records if r["record"] == "tuning" and r["output"] == record["output"]
+                         and r["learning_rate"] == record["learning_rate"])  # fmt: skip
+            assert tuned["model_key"] == record["model_key"], "seed 0 at the chosen rate is the tuning model"
