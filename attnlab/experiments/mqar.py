@@ -95,13 +95,15 @@ class Config:
     power_a: float = setting(0.01, noted(positive, "1 is uniform"))
     training: lm.TrainingSetting = dataclasses.field(
         default_factory=lambda: lm.TrainingSetting(
-            seq_len=32, batch_size=64, steps=1000, learning_rate=3e-3, warmup=50, log_every=25, checkpoint_every=250
+            seq_len=32, batch_size=64, steps=2000, learning_rate=3e-3, warmup=50, log_every=25, checkpoint_every=500
         )
     )
     eval_examples: int = setting(1024, multiple_of(EVAL_BATCH))
     eval_every: int = setting(0, noted(at_least(0), "0: only at the end"))
     seeds: tuple[int, ...] = setting((0, 1, 2), nonempty, each(at_least(0)), distinct)
-    tuning: lm.TuningSetting = dataclasses.field(default_factory=lm.TuningSetting)
+    tuning: lm.TuningSetting = dataclasses.field(
+        default_factory=lambda: lm.TuningSetting(learning_rates=(1e-3, 3e-3), seed=0)
+    )
 
     def relations(self) -> Iterator[str]:
         bad = [w for w in self.widths if w % self.heads or (w // self.heads) % 2]

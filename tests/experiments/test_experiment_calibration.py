@@ -179,7 +179,7 @@ def test_a_seed_fixes_initialisation_and_data_for_every_output(watched_run):
 def test_the_full_config_takes_three_seeds():
     full = experiments.load(REPO / "experiments" / "calibration.toml").config
     assert full.seeds == (0, 1, 2) and calibration.Config().seeds == (0, 1, 2)
-    assert len(calibration.points(full)) == 3 * len(full.outputs)
+    assert len(calibration.points(full)) == (3 + len(full.tuning.learning_rates)) * len(full.outputs)
 
 
 def test_baseline_is_the_first_plain_softmax_output():

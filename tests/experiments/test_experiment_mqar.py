@@ -195,6 +195,7 @@ def test_full_configs_load_and_cover_the_grid():
     for config in (cpu, gpu):
         assert config.seeds == (0, 1, 2) and config.training.seed == 0
         assert [s.label for s in config.normalizers] == [s.label for s in defaults.normalizers]
-        assert len(mqar.points(config)) == len(config.normalizers) * len(config.widths) * 3
+        grid = len(config.normalizers) * len(config.widths)
+        assert len(mqar.points(config)) == grid * (len(config.tuning.learning_rates) + 3)
     assert gpu.widths == (64, 128, 256, 512) and gpu.layers == 2  # Zoology's widths and depth
     assert cpu == defaults  # the defaults are the CPU config

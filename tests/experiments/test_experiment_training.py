@@ -269,7 +269,8 @@ def test_full_configs_take_three_seeds_and_quick_ones_two():
         full = experiments.load(REPO / "experiments" / f"{kind}.toml").config
         assert full.seeds == (0, 1, 2) and experiments.KINDS[kind].config_type().seeds == (0, 1, 2)
         assert experiments.load(REPO / "experiments" / f"{kind}_quick.toml").config.seeds == (0, 1)
-        assert len(experiments.KINDS[kind].points(full)) == 3 * len(full.normalizers)
+        runs = 3 + len(full.tuning.learning_rates)  # three seeds, and the tuning models first
+        assert len(experiments.KINDS[kind].points(full)) == runs * len(full.normalizers)
     with pytest.raises(ConfigError, match=r"seeds must not repeat a value; got \[1, 1\]"):
         experiments.load(NEEDLE_QUICK, ["seeds=[1, 1]"])
 
