@@ -5,6 +5,7 @@ from attnlab.experiments import (
     calibration,
     critical_scaling,
     distillation,
+    extrapolation,
     fading_synthetic,
     length_generalization,
     mqar,
@@ -27,5 +28,6 @@ KINDS: dict[str, Kind] = {
         calibration,
         distillation,
         mqar,
+        extrapolation,
     )
 }
