@@ -20,6 +20,7 @@ from typing import Any
 from attnlab.atomic import write_atomic
 from attnlab.experiments import intervals
 from attnlab.experiments.results import read_json
+from attnlab.figures import tuning
 from attnlab.figures.names import figure_name
 
 PAGE = "FINDINGS.md"
@@ -241,6 +242,9 @@ def page(results_dir: Path) -> str:
             continue
         name = figure_name(json_path)
         found = makers[kind]({**payload, "experiment": name})
+        tuned = tuning.finding_text(payload)
+        if tuned is not None:
+            found = [Finding(tuned, None, f"{name}_tuning.png"), *found]
         if not found:
             continue
         sections += 1

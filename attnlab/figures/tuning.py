@@ -63,3 +63,33 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
         "filled, the rate each one's main models train at; x, not finite"
     )
     return style.save(fig, out_dir / f"{payload['experiment']}_tuning")
+
+
+def _rate(rate: float) -> str:
+    return f"{rate:g}"
+
+
+def finding_text(payload: dict) -> str | None:
+    """One sentence: the rate tuning chose for each group (None: the file has no tuning)."""
+    if not has_tuning(payload):
+        return None
+    records = payload["records"]
+    entries = lm.tuning_summary(records, lm.tuning_groups(records))
+    tuned = [r for r in records if r.get("record") == "tuning"]
+    seeds = ", ".join(map(str, sorted({r["tuning_seed"] for r in tuned})))
+    steps = ", ".join(f"{s:,}" for s in sorted({r["steps"] for r in tuned}))
+    grid = ", ".join(_rate(r) for r in sorted({r["learning_rate"] for r in tuned}))
+    groups = lm.tuning_groups(records)
+    chosen = []
+    for entry in entries:
+        name = ", ".join(str(entry[k]) for k in groups)
+        if entry["chosen"] is None:
+            chosen.append(f"{name}: none (no rate gave a finite loss)")
+        else:
+            edge = " (the grid's edge)" if entry["at_edge"] else ""
+            chosen.append(f"{name} {_rate(entry['chosen'])}{edge}")
+    return (
+        f"Learning rates chosen by tuning (seed {seeds}, {steps} steps, the lowest held-out loss among {grid}), "
+        f"at which every main model below trained: {'; '.join(chosen)}; a rate at the grid's edge may not be "
+        "the best one"
+    )

@@ -17,6 +17,7 @@ import pytest
 from attnlab import cli, figures
 from attnlab.experiments import lm, mqar
 from attnlab.experiments.checks import SettingError
+from attnlab.figures import findings
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = REPO / "experiments" / "mqar_quick.toml"
@@ -161,3 +162,14 @@ def test_calibration_tunes_each_output_on_its_fit_windows(tmp_path):
             tuned = next(r for r in records if r["record"] == "tuning" and r["output"] == record["output"]
                          and r["learning_rate"] == record["learning_rate"])  # fmt: skip
             assert tuned["model_key"] == record["model_key"], "seed 0 at the chosen rate is the tuning model"
+
+
+def test_the_findings_page_says_which_rate_each_group_trained_at(tuned_run):
+    out, payload, _ = tuned_run
+    text = findings.page(out)
+    line = next(line for line in text.splitlines() if line.startswith("- Learning rates chosen by tuning"))
+    assert "(seed 0, 4 steps, the lowest held-out loss among 0.001, 0.03)" in line
+    for entry in payload["summary"]["tuning"]:
+        edge = " (the grid's edge)" if entry["at_edge"] else ""
+        assert f"{entry['normalizer']}, {entry['width']} {entry['chosen']:g}{edge}" in line
+    assert line.endswith("[figure](figures/mqar_quick_tuning.png)")
