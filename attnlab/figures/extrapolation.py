@@ -174,58 +174,80 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
     return accuracy_vs_length(payload, out_dir) + training_curves(payload, out_dir)
 
 
-def _signed(interval: dict) -> str:
-    """A difference's "+m [+low, +high]", or "+m (one seed)"."""
-    if interval.get("low") is None:
-        return f"{interval['mean']:+.3f} (one seed)"
-    return f"{interval['mean']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
+# A model answering fewer than this fraction of the held-out queries at the training length did not
+# learn the task (guessing a value token gets 1 / (vocab_size - vocab_size // 2)): its accuracy
+# beyond L says nothing about extrapolation, so it is not compared there.
+LEARNED = 0.5
+
+
+def _means(accuracy: dict, label: str, lengths: list[int]) -> str:
+    """'1.000 / 0.750 / 0.250': the label's mean accuracy at each length (n/a where not measured)."""
+    return " / ".join(f"{accuracy[(label, n)]['mean']:.3f}" if accuracy.get((label, n)) else "n/a" for n in lengths)
 
 
 def findings(payload: dict) -> list:
-    """Per encoding: the baseline's accuracy at the shortest and the longest length (does it learn
-    the task, does it keep it); then at the longest length each other normalizer's accuracy, its
-    paired difference to the baseline with the same encoding, and whether that interval excludes 0."""
-    from attnlab.figures.findings import Finding, interval_text
+    """Per encoding: every normalizer's mean accuracy at each length (one sentence); at the longest
+    length the normalizers with the lowest and the highest accuracy against softmax's with the same
+    encoding, paired by seed; and which normalizers are below softmax there, above it, or level with
+    it (intervals over seeds). A normalizer under LEARNED at the training length is said not to
+    have learned the task and is not compared beyond it."""
+    from attnlab.figures.findings import (
+        Finding,
+        against_baseline,
+        extremes,
+        one_seed,
+        seed_count,
+        seeds_text,
+        tally,
+        value_text,
+    )
 
-    config = payload["config"]
+    config, name = payload["config"], payload["experiment"]
     summary = _summary(payload)["evaluation"]
-    groups, paired = summary["groups"], summary.get("paired", [])
+    groups = summary["groups"]
+    seeds = seed_count(groups)
+    figure = f"{name}_accuracy.png"
+    names = {spec["label"]: style.display_label(spec) for spec in config["normalizers"]}
+    baseline = lm.baseline_label(config["normalizers"])
     training_length = config["training"]["seq_len"]
-    figure = f"{payload['experiment']}_accuracy.png"
-    labels = {spec["label"]: style.display_label(spec) for spec in config["normalizers"]}
-    baseline = paired[0]["against"]["normalizer"] if paired else None
-    out = []
+    lengths = sorted({g["length"] for g in groups})
+    out = [one_seed(config)] if seeds == 1 else []
+    if not lengths:
+        return out
+    first, last = lengths[0], lengths[-1]
+    over = seeds_text(seeds) + ("" if seeds == 1 else ", means over seeds")
+    at = " / ".join(_length(n, training_length) for n in lengths)
     for positional in config["positionals"]:
-        here = {(g["normalizer"], g["length"]): g for g in groups if g["positional"] == positional}
-        lengths = sorted({length for _, length in here})
-        if not lengths:
-            continue
-        first, last = lengths[0], lengths[-1]
         encoding = _encoding(positional)
-        base = {n: here.get((baseline, n)) for n in (first, last)}
-        if baseline is not None and all(base.values()):
-            seeds = _count(len(base[last]["seeds"]), "seed")
-            out.append(
-                Finding(
-                    f"{encoding}, {labels.get(baseline, baseline)} ({seeds}): held-out query accuracy "
-                    f"{interval_text(base[first]['accuracy'])} at n = {_length(first, training_length)} and "
-                    f"{interval_text(base[last]['accuracy'])} at n = {_length(last, training_length)}",
-                    None,
-                    figure,
+        here = {(g["normalizer"], g["length"]): g["accuracy"] for g in groups if g["positional"] == positional}
+        labels = [spec["label"] for spec in config["normalizers"] if any(here.get((spec["label"], n)) for n in lengths)]
+        if not labels:
+            continue
+        table = "; ".join(f"{names[label]} {_means(here, label, lengths)}" for label in labels)
+        out.append(Finding(f"{encoding}, held-out query accuracy at n = {at}, {over}: {table}", None, figure))
+        if baseline is None or last == first:
+            continue
+        learned = {label: here[(label, first)]["mean"] >= LEARNED for label in labels if here.get((label, first))}
+        for label in labels:
+            if not learned.get(label, True):
+                out.append(
+                    Finding(
+                        f"{encoding}, {seeds_text(seeds)}: {names[label]} answers "
+                        f"{value_text(here[(label, first)])} of the queries at n = {_length(first, training_length)} "
+                        f"(under {LEARNED:g}): it did not learn the task, so its accuracy at longer lengths says "
+                        "nothing about extrapolation and is not compared",
+                        None,
+                        figure,
+                    )
                 )
-            )
-        for entry in paired:
-            if entry["positional"] != positional or entry["length"] != last or entry.get("accuracy") is None:
-                continue
-            difference = entry["accuracy"]
-            mine = here[(entry["normalizer"], last)]["accuracy"]
-            theirs = here[(baseline, last)]["accuracy"]
-            label = labels.get(entry["normalizer"], entry["normalizer"])
-            claim = (
-                f"{encoding}, n = {_length(last, training_length)}: {label} "
-                f"answers {interval_text(mine)} of the queries against {labels.get(baseline, baseline)}'s "
-                f"{interval_text(theirs)}, a paired difference of {_signed(difference)}"
-                + (f" over {difference['n']} seeds" if difference["n"] > 1 else "")
-            )
-            out.append(Finding(claim, difference["significant"] if difference["low"] is not None else None, figure))
+        if not learned.get(baseline, False):
+            continue
+        base_name, base_value, rows = against_baseline(
+            summary, "accuracy", "normalizer", {"positional": positional, "length": last}, names
+        )
+        compared = {names[label] for label, ok in learned.items() if ok}
+        found = (base_name, base_value, [row for row in rows if row.label in compared])
+        context = f"{encoding}, n = {_length(last, training_length)}, {seeds_text(seeds)}"
+        out += extremes(context, "accuracy", found, figure)
+        out += tally(context, found, figure)
     return out

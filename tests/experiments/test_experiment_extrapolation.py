@@ -172,50 +172,75 @@ def test_a_rerun_trains_nothing(quick_run, replace_run_point, tmp_path):
     assert json.loads((copy / "extrapolation_quick.json").read_text())["records"] == payload["records"]
 
 
-def _crafted(accuracy: dict[tuple[str, str], list[float]], length: int = 8192) -> dict:
-    """A results payload whose accuracies at `length` are given per (normalizer, encoding), one per
-    seed; at the training length every model answers 0.95. Its summary is computed by the kind."""
+def _crafted(accuracy: dict[tuple[str, str], tuple[list[float], list[float]]]) -> dict:
+    """A results payload whose accuracies at L = 32 and at 8192 are given per (normalizer,
+    encoding), one per seed; its summary is computed by the kind."""
     records = []
-    for (label, positional), values in accuracy.items():
-        for seed, value in enumerate(values):
+    for (label, positional), (at_l, far) in accuracy.items():
+        for seed, (near, long) in enumerate(zip(at_l, far, strict=True)):
             point = {"normalizer": label, "positional": positional, "seed": seed}
-            records.append({**point, "record": "evaluation", "length": 32, "accuracy": 0.95})
-            records.append({**point, "record": "evaluation", "length": length, "accuracy": value})
+            records.append({**point, "record": "evaluation", "length": 32, "accuracy": near})
+            records.append({**point, "record": "evaluation", "length": 8192, "accuracy": long})
+    seeds = sorted({r["seed"] for r in records})
     config = {
-        "normalizers": [{"name": "softmax", "label": "softmax"}, {"name": "asentmax", "label": "asentmax"}],
-        "positionals": sorted({p for _, p in accuracy}, reverse=True),
+        "normalizers": [{"name": name, "label": name} for name in ("softmax", "asentmax", "ssmax")],
+        "positionals": ["rope", "alibi"],
         "training": {"seq_len": 32},
+        "seeds": seeds,
     }
     summary = extrapolation.summary_of(records)
     return {"experiment": "crafted", "config": config, "records": records, "summary": summary}
 
 
+def _against(ours: list[float], theirs: list[float]) -> str:
+    """What findings.comparison_text says of ours against softmax's, paired by seed."""
+    difference = paired_difference(ours, theirs).to_json()
+    return (
+        f"at {np.mean(ours):.3f} against softmax at {np.mean(theirs):.3f}, "
+        f"a paired difference of {interval_text(difference, signed=True)}"
+    )
+
+
 def test_findings_state_each_comparison_with_its_interval_and_verdict():
-    softmax_rope, asentmax_rope = [0.05, 0.2, 0.1], [0.1, 0.3, 0.0]  # differences 0.05, 0.1, -0.1
-    softmax_alibi, asentmax_alibi = [0.1, 0.1, 0.2], [0.7, 0.8, 0.9]  # differences 0.6, 0.7, 0.7
-    payload = _crafted({("softmax", "rope"): softmax_rope, ("asentmax", "rope"): asentmax_rope,
-                        ("softmax", "alibi"): softmax_alibi, ("asentmax", "alibi"): asentmax_alibi})  # fmt: skip
+    learned = [0.95] * 3
+    rope = {"softmax": [0.05, 0.2, 0.1], "asentmax": [0.1, 0.3, 0.0], "ssmax": [0.3, 0.4, 0.35]}
+    alibi = {"softmax": [0.1, 0.1, 0.2], "asentmax": [0.7, 0.8, 0.9]}
+    payload = _crafted(
+        {**{(label, "rope"): (learned, far) for label, far in rope.items()},
+         **{(label, "alibi"): (learned, far) for label, far in alibi.items()},
+         ("ssmax", "alibi"): ([0.2, 0.3, 0.2], [0.9, 0.9, 0.9])}
+    )  # fmt: skip
     found = drawn.findings(payload)
-    assert [f.figure for f in found] == ["crafted_accuracy.png"] * 4
-    rope_base, rope, alibi_base, alibi = found
-    assert rope_base.significant is None and alibi_base.significant is None  # measurements, nothing compared
-    assert rope_base.claim == (
-        f"RoPE, softmax (3 seeds): held-out query accuracy {interval_text(t_interval([0.95] * 3).to_json())} at "
-        f"n = L = 32 and {interval_text(t_interval(softmax_rope).to_json())} at n = 8,192 (256 L)"
+    assert all(f.figure == "crafted_accuracy.png" for f in found)
+    claims = [f.claim for f in found]
+    assert claims[0] == (
+        "RoPE, held-out query accuracy at n = L = 32 / 8,192 (256 L), 3 seeds, means over seeds: "
+        "softmax 0.950 / 0.117; ASEntmax 0.950 / 0.133; SSMax 0.950 / 0.350"
     )
-    difference = paired_difference(asentmax_alibi, softmax_alibi)
-    assert alibi.claim == (
-        f"ALiBi, n = 8,192 (256 L): ASEntmax answers {interval_text(t_interval(asentmax_alibi).to_json())} of the "
-        f"queries against softmax's {interval_text(t_interval(softmax_alibi).to_json())}, a paired difference of "
-        f"{difference.mean:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}] over 3 seeds"
+    # RoPE: ASEntmax's 0.017 over softmax holds 0 in its interval, SSMax's 0.233 does not.
+    assert (
+        claims[1]
+        == f"RoPE, n = 8,192 (256 L), 3 seeds, lowest accuracy: ASEntmax {_against(rope['asentmax'], rope['softmax'])}"
     )
-    assert alibi.significant is True
-    assert rope.significant is False and "a paired difference of +0.017 [" in rope.claim
-    # One seed: no interval, so nothing is settled.
-    one = drawn.findings(_crafted({("softmax", "alibi"): [0.1], ("asentmax", "alibi"): [0.9]}))
-    assert [f.significant for f in one] == [None, None]
-    assert one[0].claim.startswith("ALiBi, softmax (1 seed): held-out query accuracy 0.950 (one seed) at n = L = 32")
-    assert one[1].claim.endswith("a paired difference of +0.800 (one seed)")
+    assert (
+        claims[2]
+        == f"RoPE, n = 8,192 (256 L), 3 seeds, highest accuracy: SSMax {_against(rope['ssmax'], rope['softmax'])}"
+    )
+    assert [f.significant for f in found[1:3]] == [False, True]
+    assert claims[3].endswith("below it (interval excluding 0): none; above it: SSMax; interval holding 0: ASEntmax")
+    # ALiBi: SSMax did not learn the task at L, so it is not compared beyond it.
+    assert claims[5].startswith("ALiBi, 3 seeds: SSMax answers 0.233 [") and "did not learn the task" in claims[5]
+    assert (
+        claims[6]
+        == f"ALiBi, n = 8,192 (256 L), 3 seeds, accuracy: ASEntmax {_against(alibi['asentmax'], alibi['softmax'])}"
+    )
+    assert found[6].significant is True
+    assert claims[7].endswith("above it: ASEntmax; interval holding 0: none") and len(found) == 8
+    # One seed: a lead sentence says nothing is settled, and no finding carries a verdict.
+    one = drawn.findings(_crafted({("softmax", "alibi"): ([1.0], [0.1]), ("asentmax", "alibi"): ([1.0], [0.9])}))
+    assert one[0].claim.startswith("One seed: no number below has an interval")
+    assert all(f.significant is None for f in one)
+    assert one[-1].claim.endswith("ASEntmax at 0.900 against softmax at 0.100, a difference of +0.800 (one seed)")
 
 
 def _write(tmp_path: Path, text: str) -> Path:
