@@ -17,8 +17,9 @@
 #      fast path against dense, float32 and bfloat16)
 #   3. experiments/throughput_gpu.toml -> throughput_gpu.json (tokens/s, compile time, peak memory,
 #      against jax.nn cuDNN, torch SDPA and AdaSplash)
-#   4. the GPU science configs, in order of value: needle_gpu, mqar_gpu, length_generalization_gpu,
-#      calibration_gpu, distillation_gpu, critical_scaling_gpu (experiments/<name>.toml). Each runs
+#   4. the GPU science configs, in order of value: needle_gpu, mqar_gpu, extrapolation_gpu,
+#      length_generalization_gpu, calibration_gpu, distillation_gpu, critical_scaling_gpu
+#      (experiments/<name>.toml). Each runs
 #      only if what is left of TOTAL_S covers its estimate (SCIENCE_ESTIMATES below, from the
 #      configs' headers, unmeasured until a device run), under a limit of all that is left; one
 #      that does not fit is skipped and the next one tried. They train in a scratch folder
@@ -38,7 +39,7 @@
 #     STEPS=science and TOTAL_S up to 570, with the device call's timeout_s at 600, its limit).
 #   STEP2_S (default 150), STEP3_S (default 330): the limits of steps 2 and 3.
 #   STEPS (default "backend_check throughput science"): which of steps 2-4 run (0 and 1 always do).
-#   SCIENCE (default: all six, in the order above): the science configs to try, in order.
+#   SCIENCE (default: all seven, in the order above): the science configs to try, in order.
 # Exit status: 0 when every step that ran finished in time (a failing path is a result, recorded in
 # the JSON, not an error of the script; a science config skipped for lack of time is not an
 # error), else the first failure's.
@@ -60,7 +61,7 @@ TOTAL_S=${TOTAL_S:-480}
 STEP2_S=${STEP2_S:-150}
 STEP3_S=${STEP3_S:-330}
 STEPS=${STEPS:-backend_check throughput science}
-SCIENCE_ALL="needle_gpu mqar_gpu length_generalization_gpu calibration_gpu distillation_gpu critical_scaling_gpu"
+SCIENCE_ALL="needle_gpu mqar_gpu extrapolation_gpu length_generalization_gpu calibration_gpu distillation_gpu critical_scaling_gpu"
 SCIENCE=${SCIENCE:-$SCIENCE_ALL}
 RESERVE_S=20  # kept back from every limit: timeout's 10 s grace after its signal, then packing
 for name in $STEPS; do
@@ -74,7 +75,7 @@ case $TOTAL_S in
 esac
 # Seconds each science config needs on one H100/H200: the estimates in its header (unmeasured).
 declare -A SCIENCE_ESTIMATES=(
-  [needle_gpu]=360 [mqar_gpu]=450 [length_generalization_gpu]=400
+  [needle_gpu]=360 [mqar_gpu]=450 [extrapolation_gpu]=450 [length_generalization_gpu]=400
   [calibration_gpu]=360 [distillation_gpu]=330 [critical_scaling_gpu]=150
 )
 # JAX would take 75% of the GPU at start; torch (the peers) runs in the same process.

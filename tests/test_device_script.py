@@ -16,8 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The science step's configs, in the order it tries them (experiments/<name>.toml).
-SCIENCE = ["needle_gpu", "mqar_gpu", "length_generalization_gpu", "calibration_gpu", "distillation_gpu",
-           "critical_scaling_gpu"]  # fmt: skip
+SCIENCE = ["needle_gpu", "mqar_gpu", "extrapolation_gpu", "length_generalization_gpu", "calibration_gpu",
+           "distillation_gpu", "critical_scaling_gpu"]  # fmt: skip
 
 
 def test_the_device_script_rehearses_on_cpu(tmp_path: Path):

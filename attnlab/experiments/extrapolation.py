@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from attnlab.data import Batch, MQARConfig, mqar_batch
 from attnlab.data.tasks import MAX_VOCAB
@@ -76,8 +75,8 @@ from attnlab.experiments.checks import (
 )
 from attnlab.experiments.config import to_json
 from attnlab.experiments.kind import Kind
-from attnlab.experiments.mqar import TRAINING_SEEDS, training_batches
-from attnlab.nn import ModelConfig, TransformerLM
+from attnlab.experiments.mqar import TRAINING_SEEDS, VALIDATION_SEEDS, training_batches
+from attnlab.nn import ModelConfig
 from attnlab.nn.attention import check_adaptive_scale
 from attnlab.nn.transformer import POSITIONAL
 from attnlab.normalizers import NormalizerSpec
@@ -108,19 +107,10 @@ class PositionalModel(lm.ModelSetting):
     positional: str = setting("rope", one_of(POSITIONAL))
     adaptive_scale: bool = False
 
-    def build(self, normalizer: NormalizerSpec, seed: int, output: Any = "softmax") -> TransformerLM:
-        """A fresh model with this shape, encoding and `normalizer` in every layer, initialised from `seed`."""
-        config = ModelConfig(
-            num_layers=self.layers,
-            width=self.width,
-            num_heads=self.heads,
-            normalizer=normalizer,
-            positional=self.positional,
-            rope_theta=self.rope_theta,
-            output=output,
-            adaptive_scale=self.adaptive_scale,
-        )
-        return TransformerLM(config, rngs=nnx.Rngs(seed))
+    def model_config(self, normalizer: NormalizerSpec, output: Any = "softmax") -> ModelConfig:
+        """`lm.ModelSetting.model_config` with this encoding and adaptive scale."""
+        config = super().model_config(normalizer, output)
+        return dataclasses.replace(config, positional=self.positional, adaptive_scale=self.adaptive_scale)
 
 
 def _adaptive(spec: NormalizerSpec) -> bool:
@@ -142,7 +132,9 @@ class Config:
     held-out sequences per length, the same for every point; eval_batch_tokens: tokens per
     evaluation batch (a batch holds the largest number of sequences <= eval_batch_tokens / n,
     at least one, that divides eval_examples); seeds: one model per seed, the seed fixing its
-    initialisation and its training data."""
+    initialisation and its training data; tuning: the learning-rate sweep per normalizer and
+    encoding before the main run (`lm.TuningSetting`), scored by the loss on eval_examples
+    validation sequences at L, apart from the test ones."""
 
     normalizers: tuple[NormalizerSpec, ...] = DEFAULT_NORMALIZERS
     positionals: tuple[str, ...] = setting(("rope", "none", "alibi"), nonempty, each(one_of(POSITIONAL)), distinct)
@@ -166,6 +158,9 @@ class Config:
     eval_examples: int = setting(32, positive)
     eval_batch_tokens: int = setting(65_536, positive)
     seeds: tuple[int, ...] = setting((0, 1, 2), nonempty, each(at_least(0)), distinct)
+    tuning: lm.TuningSetting = dataclasses.field(
+        default_factory=lambda: lm.TuningSetting(learning_rates=(1e-3, 3e-3), seed=0)
+    )
 
     def relations(self) -> Iterator[str]:
         short = [n for n in self.eval_lengths if n < self.training.seq_len]
@@ -209,19 +204,21 @@ class Config:
 
 
 def points(config: Config) -> list[dict[str, Any]]:
-    """One point per seed x normalizer x positional encoding, seed first: an interrupted run has whole seeds."""
-    return [
-        {"normalizer": spec.label, "positional": positional, "seed": seed}
-        for seed in config.seeds
-        for spec in config.normalizers
-        for positional in config.positionals
-    ]
+    """The tuning points (normalizer x positional encoding x learning rate; none without tuning),
+    then one point per seed x normalizer x positional encoding, seed first: an interrupted run has
+    whole seeds."""
+    groups = [{"normalizer": spec.label, "positional": positional}
+              for spec in config.normalizers for positional in config.positionals]  # fmt: skip
+    main = [{**group, "seed": seed} for seed in config.seeds for group in groups]
+    return lm.tuning_points(config.tuning, groups) + main
 
 
-def evaluation_batches(task: MQARConfig, examples: int, batch_size: int) -> list[Batch]:
+def evaluation_batches(task: MQARConfig, examples: int, batch_size: int, *, validation: bool = False) -> list[Batch]:
     """The held-out sequences at task.seq_len: sequence i is `mqar_batch(task, batch_size=1, seed=2^31 + i)`
-    (the same whatever the batching), joined into batches of `batch_size` (which divides `examples`)."""
-    sequences = [mqar_batch(task, batch_size=1, seed=TRAINING_SEEDS + i) for i in range(examples)]
+    (the same whatever the batching), joined into batches of `batch_size` (which divides `examples`);
+    with validation=True (the sequences that score a model in tuning) seed 2^31 + 2^20 + i instead."""
+    first = TRAINING_SEEDS + (VALIDATION_SEEDS if validation else 0)
+    sequences = [mqar_batch(task, batch_size=1, seed=first + i) for i in range(examples)]
     fields = ("inputs", "targets", "loss_mask")  # an MQAR batch has no needle_mask
     return [
         Batch(*(np.concatenate([getattr(s, f) for s in sequences[start : start + batch_size]]) for f in fields))
@@ -230,10 +227,17 @@ def evaluation_batches(task: MQARConfig, examples: int, batch_size: int) -> list
 
 
 def run_point(
-    config: Config, point: dict[str, Any], *, progress: lm.Progress | None = None, workdir: Path | None = None
+    config: Config,
+    point: dict[str, Any],
+    *,
+    progress: lm.Progress | None = None,
+    workdir: Path | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train one model at L and test it at every evaluation length. Records (the runner adds the
-    point's normalizer, positional and seed to each):
+    """Train one model at L (at the learning rate its normalizer and encoding's tuning chose among
+    `records`) and test it at every evaluation length; or, at a tuning point, train one at the
+    point's rate and score it by its loss on eval_examples validation sequences at L ({"record":
+    "tuning"}, see `lm.tuning_record`). Records (the runner adds the point to each):
 
     {"record": "training"}: adaptive_scale, train_loss and train_accuracy (the last history
       entry's: means over its log_every steps, at the queries), steps, parameters, history,
@@ -244,23 +248,34 @@ def run_point(
       eval_seconds (compiling included).
     """
     normalizer = next(spec for spec in config.normalizers if spec.label == point["normalizer"])
-    training = dataclasses.replace(config.training, seed=point["seed"])
+    if lm.is_tuning(point):
+        training = lm.tuning_training(config.training, config.tuning, point["learning_rate"])
+    else:
+        group = {"normalizer": normalizer.label, "positional": point["positional"]}
+        training = lm.main_training(config.training, config.tuning, records, group, point["seed"])
     model_setting = config.model_setting(point["positional"], normalizer)
     task = config.task(training.seq_len)
+    validation = evaluation_batches(
+        task, config.eval_examples, config.eval_batch_size(training.seq_len), validation=True
+    )
     model, trained = lm.train_model(
         model_setting,
         training,
         normalizer,
         training_batches(task, batch_size=training.batch_size, seed=training.seed),
         settings={"data": {"task": to_json(task)}},
+        eval_batches=lambda: validation,
         workdir=workdir,
         progress=progress,
         name=f"extrapolation_{normalizer.label}_{point['positional']}_seed{training.seed}",
     )
-    records = [
+    if lm.is_tuning(point):
+        return [lm.tuning_record(trained, training)]
+    out = [
         {
             "record": "training",
             "adaptive_scale": model_setting.adaptive_scale,
+            "learning_rate": training.learning_rate,
             "train_loss": trained["history"][-1]["loss"],
             "train_accuracy": trained["history"][-1]["accuracy"],
             "steps": training.steps,
@@ -276,7 +291,7 @@ def run_point(
         started = time.perf_counter()
         batch_size = config.eval_batch_size(length)
         result = evaluate(model, evaluation_batches(config.task(length), config.eval_examples, batch_size))
-        records.append(
+        out.append(
             {
                 "record": "evaluation",
                 "length": length,
@@ -290,13 +305,14 @@ def run_point(
                 "eval_seconds": time.perf_counter() - started,
             }
         )
-    return records
+    return out
 
 
 def summary_of(records: list[dict[str, Any]], baseline: str | None = "softmax") -> dict[str, Any]:
     """Means and Student-t 95% intervals over seeds (see `intervals.summarize_records`):
 
-    {"training": per (normalizer, positional): train_loss, train_accuracy;
+    {"tuning": per (normalizer, positional), the rates tried and chosen (`lm.tuning_summary`);
+     "training": per (normalizer, positional): train_loss, train_accuracy;
      "evaluation": per (normalizer, positional, length): accuracy, sequence_accuracy, loss}
 
     each with the paired difference to the `baseline` normalizer (a label; None: no pairs) with
@@ -306,6 +322,7 @@ def summary_of(records: list[dict[str, Any]], baseline: str | None = "softmax") 
     trained = [r for r in records if r.get("record") == "training"]
     evaluated = [r for r in records if r.get("record") == "evaluation"]
     return {
+        "tuning": lm.tuning_summary(records, ("normalizer", "positional")),
         "training": intervals.summarize_records(
             trained, by=("normalizer", "positional"), metrics=TRAINING_METRICS, baseline=against
         ),

@@ -63,10 +63,11 @@ class ModelSetting:
     def __post_init__(self):
         check(self)
 
-    def build(self, normalizer: NormalizerSpec, seed: int, output: Any = "softmax") -> TransformerLM:
-        """A fresh model with this shape and `normalizer` in every layer, initialised from `seed`;
-        `output` is its output normalizer (`attnlab.losses.OutputNormalizer` or a mapping name)."""
-        config = ModelConfig(
+    def model_config(self, normalizer: NormalizerSpec, output: Any = "softmax") -> ModelConfig:
+        """The `ModelConfig` of this shape with `normalizer` in every layer and `output` as its
+        output normalizer (`attnlab.losses.OutputNormalizer` or a mapping name); a setting with
+        more fields (e.g. a positional encoding) extends it."""
+        return ModelConfig(
             num_layers=self.layers,
             width=self.width,
             num_heads=self.heads,
@@ -74,7 +75,10 @@ class ModelSetting:
             rope_theta=self.rope_theta,
             output=output,
         )
-        return TransformerLM(config, rngs=nnx.Rngs(seed))
+
+    def build(self, normalizer: NormalizerSpec, seed: int, output: Any = "softmax") -> TransformerLM:
+        """A fresh model of `model_config(normalizer, output)`, initialised from `seed`."""
+        return TransformerLM(self.model_config(normalizer, output), rngs=nnx.Rngs(seed))
 
 
 @dataclasses.dataclass(frozen=True)

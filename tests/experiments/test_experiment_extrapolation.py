@@ -289,7 +289,8 @@ def test_full_configs_load_and_reach_far_beyond_the_training_length():
         params = {s.name: dict(s.params) for s in config.normalizers}
         assert params["qwen_softmax"]["seq_length"] == params["llama4_softmax"]["floor_scale"] == length
         assert config.eval_lengths[0] == length and {16 * length, 64 * length} <= set(config.eval_lengths)
-        assert len(extrapolation.points(config)) == len(config.normalizers) * 3 * 3
+        runs = 3 + len(config.tuning.learning_rates)  # three seeds, after the tuning models
+        assert len(extrapolation.points(config)) == len(config.normalizers) * 3 * runs
     assert {256 * gpu.training.seq_len, 1024 * gpu.training.seq_len} <= set(gpu.eval_lengths)
     assert cpu == defaults  # the defaults are the CPU config
     assert NormalizerSpec("asentmax") in cpu.normalizers

@@ -173,3 +173,18 @@ def test_the_findings_page_says_which_rate_each_group_trained_at(tuned_run):
         edge = " (the grid's edge)" if entry["at_edge"] else ""
         assert f"{entry['normalizer']}, {entry['width']} {entry['chosen']:g}{edge}" in line
     assert line.endswith("[figure](figures/mqar_quick_tuning.png)")
+
+
+def test_extrapolation_tunes_each_normalizer_and_encoding(tmp_path):
+    quick = REPO / "experiments" / "extrapolation_quick.toml"
+    overrides = ["tuning.learning_rates=[1e-3, 1e-2]", "seeds=[0]", 'normalizers=["softmax"]']
+    args = ["run", str(quick), "--out", str(tmp_path), "--no-progress", "--no-figures"]
+    assert cli.main(args + [a for o in overrides for a in ("--set", o)]) == 0
+    payload = json.loads((tmp_path / "extrapolation_quick.json").read_text())
+    tuned = [r for r in payload["records"] if r["record"] == "tuning"]
+    positionals = payload["config"]["positionals"]
+    assert len(tuned) == 2 * len(positionals) and {r["positional"] for r in tuned} == set(positionals)
+    chosen = {e["positional"]: e["chosen"] for e in payload["summary"]["tuning"]}
+    for record in payload["records"]:
+        if record["record"] == "training":
+            assert record["learning_rate"] == chosen[record["positional"]]
