@@ -249,6 +249,8 @@ def page(results_dir: Path) -> str:
             continue
         sections += 1
         lines += [f"## {name}", "", f"`{payload.get('command', 'attnlab run')}` -> `{json_path.name}`", ""]
+        if payload.get("finished_at") is None:
+            lines += [f"The run is not finished: these are its {len(payload['records'])} records so far.", ""]
         for finding in found:
             tail = f" ({verdict(finding.significant)})" if finding.significant is not None else ""
             link = f" [figure](figures/{finding.figure})" if finding.figure else ""

@@ -148,14 +148,14 @@ def test_the_tuning_figure_is_drawn_with_the_kinds_own(tuned_run, tmp_path):
 def test_calibration_tunes_each_output_on_its_fit_windows(tmp_path):
     """An output's rate is chosen by its own loss on the fit windows; the test windows stay unseen."""
     quick = REPO / "experiments" / "calibration_quick.toml"
-    overrides = ["tuning.learning_rates=[1e-3, 1e-2]", "seeds=[0]", 'outputs=["softmax", "sparsemax"]']
+    overrides = ["tuning.learning_rates=[1e-3, 1e-2]", "seeds=[0]", 'outputs=["sparsemax"]']
     args = ["run", str(quick), "--out", str(tmp_path), "--no-progress", "--no-figures"]
     assert cli.main(args + [a for o in overrides for a in ("--set", o)]) == 0
     payload = json.loads((tmp_path / "calibration_quick.json").read_text())
     records = payload["records"]
-    assert [r["record"] for r in records[:4]] == ["tuning"] * 4
+    assert [r["record"] for r in records] == ["tuning", "tuning", "training", "calibration"]
     chosen = {e["output"]: e["chosen"] for e in payload["summary"]["tuning"]}
-    assert set(chosen) == {"softmax", "sparsemax"}
+    assert set(chosen) == {"sparsemax"}
     for record in records:
         if record["record"] == "training":
             assert record["learning_rate"] == chosen[record["output"]]
@@ -175,6 +175,7 @@ def test_the_findings_page_says_which_rate_each_group_trained_at(tuned_run):
     assert line.endswith("[figure](figures/mqar_quick_tuning.png)")
 
 
+@pytest.mark.slow  # the same lm.main_training as mqar's and calibration's tests; 11 s
 def test_extrapolation_tunes_each_normalizer_and_encoding(tmp_path):
     quick = REPO / "experiments" / "extrapolation_quick.toml"
     overrides = ["tuning.learning_rates=[1e-3, 1e-2]", "seeds=[0]", 'normalizers=["softmax"]']
@@ -188,3 +189,12 @@ def test_extrapolation_tunes_each_normalizer_and_encoding(tmp_path):
     for record in payload["records"]:
         if record["record"] == "training":
             assert record["learning_rate"] == chosen[record["positional"]]
+
+
+def test_an_unfinished_run_is_said_to_be_one(tuned_run, tmp_path):
+    out, payload, _ = tuned_run
+    (tmp_path / "mqar_quick.json").write_text(json.dumps({**payload, "finished_at": None}))
+    assert f"The run is not finished: these are its {len(payload['records'])} records so far." in findings.page(
+        tmp_path
+    )
+    assert "The run is not finished" not in findings.page(out)

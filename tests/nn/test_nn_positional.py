@@ -56,7 +56,7 @@ def test_every_positional_encoding_has_the_same_parameters_and_initial_values():
     assert ModelConfig(positional="alibi").to_json()["positional"] == "alibi"
 
 
-@pytest.mark.parametrize("normalizer", ["softmax", "ssmax", "entmax15"])
+@pytest.mark.parametrize("normalizer", ["softmax", pytest.param("ssmax", marks=pytest.mark.slow), "entmax15"])
 def test_alibi_logits_equal_the_nope_model_with_an_explicit_alibi_bias(normalizer):
     tokens = _tokens()
     model = _model(normalizer=normalizer, positional="alibi", implementation="dense")
@@ -103,8 +103,15 @@ def test_one_nope_layer_sees_the_set_of_earlier_tokens_not_their_order(normalize
 CHUNKS = (3, 2, 1, 1)  # a prompt, more of it at p = 3 (the mask path), then single steps (key lengths)
 
 
-@pytest.mark.parametrize("positional", ["none", "alibi"])
-@pytest.mark.parametrize("normalizer", ["softmax", "ssmax", "entmax15"])
+# One case per encoding and family by default (softmax without positions, 1.5-entmax with ALiBi);
+# the other four with -m slow (tests/nn/test_nn_decode.py covers every normalizer's cache).
+DECODING_CASES = [
+    case if case in (("none", "softmax"), ("alibi", "entmax15")) else pytest.param(*case, marks=pytest.mark.slow)
+    for case in [(p, n) for p in ("none", "alibi") for n in ("softmax", "ssmax", "entmax15")]
+]
+
+
+@pytest.mark.parametrize(("positional", "normalizer"), DECODING_CASES)
 def test_decoding_equals_the_full_forward(positional, normalizer):
     model = _model(normalizer=normalizer, positional=positional)
     tokens = _tokens(shape=(2, sum(CHUNKS)))
