@@ -151,10 +151,7 @@ def run_point(
       {width, mass: {edges, count, confidence, accuracy}} (empty bins: null).
     """
     output = next(o for o in config.outputs if o.label == point["output"])
-    if lm.is_tuning(point):
-        training = lm.tuning_training(config.training, config.tuning, point["learning_rate"])
-    else:
-        training = lm.main_training(config.training, config.tuning, records, {"output": output.label}, point["seed"])
+    training = lm.point_training(config.training, config.tuning, point, records, ("output",))
     corpus = load_corpus()
     batches = train_batches(corpus.train, seq_len=training.seq_len, batch_size=training.batch_size, seed=training.seed)
     model, trained = lm.train_model(

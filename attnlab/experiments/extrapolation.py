@@ -248,11 +248,7 @@ def run_point(
       eval_seconds (compiling included).
     """
     normalizer = next(spec for spec in config.normalizers if spec.label == point["normalizer"])
-    if lm.is_tuning(point):
-        training = lm.tuning_training(config.training, config.tuning, point["learning_rate"])
-    else:
-        group = {"normalizer": normalizer.label, "positional": point["positional"]}
-        training = lm.main_training(config.training, config.tuning, records, group, point["seed"])
+    training = lm.point_training(config.training, config.tuning, point, records, ("normalizer", "positional"))
     model_setting = config.model_setting(point["positional"], normalizer)
     task = config.task(training.seq_len)
     validation = evaluation_batches(

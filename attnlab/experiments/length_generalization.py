@@ -138,11 +138,7 @@ def run_point(
     """
     normalizer = next(spec for spec in config.normalizers if spec.label == point["normalizer"])
     corpus = load_corpus()
-    if lm.is_tuning(point):
-        training = lm.tuning_training(config.training, config.tuning, point["learning_rate"])
-    else:
-        group = {"normalizer": normalizer.label}
-        training = lm.main_training(config.training, config.tuning, records, group, point["seed"])
+    training = lm.point_training(config.training, config.tuning, point, records)
     length = training.seq_len
 
     batches = train_batches(corpus.train, seq_len=length, batch_size=training.batch_size, seed=training.seed)

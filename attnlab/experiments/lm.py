@@ -189,6 +189,20 @@ def tuning_record(trained: dict[str, Any], training: TrainingSetting) -> dict[st
     }
 
 
+def point_training(
+    training: TrainingSetting,
+    tuning: TuningSetting,
+    point: dict[str, Any],
+    records: list[dict[str, Any]] | None,
+    by: tuple[str, ...] = ("normalizer",),
+) -> TrainingSetting:
+    """The training of a kind's `point`: at a tuning point, `tuning_training` at its rate; at a main
+    point, `main_training` with its seed and the rate chosen for its group (the point's `by` fields)."""
+    if is_tuning(point):
+        return tuning_training(training, tuning, point["learning_rate"])
+    return main_training(training, tuning, records, {k: point[k] for k in by}, point["seed"])
+
+
 # The fields of a tuning record that are not its point: the rest, less learning_rate, name its group.
 TUNING_FIELDS = ("record", "validation_loss", "train_loss", "tuning_seed", "steps", "model_key", "train_seconds",
                  "point_key", "learning_rate")  # fmt: skip

@@ -180,11 +180,7 @@ def run_point(
     width = point["width"]
     model_setting = lm.ModelSetting(layers=config.layers, width=width, heads=config.heads)
     tuning = lm.is_tuning(point)
-    if tuning:
-        training = lm.tuning_training(config.training, config.tuning, point["learning_rate"])
-    else:
-        group = {"normalizer": normalizer.label, "width": width}
-        training = lm.main_training(config.training, config.tuning, records, group, point["seed"])
+    training = lm.point_training(config.training, config.tuning, point, records, GROUPS)
     seed = training.seed
     task = config.task()
     validation = evaluation_batches(task, config.eval_examples, validation=True)

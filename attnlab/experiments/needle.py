@@ -154,11 +154,7 @@ def run_point(
       query), needle_mass_uniform (needle_length / (query position + 1), what uniform weights give).
     """
     normalizer = next(spec for spec in config.normalizers if spec.label == point["normalizer"])
-    if lm.is_tuning(point):
-        training = lm.tuning_training(config.training, config.tuning, point["learning_rate"])
-    else:
-        group = {"normalizer": normalizer.label}
-        training = lm.main_training(config.training, config.tuning, records, group, point["seed"])
+    training = lm.point_training(config.training, config.tuning, point, records)
     corpus = load_corpus().validation if config.filler == "corpus" else None
     batches = needle_train_batches(
         config.task(training.seq_len, 0.0), batch_size=training.batch_size, seed=training.seed, corpus=corpus
