@@ -249,19 +249,27 @@ def test_a_seed_fixes_initialisation_and_data_for_every_normalizer(watched_runs)
     assert needle_calls[("softmax", 0)] == needle_calls[("sparsemax", 0)]
 
 
-def test_the_committed_single_seed_needle_results_are_drawn(tmp_path):
-    # results/needle.json predates seeds: its records have none (seed 0 of one run) and no summary.
+def test_the_archived_single_seed_and_the_committed_tuned_needle_results_are_drawn(tmp_path):
+    # The archived first run predates seeds: its records have none (seed 0 of one run) and no summary.
     copy = tmp_path / "needle.json"
-    shutil.copy(REPO / "results" / "needle.json", copy)
+    shutil.copy(REPO / "results" / "archive" / "needle" / "20261121T143637Z.json", copy)
     payload = json.loads(copy.read_text())
     assert "summary" not in payload and all("seed" not in r for r in payload["records"])
+    stems = ("training_loss", "accuracy", "accuracy_vs_length", "needle_mass")
     drawn = figures.render(copy)
-    assert {p.name for p in drawn} == {
-        f"needle_{stem}.{ext}" for stem in ("training_loss", "accuracy", "accuracy_vs_length", "needle_mass")
-        for ext in ("png", "svg")
-    }  # fmt: skip
+    assert {p.name for p in drawn} == {f"needle_{stem}.{ext}" for stem in stems for ext in ("png", "svg")}
     summary = needle.summary_of(payload["records"], payload["config"]["training"]["seq_len"], "softmax")
     assert all(g["seeds"] == [0] and g["sequence_accuracy"]["low"] is None for g in summary["retrieval"]["groups"])
+    # The committed tuned run (unfinished or not) draws its tuning too, and every map learned at L.
+    shutil.copy(REPO / "results" / "needle.json", copy)
+    payload = json.loads(copy.read_text())
+    stems += ("tuning",)
+    assert {p.name for p in figures.render(copy)} == {
+        f"needle_{stem}.{ext}" for stem in stems for ext in ("png", "svg")
+    }
+    summary = needle.summary_of(payload["records"], payload["config"]["training"]["seq_len"], "softmax")
+    at_l = [g for g in summary["retrieval"]["groups"] if g["length"] == 128 and g["rope_theta_factor"] == 1.0]
+    assert len(at_l) == 4 and all(g["sequence_accuracy"]["mean"] > 0.5 for g in at_l)
 
 
 def test_full_configs_take_three_seeds_and_quick_ones_two():
