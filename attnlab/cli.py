@@ -1,17 +1,23 @@
 """The `attnlab` command: run experiments, rebuild figures, list what is available.
 
-    attnlab run [CONFIG.toml ...] [--out DIR] [--set key=value ...] [--no-figures]
+    attnlab run [CONFIG.toml ...] [--out DIR] [--set key=value ...] [--no-figures] [--distributed auto|on|off]
     attnlab figures [RESULTS_DIR]
     attnlab list
 
 Exit codes: 0 success; 2 bad command line or config (nothing is run or written); 1 a run that
 stopped (diverged training, an unreadable results file or checkpoint, a full disk), with one
 message naming it; 130 interrupted. Finished sweep points are always kept.
+
+`attnlab run` on several processes (one per host or per GPU, started by SLURM's srun, Open MPI's
+mpirun or any launcher that sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID)
+first starts `jax.distributed` (`attnlab.distributed.initialize`; --distributed off skips it):
+every process trains, process 0 alone holds the results lock and writes results and figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from importlib import resources
@@ -46,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-figures", action="store_true", help="write the JSON only")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--distributed",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="start jax.distributed: auto (default) when SLURM, Open MPI or JAX_COORDINATOR_ADDRESS/"
+        "JAX_NUM_PROCESSES/JAX_PROCESS_ID say this is one of several processes; on: always (jax detects "
+        "the cluster); off: never",
+    )
 
     figures = commands.add_parser("figures", help="rebuild every figure and the index from results JSON")
     figures.add_argument("results_dir", nargs="?", default="results", metavar="RESULTS_DIR")
@@ -54,7 +68,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _start(mode: str) -> bool | None:
+    """Start jax.distributed as `mode` says (before any JAX computation); whether this process
+    writes the results (process 0), or None after printing why the launch is malformed."""
+    from attnlab import distributed
+
+    try:
+        launch = distributed.initialize(mode)
+    except distributed.DistributedError as err:
+        print(f"attnlab run: cannot start several processes: {err}; nothing was run", file=sys.stderr)
+        return None
+    writer = distributed.is_writer()
+    if launch.distributed and writer:
+        print(f"attnlab run: {launch.num_processes} processes ({launch.launcher}); process 0 writes the results")
+    return writer
+
+
 def _run(args: argparse.Namespace) -> int:
+    writer = _start(args.distributed)
+    if writer is None:
+        return 2
     from attnlab import experiments, figures
 
     try:
@@ -74,11 +107,13 @@ def _run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         print(f"attnlab run: --out {args.out} is a file; give a folder for the results", file=sys.stderr)
         return 2
-    with experiments.lock(args.out):
+    # One writer per folder: the other processes of a multi-process run write nothing there but
+    # their part of each checkpoint (orbax), so they neither take the lock nor wait for it.
+    with experiments.lock(args.out) if writer else contextlib.nullcontext():
         for experiment in to_run:
             started = time.perf_counter()
             try:
-                path = experiments.run(experiment, args.out, progress=not args.no_progress)
+                path = experiments.run(experiment, args.out, progress=not args.no_progress, write=writer)
             except KeyboardInterrupt:
                 print(f"\ninterrupted: finished sweep points are saved in {args.out}; rerun to resume", file=sys.stderr)
                 return 130
@@ -86,6 +121,8 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"attnlab run: {experiment.name} stopped: {err}", file=sys.stderr)
                 print(f"  finished sweep points are saved in {args.out}; nothing else was run", file=sys.stderr)
                 return 1
+            if not writer:
+                continue
             print(f"{experiment.name}: wrote {path} in {time.perf_counter() - started:.1f} s")
             if not args.no_figures:
                 for figure in figures.render(path):

@@ -213,11 +213,16 @@ class ResultsFile:
     them in from an earlier version (the file as it was, or an archived one) when one has them;
     `add(point, key, records)` appends a finished point and saves. The earlier file, when its
     config differs, is archived at the first `add` or `reuse` (not before: a run that fails
-    before its first point leaves everything as it was).
+    before its first point leaves everything as it was). With write=False (every process but
+    process 0 of a multi-process run) the payload is kept up to date in memory and nothing is
+    written: `_save` is the one place the file and its archive are written.
     """
 
-    def __init__(self, path: Path, *, name: str, kind: str, config: dict[str, Any], command: str = ""):
+    def __init__(
+        self, path: Path, *, name: str, kind: str, config: dict[str, Any], command: str = "", write: bool = True
+    ):
         self.path = Path(path)
+        self.write = write
         self.out_dir = self.path.parent
         self.name = name
         existing = read_json(self.path) if self.path.exists() else None
@@ -279,13 +284,18 @@ class ResultsFile:
             archive(self.path, self._to_archive, self.out_dir, self.name)
             self._to_archive = None
 
+    def _save(self) -> None:
+        """Archive the earlier file (once), then write the payload; nothing when write=False."""
+        if self.write:
+            self._archive_earlier()
+            write_json_atomic(self.path, self.payload)
+
     def _append(self, by_key: dict[str, list[dict[str, Any]]]) -> None:
-        self._archive_earlier()
         for key, records in by_key.items():
             self.records.extend(records)
             self._keys.add(key)
         self.payload["updated_at"] = now()
-        write_json_atomic(self.path, self.payload)
+        self._save()
 
     def finish(self, run_seconds: float, summary: dict[str, Any] | None = None) -> None:
         """Mark the sweep finished, with the kind's summary of its records (if it has one)."""
@@ -293,5 +303,4 @@ class ResultsFile:
         self.payload["finished_at"] = now()
         if summary is not None:
             self.payload["summary"] = strict(summary, "summary")
-        self._archive_earlier()  # a sweep of no new points still replaces the earlier file
-        write_json_atomic(self.path, self.payload)
+        self._save()  # a sweep of no new points still replaces the earlier file

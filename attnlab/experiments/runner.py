@@ -9,6 +9,10 @@ A run of `experiment` into `out`:
   - trains models under `out/checkpoints/`, each model in a folder keyed by its settings
     (see `attnlab.experiments.lm.train_model`), so a point interrupted mid-training resumes and a
     changed setting trains anew.
+
+On several processes (`attnlab.distributed`) every process runs every point (each feeds its
+share of the batch, all save checkpoints together) and only process 0 holds the lock and writes
+the results file; the processes check first that they run the same points.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from attnlab import distributed
 from attnlab.experiments.config import ConfigError, apply_overrides, parse_dataclass, read_toml
 from attnlab.experiments.kind import Kind
 from attnlab.experiments.results import ResultsFile, device, now
@@ -162,34 +167,38 @@ def _describe(point: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in point.items())
 
 
-def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True) -> Path:
+def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True, write: bool | None = None) -> Path:
     """Run every sweep point whose key is not in out_dir/<name>.json (or an archived version of
     it); returns that path. The caller holds `lock(out_dir)` (the CLI does); see the module
-    docstring for what is reused, saved and kept."""
+    docstring for what is reused, saved and kept. write: whether this process writes the
+    results file and shows progress (default: `attnlab.distributed.is_writer()`, process 0)."""
     kind = experiment.spec
     out_dir = Path(out_dir)
+    write = distributed.is_writer() if write is None else write
     results = ResultsFile(
         out_dir / f"{experiment.name}.json",
         name=experiment.name,
         kind=kind.name,
         config=kind.config_json(experiment.config),
         command=experiment.command,
+        write=write,
     )
     points = kind.points(experiment.config)
     here = device()
     keyed = [(point, kind.point_key(experiment.config, point, here)) for point in points]
     todo = [(point, key) for point, key in keyed if not results.done(key)]
     reused = [(point, key) for point, key in todo if results.reusable(key)]
-    if results.replaces is not None:
+    if write and results.replaces is not None:
         print(
             f"{results.path}: another config wrote it; it is kept as {results.replaces} "
             "once this run finishes its first point",
             file=sys.stderr,
         )
-    if reused:
+    if write and reused:
         print(f"{experiment.name}: {len(reused)} of {len(points)} points reused from earlier results", file=sys.stderr)
     results.reuse([key for _, key in reused])
     todo = [(point, key) for point, key in todo if not results.done(key)]
+    distributed.check_same_everywhere(" ".join(key for _, key in todo), f"{experiment.name}: the points to run")
     started = time.perf_counter()
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -198,7 +207,7 @@ def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True) -
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[point]}"),
-        disable=not progress,
+        disable=not (progress and write),
         transient=False,
     ) as bar:
         task = bar.add_task(experiment.name, total=len(points), completed=len(points) - len(todo), point="")
