@@ -7,7 +7,8 @@ forced devices. The two processes train a tiny LM with `attnlab.train.train`, ea
 rows of every global batch, for 2 of 4 steps (a checkpoint at step 2), and resume from that
 checkpoint; the one process trains the same 4 steps uninterrupted and resumes from the two
 processes' checkpoint. Each then runs `attnlab run` on a one-point MQAR config, logging every
-file the atomic writer puts in place. About 80 s on 2 busy CPU cores, 3 compiles per process.
+file the atomic writer puts in place. About 75 s on 2 busy CPU cores, 3 compiles per process;
+the late-save test 10 s more.
 """
 
 from __future__ import annotations
@@ -185,6 +186,58 @@ def test_two_processes_train_save_restore_and_write_once_as_one_four_device_proc
         _history_losses(results), _history_losses(tmp_path / "out_one" / results.name), rtol=1e-6
     )
     assert not list((tmp_path / "out_two").glob(".*.tmp")), "a temporary file was left behind"
+
+
+LATE_SAVE = textwrap.dedent(
+    """
+    import sys, time
+    from attnlab import distributed
+
+    distributed.initialize()
+    import jax, numpy as np
+    from attnlab.train import checkpoint, make_mesh
+    from attnlab.train.mesh import replicated
+
+    state = {"w": jax.device_put(np.ones((4, 4), np.float32), replicated(make_mesh()))}
+    if jax.process_index() == 1:
+        time.sleep(2)  # a slower host: process 0 has made the folder by the time it looks
+    checkpoint.save(sys.argv[1], state, step=0)
+    print("RESULT " + str(checkpoint.latest_step(sys.argv[1])), flush=True)
+    """
+)
+
+
+def test_a_process_that_arrives_late_saves_with_the_others(tmp_path):
+    # Every orbax CheckpointManager opened is a barrier of all processes: a save must open the
+    # same managers in every process whether or not another has already made the folder.
+    port = _free_port()
+    environments = [
+        _environment(
+            1, {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
+        )
+        for i in range(2)
+    ]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", LATE_SAVE, str(tmp_path / "saved")],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for env in environments
+    ]
+    try:
+        outputs = [process.communicate(timeout=TIMEOUT) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    report = "\n".join(f"--- process {i} ---\n{out[-2000:]}\n{err[-4000:]}" for i, (out, err) in enumerate(outputs))
+    assert all(process.returncode == 0 for process in processes), report
+    assert all("RESULT 0" in out for out, _ in outputs), report
 
 
 # --- which launches start jax.distributed (attnlab.distributed.detect, no process started) -------
