@@ -61,7 +61,8 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from attnlab.attention import families, online_softmax
-from attnlab.attention.api import dot_product_attention, resolve_normalizer
+from attnlab.attention.api import _as_float, _check_shapes, dot_product_attention, resolve_normalizer
+from attnlab.attention.blocks import join, split
 from attnlab.attention.masks import Visibility, group_queries, ungroup_queries
 from attnlab.attention.online_softmax import DEFAULT_KEY_BLOCK, DEFAULT_QUERY_BLOCK
 from attnlab.normalizers import Normalizer
@@ -74,8 +75,10 @@ F32 = jnp.float32
 LAYOUTS = ("zigzag", "striped", "contiguous")
 SCHEMES = ("ring", "sharded_threshold", "all_gather")
 """implementation of the context-parallel pass; scheme=None takes the first that serves the normalizer."""
-# sharded_threshold: gathered rows x keys per step, about this many logits per (batch, head).
+# sharded_threshold: each step holds about this many logits (gathered rows x local keys x batch x heads) ...
 THRESHOLD_BLOCK_ELEMENTS = 1 << 20
+# ... with at least this many rows from each device.
+MIN_THRESHOLD_ROWS = 8
 MAX_NEWTON_STEPS = 64
 
 __all__ = [
@@ -470,15 +473,11 @@ def _own_rows(static, x: jax.Array) -> jax.Array:
 
 def _split_rows(static, x, fill):
     """[B, K, G, Tl, ...] -> [blocks, B, K, G, Tq, ...] (rows padded with `fill`)."""
-    from attnlab.attention.blocks import split
-
     blocks = math.ceil(x.shape[3] / static.query_block)
     return split(x, static.query_block, blocks, 3, fill=fill, broadcast=False)
 
 
 def _threshold_forward(static: _ThresholdStatic, q, k, v, q_pos, k_pos, segments):
-    from attnlab.attention.blocks import join, split
-
     Tl = q.shape[3]
     num_blocks = math.ceil(Tl / static.query_block)
     q_blocks = _split_rows(static, q, 0.0)
@@ -519,8 +518,6 @@ def _threshold_fwd(static, q, k, v, q_pos, k_pos, segments):
 def _threshold_bwd(static, residuals, d_out):
     """Per gathered query block: p rebuilt from the saved (tau, Z, shift), then the closed-form
     entmax Jacobian with its two row sums psum-ed; dq's parts psum_scatter-ed to their owners."""
-    from attnlab.attention.blocks import join, split
-
     q, k, v, q_pos, k_pos, segments, rows = residuals
     alpha, axis = static.alpha, static.axis_name
     Tl = q.shape[3]
@@ -568,7 +565,8 @@ def _threshold_attention(normalizer, q, k, v, *, q_pos, k_pos, counts, segments,
     factor = scale
     if isinstance(normalizer, Normalizer) and normalizer.scale is not None:
         factor = scale * _per_query(normalizer.scale.factor, counts(), (B, K, G), Tl, keys)
-    rows = options["query_block"] or max(1, THRESHOLD_BLOCK_ELEMENTS // max(1, keys))
+    # Each step evaluates P query_block gathered rows against S / P keys: query_block x S logits per (batch, head).
+    rows = options["query_block"] or max(MIN_THRESHOLD_ROWS, THRESHOLD_BLOCK_ELEMENTS // max(1, B * K * G * keys))
     static = _ThresholdStatic(
         options["axis_name"], options["shards"], alpha, options["is_causal"], max(1, min(rows, Tl)), MAX_NEWTON_STEPS
     )
@@ -627,8 +625,6 @@ def context_parallel_attention(
     Returns:
       out, shaped and ordered as `query`, in its dtype.
     """
-    from attnlab.attention.api import _as_float, _check_shapes
-
     query, key, value = (_as_float(x) for x in (query, key, value))
     unbatched = query.ndim == 3
     query, key, value = (x[None] if x.ndim == 3 else x for x in (query, key, value))
