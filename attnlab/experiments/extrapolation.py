@@ -286,7 +286,8 @@ def run_point(
             )
         started = time.perf_counter()
         batch_size = config.eval_batch_size(length)
-        result = evaluate(model, evaluation_batches(config.task(length), config.eval_examples, batch_size))
+        batches = evaluation_batches(config.task(length), config.eval_examples, batch_size)
+        result = evaluate(model, batches, global_batches=True)
         out.append(
             {
                 "record": "evaluation",

@@ -42,6 +42,7 @@ from attnlab.train import (
     train,
 )
 from attnlab.train.evaluate import summarize
+from attnlab.train.mesh import host_value, replicated
 from attnlab.train.step import eval_sums, model_objective
 
 Progress = Callable[[str, int, int], None]
@@ -379,6 +380,7 @@ def train_model(
         name=name,
         on_record=report,
         objective=objective,
+        global_batches=True,
     )
     # Over the whole training, resumed runs included: the history's elapsed time is training only.
     train_seconds = result.history[-1]["elapsed_seconds"]
@@ -417,7 +419,8 @@ class Probe:
 
     def __init__(self, model: TransformerLM):
         self.mesh = make_mesh()
-        self.split, self.params = split_model(model)
+        self.split, params = split_model(model)
+        self.params = jax.device_put(params, replicated(self.mesh))
         self.rope_theta = model.config.rope_theta
 
         def forward(params: Any, batch: Any, theta: jax.Array, keys: jax.Array | None) -> tuple[Any, Any]:
@@ -437,10 +440,11 @@ class Probe:
         totals: dict[str, Any] = {}
         parts = []
         for batch in batches:
-            keys = jnp.asarray(batch.needle_mask) if needle else None
-            sums, stats = self._forward(self.params, shard_batch(batch, self.mesh), theta, keys)
+            # every process builds the whole batch (global_batch): each device takes its rows
+            keys = shard_batch(batch.needle_mask, self.mesh, global_batch=True) if needle else None
+            sums, stats = self._forward(self.params, shard_batch(batch, self.mesh, global_batch=True), theta, keys)
             totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
-            parts.append({name: np.asarray(value, np.float64) for name, value in stats.items()})
+            parts.append({name: host_value(value).astype(np.float64) for name, value in stats.items()})
         stats = {name: np.concatenate([p[name] for p in parts], axis=1) for name in parts[0]} if parts else {}
         return summarize(totals, len(parts)), stats
 

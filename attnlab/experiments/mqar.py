@@ -198,7 +198,7 @@ def run_point(
     )
     if tuning:
         return [lm.tuning_record(trained, training)]
-    final = evaluate(model, evaluation_batches(task, config.eval_examples))
+    final = evaluate(model, evaluation_batches(task, config.eval_examples), global_batches=True)
     return [
         {
             "record": "training",

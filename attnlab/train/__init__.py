@@ -2,7 +2,9 @@
 
 - `OptimizerConfig`, `make_optimizer`: AdamW, warmup + constant/cosine, decay on matrices only,
   clipping; `OptimizerConfig.ssmax_paper(steps)` is the SSMax paper's recipe at small scale.
-- `make_mesh`, `shard_batch`: data parallelism over a "data" mesh axis (one device is the same code).
+- `MeshConfig`, `make_mesh`, `shard_batch`: the data x fsdp x tensor device mesh, the batch split
+  over data x fsdp (one device is the same code); `state_shardings` places parameters and
+  optimizer state by logical axis (FSDP, tensor parallelism; see `attnlab.train.sharding`).
 - `TrainConfig`, `train`: the loop, with a progress bar, metric history, checkpoints and resumption;
   the loss is the model's own (its output normalizer's) or any `Objective` (e.g. distillation);
   a NaN or inf loss or gradient norm stops it with `TrainingDiverged` (model, step, values).
@@ -20,15 +22,26 @@ from attnlab.train.checkpoint import CheckpointError
 from attnlab.train.distill import distillation_loss, distillation_objective
 from attnlab.train.evaluate import EvalResult, evaluate
 from attnlab.train.loop import TrainConfig, TrainingDiverged, TrainResult, train
-from attnlab.train.mesh import DATA_AXIS, make_mesh, shard_batch
+from attnlab.train.mesh import DATA_AXIS, FSDP_AXIS, TENSOR_AXIS, MeshConfig, make_mesh, shard_batch
 from attnlab.train.optimizer import PRESETS, OptimizerConfig, decay_mask, learning_rate_schedule, make_optimizer
-from attnlab.train.step import Objective, TrainState, make_eval_step, make_train_step, model_objective, split_model
+from attnlab.train.step import (
+    Objective,
+    TrainState,
+    make_eval_step,
+    make_train_step,
+    model_objective,
+    split_model,
+    state_shardings,
+)
 
 __all__ = [
     "DATA_AXIS",
+    "FSDP_AXIS",
     "PRESETS",
+    "TENSOR_AXIS",
     "CheckpointError",
     "EvalResult",
+    "MeshConfig",
     "Objective",
     "OptimizerConfig",
     "TrainConfig",
@@ -48,5 +61,6 @@ __all__ = [
     "model_objective",
     "shard_batch",
     "split_model",
+    "state_shardings",
     "train",
 ]

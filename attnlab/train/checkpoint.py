@@ -149,12 +149,9 @@ def _steps(path: Path) -> list[int]:
             f"checkpoint folder {str(path)!r} is a file, not a folder (an old .npz checkpoint?); "
             "delete it to train anew"
         )
-    with _quiet():
-        manager = _manager(path)
-        try:
-            return sorted(manager.all_steps())
-        finally:
-            manager.close()
+    # Listing the finished step folders, not opening a CheckpointManager: opening one is a
+    # barrier of every process, and whether the folder exists yet differs between processes.
+    return sorted(ocp.utils.checkpoint_steps(path))
 
 
 def latest_step(path: str | Path) -> int | None:

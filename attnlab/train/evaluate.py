@@ -14,6 +14,7 @@ raises the rotary base for that call only (the SSMax paper uses 50x the training
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,7 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from attnlab.train.mesh import host_value, make_mesh, shard_batch
+from attnlab.train.mesh import MeshConfig, host_value, make_mesh, shard_batch
+from attnlab.train.sharding import param_shardings
 from attnlab.train.step import make_eval_step, split_model
 
 SUMMED = ("loss_sum", "count", "correct", "sequences", "sequences_correct")
@@ -58,13 +60,16 @@ def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator > 0 else float("nan")
 
 
-def accumulate(eval_step: Callable, params: Any, batches: Iterable[Any], rope_theta: Any, mesh: Mesh) -> EvalResult:
-    """Run a compiled `make_eval_step` over `batches` and reduce the sums into an EvalResult."""
+def accumulate(
+    eval_step: Callable, params: Any, batches: Iterable[Any], rope_theta: Any, mesh: Mesh, global_batches: bool = False
+) -> EvalResult:
+    """Run a compiled `make_eval_step` over `batches` (see `shard_batch` for global_batches) and
+    reduce the sums into an EvalResult."""
     totals: dict[str, Any] = {}
     theta = None if rope_theta is None else jnp.asarray(rope_theta, jnp.float32)
     count = 0
     for batch in batches:
-        sums = eval_step(params, shard_batch(batch, mesh), theta)
+        sums = eval_step(params, shard_batch(batch, mesh, global_batch=global_batches), theta)
         totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
         count += 1
     return summarize(totals, count)
@@ -89,13 +94,30 @@ def summarize(totals: dict[str, Any], batches: int) -> EvalResult:
 
 
 def evaluate(
-    module: nnx.Module, batches: Iterable[Any], *, rope_theta: float | None = None, mesh: Mesh | None = None
+    module: nnx.Module,
+    batches: Iterable[Any],
+    *,
+    rope_theta: float | None = None,
+    mesh: Mesh | MeshConfig | None = None,
+    global_batches: bool = False,
 ) -> EvalResult:
     """Evaluate a language model (e.g. `attnlab.nn.TransformerLM`) on batches of `attnlab.data.Batch`.
 
     rope_theta: the RoPE base for this evaluation (default: the one each layer was built with).
-    mesh: split each batch over these devices (default: a mesh over all devices).
+    mesh: split each batch over these devices, the parameters as in training (a mesh, or a
+      `MeshConfig` to make one for the first batch's size; default: every device on the data axis).
+    global_batches: every process passes the whole global batches (see `shard_batch`); default:
+      each passes its share.
     """
-    mesh = make_mesh() if mesh is None else mesh
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return summarize({}, 0)  # the error for no batches
+    if not isinstance(mesh, Mesh):
+        processes = 1 if global_batches else jax.process_count()
+        mesh = make_mesh(mesh, batch_size=jax.tree.leaves(first)[0].shape[0] * processes)
     model, params = split_model(module)
-    return accumulate(make_eval_step(model, mesh), params, batches, rope_theta, mesh)
+    sharding = param_shardings(params, mesh)
+    params = jax.device_put(params, sharding)
+    step = make_eval_step(model, mesh, sharding)
+    return accumulate(step, params, itertools.chain([first], batches), rope_theta, mesh, global_batches)

@@ -31,9 +31,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from attnlab.train import checkpoint as checkpoints
 from attnlab.train.evaluate import accumulate
-from attnlab.train.mesh import host_value, make_mesh, replicated, shard_batch
+from attnlab.train.mesh import MeshConfig, batch_devices, host_value, make_mesh, shard_batch
 from attnlab.train.optimizer import OptimizerConfig, check_count, learning_rate_schedule, make_optimizer
-from attnlab.train.step import Objective, TrainState, make_eval_step, make_train_step, split_model
+from attnlab.train.step import Objective, TrainState, make_eval_step, make_train_step, split_model, state_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,13 +160,26 @@ def _data_position(saved: dict[str, Any], folder: str | Path) -> int:
     return position
 
 
+def _mesh_for(mesh: Mesh | MeshConfig | None, batch_size: int) -> Mesh:
+    """The mesh to train on for a global batch of `batch_size` rows: `mesh` itself, checked (a
+    ValueError when the batch does not divide over its batch axes), or one made from a MeshConfig."""
+    if mesh is None or isinstance(mesh, MeshConfig):
+        return make_mesh(mesh, batch_size=batch_size)
+    if batch_size % batch_devices(mesh):
+        raise ValueError(
+            f"train: the batch size {batch_size} must be a multiple of the {batch_devices(mesh)} ways the mesh "
+            f"{dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))} splits it (data x fsdp)"
+        )
+    return mesh
+
+
 def train(
     model: nnx.Module,
     batches: Iterable[Any],
     config: TrainConfig,
     *,
     eval_batches: Callable[[], Iterable[Any]] | None = None,
-    mesh: Mesh | None = None,
+    mesh: Mesh | MeshConfig | None = None,
     checkpoint: str | Path | None = None,
     metadata: dict[str, Any] | None = None,
     progress: bool = True,
@@ -174,6 +187,7 @@ def train(
     description: str = "train",
     on_record: Callable[[dict[str, Any]], None] | None = None,
     objective: Objective | None = None,
+    global_batches: bool = False,
 ) -> TrainResult:
     """Train `model` (updated in place) on `batches` for `config.steps` steps.
 
@@ -183,7 +197,9 @@ def train(
         [B, T] on one host (each host's share on several).
       eval_batches: a function returning fresh validation batches, used every eval_every steps
         and at the end.
-      mesh: a "data" mesh (default: all devices); the batch is split over it.
+      mesh: a device mesh (`make_mesh`), or a `MeshConfig` to make one for the batch size
+        (default: `MeshConfig()`, every device on the data axis, as many as the batch divides over);
+        the batch is split over its data x fsdp axes, the state placed by `state_shardings`.
       checkpoint: a folder: save the state there (atomically, keeping the last
         config.keep_checkpoints) and resume from its newest step if it holds one.
       metadata: JSON values saved in the checkpoint (e.g. the model config). Its "settings", if
@@ -195,6 +211,9 @@ def train(
       objective: the per-token training loss, objective(logits [B, T, V], batch) -> [B, T]
         (default: the model's own `token_losses`, cross-entropy for a model without one).
         Evaluation always reports the model's own loss.
+      global_batches: every process passes the whole global batches and each device takes its
+        rows (as the experiment kinds do); default: each process passes its share (see
+        `shard_batch`). The same for eval_batches.
 
     Raises:
       TrainingDiverged: a loss or gradient norm became NaN or inf (the checkpoint keeps the last
@@ -202,12 +221,22 @@ def train(
       CheckpointError: the checkpoint folder is unreadable, made with other settings or for
         another model, or holds NaN/inf.
     """
-    mesh = make_mesh() if mesh is None else mesh
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("train: the batches are empty")
+    batches = itertools.chain([first], batches)
+    mesh = _mesh_for(mesh, jax.tree.leaves(first)[0].shape[0] * (1 if global_batches else jax.process_count()))
     split, params = split_model(model)
     optimizer = make_optimizer(config.optimizer, config.steps, params)
     schedule = learning_rate_schedule(config.optimizer, config.steps)
-    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-    state = jax.device_put(state, replicated(mesh))
+    shardings = state_shardings(optimizer, params, mesh)
+    params = jax.device_put(params, shardings.params)
+    state = TrainState(
+        jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+        params,
+        jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params),
+    )
     history: list[dict[str, Any]] = []
     evaluations: list[dict[str, Any]] = []
     position = 0  # batches consumed before this call
@@ -218,9 +247,9 @@ def train(
         if saved.get("train_config") not in (None, config.to_json()):
             print(f"{checkpoint}: resuming with a different TrainConfig than the one saved", file=sys.stderr)
     start = int(host_value(state.step))
-    train_step = make_train_step(split, optimizer, mesh, schedule, objective)
-    eval_step = make_eval_step(split, mesh) if eval_batches is not None else None
-    iterator: Iterator[Any] = itertools.islice(iter(batches), position, None)
+    train_step = make_train_step(split, optimizer, mesh, schedule, objective, shardings)
+    eval_step = make_eval_step(split, mesh, shardings.params) if eval_batches is not None else None
+    iterator: Iterator[Any] = itertools.islice(batches, position, None)
 
     def save(state: TrainState, done: int) -> None:
         bad = checkpoints.first_nonfinite(state)
@@ -256,11 +285,11 @@ def train(
         window.update(start=time.perf_counter(), tokens=0, pending=[])
         return entry
 
-    with _progress(progress) as bar:
+    with _progress(progress and jax.process_index() == 0) as bar:
         task = bar.add_task(description, total=config.steps, completed=start, loss="-", speed="-")
         for step in range(start, config.steps):
             try:
-                batch = shard_batch(next(iterator), mesh)
+                batch = shard_batch(next(iterator), mesh, global_batch=global_batches)
             except StopIteration:
                 raise ValueError(f"train: the batches ran out after {step} of {config.steps} steps") from None
             if step == start:
@@ -281,12 +310,12 @@ def train(
                 if on_record is not None:
                     on_record(entry)
             if evaluate_now:
-                result = accumulate(eval_step, state.params, eval_batches(), None, mesh)
+                result = accumulate(eval_step, state.params, eval_batches(), None, mesh, global_batches)
                 evaluations.append({"step": done, **result.to_json()})
             if checkpoint_now:
                 save(state, done)
             if evaluate_now or checkpoint_now:
                 window["start"] = time.perf_counter()  # evaluation and saving are not training time
             bar.advance(task)
-    nnx.update(model, jax.device_get(state.params))
+    nnx.update(model, jax.tree.map(host_value, state.params))
     return TrainResult(history, evaluations, state, timing["compile"], timing["train"], timing["tokens"])

@@ -10,8 +10,10 @@ The per-token loss l is the model's own (`TransformerLM.token_losses`: the loss 
 normalizer, cross-entropy for softmax; cross-entropy for a model without one), or any
 `Objective` the caller passes, e.g. a distillation loss against a teacher's logits.
 
-Parameters and optimizer state are replicated over the mesh; the batch is split over its "data"
-axis. XLA inserts the gradient all-reduce, so one device and many run the same code.
+The batch is split over the mesh's data x fsdp axes; parameters and optimizer state are placed by
+`state_shardings` (replicated over "data", split over "fsdp" and "tensor" by logical axis: see
+attnlab.train.sharding). XLA inserts the collectives (the gradient all-reduce or reduce-scatter,
+the parameter all-gathers), so one device and many run the same code.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from attnlab.train.mesh import batch_sharded, replicated
+from attnlab.train.sharding import optimizer_shardings, param_shardings
 
 
 class TrainState(NamedTuple):
@@ -50,6 +53,13 @@ def split_model(module: nnx.Module) -> tuple[Model, Any]:
     """(Model, params): the module's graph and fixed state, and its nnx.Param state."""
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     return Model(graphdef, rest), params
+
+
+def state_shardings(optimizer: optax.GradientTransformation, params: Any, mesh: Mesh) -> TrainState:
+    """The shardings of a TrainState on `mesh`: the step replicated, the parameters by logical axis
+    (`param_shardings`), the optimizer state as its parameters."""
+    params_sharding = param_shardings(params, mesh)
+    return TrainState(replicated(mesh), params_sharding, optimizer_shardings(optimizer, params, params_sharding, mesh))
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -81,8 +91,10 @@ def make_train_step(
     mesh: Mesh,
     schedule: optax.Schedule | None = None,
     objective: Objective | None = None,
+    shardings: TrainState | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
-    """step(state, batch) -> (state', metrics) compiled for `mesh`; state is donated.
+    """step(state, batch) -> (state', metrics) compiled for `mesh`; state is donated and kept on
+    `shardings` (a TrainState of shardings, see `state_shardings`; default: replicated).
 
     metrics: loss (masked mean of the per-token loss: `objective`, default the model's own),
     accuracy (of the argmax on scored positions), grad_norm (before clipping) and learning_rate
@@ -106,10 +118,11 @@ def make_train_step(
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         return TrainState(state.step + 1, params, opt_state), metrics
 
+    placed = replicated(mesh) if shardings is None else shardings
     return jax.jit(
         step,
-        in_shardings=(replicated(mesh), batch_sharded(mesh)),
-        out_shardings=(replicated(mesh), replicated(mesh)),
+        in_shardings=(placed, batch_sharded(mesh)),
+        out_shardings=(placed, replicated(mesh)),
         donate_argnums=0,
     )
 
@@ -131,8 +144,11 @@ def eval_sums(logits: jax.Array, batch: Any, losses: jax.Array | None = None) ->
     }
 
 
-def make_eval_step(model: Model, mesh: Mesh) -> Callable[[Any, Any, jax.Array], dict[str, jax.Array]]:
-    """eval_step(params, batch, rope_theta) -> sums over the batch, for `evaluate` to accumulate:
+def make_eval_step(
+    model: Model, mesh: Mesh, params_sharding: Any = None
+) -> Callable[[Any, Any, jax.Array], dict[str, jax.Array]]:
+    """eval_step(params, batch, rope_theta) -> sums over the batch, for `evaluate` to accumulate
+    (params on `params_sharding`, e.g. `state_shardings(...).params`; default: replicated):
 
       loss_sum [T], count [T]: sum over b of m[b,t] l[b,t], and of m[b,t]   (per position; l is the
         model's own per-token loss, see the module docstring)
@@ -146,8 +162,9 @@ def make_eval_step(model: Model, mesh: Mesh) -> Callable[[Any, Any, jax.Array], 
         logits = module(batch.inputs, rope_theta=rope_theta)
         return eval_sums(logits, batch, model_objective(module)(logits, batch))
 
+    params_sharding = replicated(mesh) if params_sharding is None else params_sharding
     return jax.jit(
         eval_step,
-        in_shardings=(replicated(mesh), batch_sharded(mesh), replicated(mesh)),
+        in_shardings=(params_sharding, batch_sharded(mesh), replicated(mesh)),
         out_shardings=replicated(mesh),
     )

@@ -1,11 +1,6 @@
 """Training: optimizer, overfitting every normalizer, determinism, checkpoints and resumption (from
-the saved data position, refusing other settings), divergence, evaluation, and data parallelism on 4
-forced CPU devices (in a subprocess). The checkpoint folder itself: tests/train/test_checkpoint.py."""
-
-import os
-import subprocess
-import sys
-import textwrap
+the saved data position, refusing other settings), divergence and evaluation. Several devices:
+tests/train/test_sharding.py; the checkpoint folder itself: tests/train/test_checkpoint.py."""
 
 import jax
 import jax.numpy as jnp
@@ -343,72 +338,6 @@ def test_a_raised_rope_theta_changes_the_loss_after_position_zero_only():
 def test_running_out_of_batches_is_a_clear_error():
     with pytest.raises(ValueError, match=r"the batches ran out after 2 of 5 steps"):
         train(_model(), [_batch(), _batch()], TrainConfig(steps=5, optimizer=FAST), progress=False)
-
-
-# --- several devices -------------------------------------------------------------------------
-
-FOUR_DEVICES = textwrap.dedent(
-    """
-    import tempfile
-    import jax, numpy as np
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-    from attnlab.data.batch import Batch
-    from attnlab.nn import ModelConfig, TransformerLM
-    from attnlab.train import OptimizerConfig, TrainConfig, checkpoint, make_mesh, shard_batch, train
-
-    assert jax.device_count() == 4, jax.devices()
-
-    def stream():
-        for step in range(4):
-            data = np.random.default_rng(step).integers(0, 16, size=(8, 17)).astype(np.int32)
-            yield Batch(data[:, :-1], data[:, 1:], np.ones((8, 16), bool))
-
-    config = TrainConfig(steps=4, log_every=1, optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1))
-    losses, states = {}, {}
-    for devices in (1, 4):
-        mesh = make_mesh(devices)
-        model = TransformerLM(ModelConfig(num_layers=1, width=32, num_heads=2, normalizer="ssmax"), rngs=nnx.Rngs(0))
-        result = train(model, stream(), config, mesh=mesh, progress=False)
-        losses[devices] = [r["loss"] for r in result.history]
-        states[devices] = result.state
-        assert len(result.state.params["embed"]["embedding"][...].sharding.device_set) == devices
-    sharded = shard_batch(next(stream()), make_mesh(4))
-    assert len(sharded.inputs.addressable_shards) == 4
-    assert sharded.inputs.addressable_shards[0].data.shape == (2, 16)
-    np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
-    try:
-        shard_batch(Batch(*(x[:6] for x in next(stream())[:3])), make_mesh(4))
-    except ValueError as error:
-        assert "batch size 6" in str(error) and "4 local devices" in str(error), error
-    else:
-        raise AssertionError("a batch of 6 over 4 devices was accepted")
-    # A checkpoint saved on the 1-device mesh restores onto the 4-device one: replicated there, or
-    # split over "data".
-    folder = tempfile.mkdtemp() + "/run"
-    checkpoint.save(folder, states[1])
-    restored, _ = checkpoint.restore(folder, states[4])
-    for got, saved in zip(jax.tree.leaves(restored), jax.tree.leaves(states[1]), strict=True):
-        assert len(got.sharding.device_set) == 4, got.sharding
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(saved))
-    split = NamedSharding(make_mesh(4), PartitionSpec("data"))
-    one_device = NamedSharding(make_mesh(1), PartitionSpec())
-    saved = jax.device_put(np.arange(32.0, dtype=np.float32).reshape(8, 4), one_device)
-    checkpoint.save(folder + "2", {"w": saved}, step=0)
-    restored, _ = checkpoint.restore(folder + "2", {"w": jax.device_put(np.zeros((8, 4), np.float32), split)})
-    assert restored["w"].sharding == split and restored["w"].addressable_shards[1].data.shape == (2, 4)
-    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(saved))
-    print("LOSSES", losses[1], losses[4])
-    """
-)
-
-
-def test_data_parallel_step_on_four_cpu_devices_gives_the_one_device_loss_and_restores_across_meshes():
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", FOUR_DEVICES], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "LOSSES" in done.stdout
 
 
 # --- the loss: the model's output normalizer, or a caller's objective -------------------------
