@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import time
 from importlib import resources
@@ -88,7 +89,10 @@ def _run(args: argparse.Namespace) -> int:
     writer = _start(args.distributed)
     if writer is None:
         return 2
+    import jax
+
     from attnlab import experiments, figures
+    from attnlab.experiments.runner import check_mesh
 
     try:
         if args.configs:
@@ -96,9 +100,9 @@ def _run(args: argparse.Namespace) -> int:
         else:
             with resources.as_file(resources.files("attnlab.experiments") / QUICKSTART) as path:
                 default = experiments.load(path, args.overrides)
-            to_run = [
-                experiments.Experiment(default.kind, default.name, default.config, "embedded default", "attnlab run")
-            ]
+            to_run = [dataclasses.replace(default, source="embedded default", command="attnlab run")]
+        for experiment in to_run:  # before any work: a mesh that does not fit the devices or a batch
+            check_mesh(experiment, jax.device_count())
     except experiments.ConfigError as err:
         print(f"attnlab run: {len(err.problems)} problem(s) in the config, nothing was run:", file=sys.stderr)
         for problem in err.problems:

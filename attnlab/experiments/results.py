@@ -219,7 +219,15 @@ class ResultsFile:
     """
 
     def __init__(
-        self, path: Path, *, name: str, kind: str, config: dict[str, Any], command: str = "", write: bool = True
+        self,
+        path: Path,
+        *,
+        name: str,
+        kind: str,
+        config: dict[str, Any],
+        command: str = "",
+        write: bool = True,
+        mesh: dict[str, Any] | None = None,
     ):
         self.path = Path(path)
         self.write = write
@@ -247,7 +255,7 @@ class ResultsFile:
                 "records": [],
             }
         self.payload["command"] = command
-        self.payload["environment"] = environment()
+        self.payload["environment"] = environment() if mesh is None else {**environment(), "mesh": mesh}
         self._keys = set(_records_by_key(self.payload))
 
     @property

@@ -10,6 +10,13 @@ A run of `experiment` into `out`:
     (see `attnlab.experiments.lm.train_model`), so a point interrupted mid-training resumes and a
     changed setting trains anew.
 
+A config's `[mesh]` table (data, fsdp, tensor: `attnlab.train.MeshConfig`) sets the device mesh
+every model of the run trains on. Like the device count, the mesh changes results only by float
+rounding (tests/train/test_sharding.py), so it is recorded in the results file's environment and
+is not part of any key: a run resumed on another mesh reuses its points and checkpoints. An
+explicit mesh that does not fit the devices or a batch_size of the config stops the run before
+any work.
+
 On several processes (`attnlab.distributed`) every process runs every point (each feeds its
 share of the batch, all save checkpoints together) and only process 0 holds the lock and writes
 the results file; the processes check first that they run the same points.
@@ -29,14 +36,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from attnlab import distributed
 from attnlab.experiments.config import ConfigError, apply_overrides, parse_dataclass, read_toml
 from attnlab.experiments.kind import Kind
 from attnlab.experiments.results import ResultsFile, device, now
+from attnlab.train.mesh import MeshConfig, use_mesh
 
 NAME_KEYS = ("kind", "name")
+MESH_KEY = "mesh"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 NAME_RULE = "1 to 100 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
 LOCK_FILE = ".lock"
@@ -52,6 +62,7 @@ class Experiment:
     config: Any
     source: str
     command: str = ""
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     @property
     def spec(self) -> Kind:
@@ -83,13 +94,56 @@ def from_table(table: dict[str, Any], source: str, default_name: str) -> Experim
     if problem:
         hint = "" if explicit else ' (it defaults to the file\'s stem: set name = "..." in the config)'
         problems.append(problem + hint)
-    body = {k: v for k, v in table.items() if k not in NAME_KEYS}
+    mesh = _mesh_table(table.get(MESH_KEY, {}), source, problems)
+    body = {k: v for k, v in table.items() if k not in (*NAME_KEYS, MESH_KEY)}
     config = None
     if isinstance(kind, str) and kind in KINDS:
         config = parse_dataclass(KINDS[kind].config_type, body, source, problems)
     if problems:
         raise ConfigError(problems)
-    return Experiment(kind, name, config, source)
+    return Experiment(kind, name, config, source, mesh=mesh or MeshConfig())
+
+
+def _mesh_table(table: Any, source: str, problems: list[str]) -> MeshConfig | None:
+    """The MeshConfig of a config's [mesh] table (data, fsdp, tensor), or None with its problems added."""
+    fields = [f.name for f in dataclasses.fields(MeshConfig)]
+    if not isinstance(table, dict):
+        problems.append(f"{source}: mesh = {table!r} must be a table with keys {', '.join(fields)}")
+        return None
+    unknown = [key for key in table if key not in fields]
+    if unknown:
+        problems.append(f"{source}: [mesh] has unknown keys {', '.join(unknown)}; accepted: {', '.join(fields)}")
+        return None
+    try:
+        return MeshConfig(**table)
+    except ValueError as error:
+        problems.append(f"{source}: [mesh] {error}")
+        return None
+
+
+def _batch_sizes(value: Any, key: str = "") -> Iterator[tuple[str, int]]:
+    """(dotted key, value) of every batch_size in a config's JSON."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            dotted = f"{key}.{name}" if key else name
+            if name == "batch_size" and isinstance(item, int):
+                yield dotted, item
+            else:
+                yield from _batch_sizes(item, dotted)
+
+
+def check_mesh(experiment: Experiment, devices: int) -> None:
+    """ConfigError when the experiment's mesh does not fit `devices` or one of its batch sizes."""
+    problems = []
+    sizes = list(_batch_sizes(experiment.spec.config_json(experiment.config))) or [("", None)]
+    for key, size in sizes:
+        try:
+            experiment.mesh.resolve(devices, None if experiment.mesh.automatic else size)
+        except ValueError as error:
+            where = f" ({key} = {size})" if key else ""
+            problems.append(f"{experiment.source}: [mesh]{where}: {error}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Experiment:
@@ -182,7 +236,9 @@ def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True, w
         config=kind.config_json(experiment.config),
         command=experiment.command,
         write=write,
+        mesh=dataclasses.asdict(experiment.mesh),
     )
+    check_mesh(experiment, jax.device_count())
     points = kind.points(experiment.config)
     here = device()
     keyed = [(point, kind.point_key(experiment.config, point, here)) for point in points]
@@ -221,7 +277,8 @@ def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True, w
             keywords = _point_keywords(
                 kind.run_point, update, out_dir / CHECKPOINTS, [dict(r) for r in results.records]
             )
-            results.add(point, key, kind.run_point(experiment.config, point, **keywords))
+            with use_mesh(experiment.mesh):
+                results.add(point, key, kind.run_point(experiment.config, point, **keywords))
             bar.update(inner, visible=False)
             bar.advance(task)
     summary = None if kind.summarize is None else kind.summarize(experiment.config, results.records)

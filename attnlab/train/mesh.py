@@ -15,9 +15,11 @@ host's devices and each process feeds its own share of the global batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -103,17 +105,40 @@ class MeshConfig:
         return dataclasses.replace(self, data=data)
 
 
+_DEFAULT_MESH: list[MeshConfig] = [MeshConfig()]
+
+
+def default_mesh_config() -> MeshConfig:
+    """The MeshConfig `make_mesh()` uses: `MeshConfig()` (every device on the data axis) or the one
+    set by the innermost `use_mesh`."""
+    return _DEFAULT_MESH[-1]
+
+
+@contextlib.contextmanager
+def use_mesh(config: MeshConfig) -> Iterator[MeshConfig]:
+    """Within the block, `make_mesh()` (and so `train`, `evaluate` and the experiment kinds, which
+    take the default mesh) builds meshes of `config`: how `attnlab run` applies a config's [mesh]."""
+    if not isinstance(config, MeshConfig):
+        raise TypeError(f"use_mesh: config must be a MeshConfig; got {type(config).__name__}")
+    _DEFAULT_MESH.append(config)
+    try:
+        yield config
+    finally:
+        _DEFAULT_MESH.pop()
+
+
 def make_mesh(num_devices: int | MeshConfig | None = None, *, batch_size: int | None = None) -> Mesh:
     """A data x fsdp x tensor mesh over the first devices jax sees (every host's).
 
     num_devices: an int n (the data-parallel mesh n x 1 x 1 on the first n devices), a
-      `MeshConfig`, or None (every device on the data axis).
+      `MeshConfig`, or None (`default_mesh_config()`: every device on the data axis unless a
+      `use_mesh` block says otherwise).
     batch_size: the global batch, checked against the batch axes (and, for an automatic data
       axis, the size it shrinks to; see `MeshConfig.resolve`).
     """
     devices = jax.devices()
     if num_devices is None:
-        config = MeshConfig()
+        config = default_mesh_config()
     elif isinstance(num_devices, MeshConfig):
         config = num_devices
     else:

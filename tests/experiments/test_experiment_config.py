@@ -35,7 +35,9 @@ from attnlab.experiments.checks import (
     setting,
 )
 from attnlab.experiments.config import ConfigError, Lengths
+from attnlab.experiments.runner import check_mesh
 from attnlab.normalizers import NormalizerSpec as LayerSpec
+from attnlab.train.mesh import MeshConfig, default_mesh_config, make_mesh, use_mesh
 
 SETTINGS = (
     fading_synthetic.Config,
@@ -267,3 +269,36 @@ def test_the_cli_exits_2_and_writes_nothing_for_non_finite_or_repeated_values(tm
     assert not out.exists()
     err = capsys.readouterr().err
     assert "must be finite" in err or "must not repeat a value" in err
+
+
+# --- the [mesh] table: how the models of a run are laid out on the devices -----------------------
+
+
+def test_a_mesh_table_is_checked_with_the_config(tmp_path):
+    path = _write(tmp_path, 'kind = "mqar"\n[mesh]\nfsdp = 0\n')
+    assert _problems(path) == [f"{path}: [mesh] MeshConfig.fsdp must be an int >= 1; got 0"]
+    path = _write(tmp_path, 'kind = "mqar"\n[mesh]\ntensr = 2\n')
+    assert _problems(path) == [f"{path}: [mesh] has unknown keys tensr; accepted: data, fsdp, tensor"]
+    experiment = experiments.load(_write(tmp_path, 'kind = "mqar"\n[mesh]\nfsdp = 2\n'))
+    assert experiment.mesh == MeshConfig(fsdp=2) and "mesh" not in experiment.spec.config_json(experiment.config)
+
+
+def test_a_mesh_that_cannot_hold_a_batch_of_the_config_stops_the_run_before_any_work(tmp_path, capsys):
+    path = _write(tmp_path, 'kind = "mqar"\n[training]\nbatch_size = 6\n[mesh]\ndata = 4\n')
+    with pytest.raises(ConfigError) as error:
+        check_mesh(experiments.load(path), 8)
+    assert error.value.problems == [
+        f"{path}: [mesh] (training.batch_size = 6): the batch size 6 must be a multiple of data x fsdp = 4 x 1 = 4 "
+        "(the mesh's batch axes): change the batch size or the mesh"
+    ]
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "out")]) == 2  # one device here: 4 do not fit
+    assert "data x fsdp x tensor = 4 x 1 x 1 needs 4 devices; 1 here" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    check_mesh(experiments.load(path, ["mesh.data=2"]), 8)  # 6 rows over 2
+
+
+def test_use_mesh_sets_the_mesh_every_model_of_a_run_trains_on():
+    assert default_mesh_config() == MeshConfig()
+    with use_mesh(MeshConfig(data=1)):
+        assert make_mesh().devices.shape == (1, 1, 1)
+    assert default_mesh_config() == MeshConfig()
