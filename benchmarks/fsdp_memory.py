@@ -24,7 +24,6 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_p
 import argparse  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -33,7 +32,7 @@ from attnlab.nn import ModelConfig, TransformerLM  # noqa: E402
 from attnlab.train import OptimizerConfig, make_mesh, make_optimizer, shard_batch, split_model  # noqa: E402
 from attnlab.train.mesh import MeshConfig  # noqa: E402
 from attnlab.train.sharding import device_bytes  # noqa: E402
-from attnlab.train.step import TrainState, make_train_step, state_shardings  # noqa: E402
+from attnlab.train.step import init_state, make_train_step  # noqa: E402
 
 MESHES = {
     "1 device": MeshConfig(data=1),
@@ -51,13 +50,7 @@ def measure(model_config: ModelConfig, mesh_config: MeshConfig, batch: Batch) ->
     mesh = make_mesh(mesh_config, batch_size=batch.inputs.shape[0])
     split, params = split_model(TransformerLM(model_config, rngs=nnx.Rngs(0)))
     optimizer = make_optimizer(OptimizerConfig(), 100, params)
-    shardings = state_shardings(optimizer, params, mesh)
-    params = jax.device_put(params, shardings.params)
-    state = TrainState(
-        jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
-        params,
-        jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params),
-    )
+    state, shardings = init_state(optimizer, params, mesh)
     step = make_train_step(split, optimizer, mesh, None, None, shardings)
     analysis = step.lower(state, shard_batch(batch, mesh)).compile().memory_analysis()
     step_bytes = analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes

@@ -65,6 +65,7 @@ from attnlab.attention.api import _as_float, _check_shapes, dot_product_attentio
 from attnlab.attention.blocks import join, split
 from attnlab.attention.masks import Visibility, group_queries, ungroup_queries
 from attnlab.attention.online_softmax import DEFAULT_KEY_BLOCK, DEFAULT_QUERY_BLOCK
+from attnlab.attention.sparse_blocked import _power
 from attnlab.normalizers import Normalizer
 from attnlab.normalizers._rows import align_param
 from attnlab.normalizers.mappings import jacobian_weights
@@ -440,15 +441,6 @@ def _sharded_threshold(u: jax.Array, origin: jax.Array, static: _ThresholdStatic
     state = (jnp.asarray(0), origin - 1.0, done, jnp.asarray(True))
     _, tau, _, _ = jax.lax.while_loop(cond, body, state)
     return tau
-
-
-def _power(gap: jax.Array, exponent: float) -> jax.Array:
-    if exponent == 1.0:
-        return gap
-    if exponent == 2.0:
-        return gap * gap
-    inside = gap > 0
-    return jnp.where(inside, jnp.exp(exponent * jnp.log(jnp.where(inside, gap, 1.0))), 0.0)
 
 
 def _gathered_rows(static: _ThresholdStatic, q_blocks, pos_blocks, index):

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -33,7 +32,7 @@ from attnlab.train import checkpoint as checkpoints
 from attnlab.train.evaluate import accumulate
 from attnlab.train.mesh import MeshConfig, batch_devices, host_value, make_mesh, shard_batch
 from attnlab.train.optimizer import OptimizerConfig, check_count, learning_rate_schedule, make_optimizer
-from attnlab.train.step import Objective, TrainState, make_eval_step, make_train_step, split_model, state_shardings
+from attnlab.train.step import Objective, TrainState, init_state, make_eval_step, make_train_step, split_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,13 +229,7 @@ def train(
     split, params = split_model(model)
     optimizer = make_optimizer(config.optimizer, config.steps, params)
     schedule = learning_rate_schedule(config.optimizer, config.steps)
-    shardings = state_shardings(optimizer, params, mesh)
-    params = jax.device_put(params, shardings.params)
-    state = TrainState(
-        jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
-        params,
-        jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params),
-    )
+    state, shardings = init_state(optimizer, params, mesh)
     history: list[dict[str, Any]] = []
     evaluations: list[dict[str, Any]] = []
     position = 0  # batches consumed before this call

@@ -62,6 +62,15 @@ def state_shardings(optimizer: optax.GradientTransformation, params: Any, mesh: 
     return TrainState(replicated(mesh), params_sharding, optimizer_shardings(optimizer, params, params_sharding, mesh))
 
 
+def init_state(optimizer: optax.GradientTransformation, params: Any, mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """(state, shardings): a fresh TrainState (step 0, `params`, the optimizer's initial state)
+    placed on `mesh` by `state_shardings`, the optimizer state initialised in place."""
+    shardings = state_shardings(optimizer, params, mesh)
+    params = jax.device_put(params, shardings.params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step, params, jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)), shardings
+
+
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Cross-entropy -log softmax(logits)[target] per position, logits [B, T, V], targets [B, T] -> [B, T]."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
