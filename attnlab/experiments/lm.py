@@ -418,9 +418,8 @@ class Probe:
     (the RoPE base is a traced argument, so changing it does not recompile)."""
 
     def __init__(self, model: TransformerLM):
-        self.mesh = make_mesh()
-        self.split, params = split_model(model)
-        self.params = jax.device_put(params, replicated(self.mesh))
+        self.split, self.params = split_model(model)
+        self.placed: dict[int, tuple[Any, Any]] = {}  # batch size -> (mesh, parameters on it)
         self.rope_theta = model.config.rope_theta
 
         def forward(params: Any, batch: Any, theta: jax.Array, keys: jax.Array | None) -> tuple[Any, Any]:
@@ -429,6 +428,14 @@ class Probe:
             return eval_sums(logits, batch, model_objective(module)(logits, batch)), stats
 
         self._forward = jax.jit(forward)
+
+    def _placed(self, batch_size: int) -> tuple[Any, Any]:
+        """The mesh for batches of `batch_size` (the default mesh, as many devices as the batch
+        divides over) and the parameters replicated on it, made once per batch size."""
+        if batch_size not in self.placed:
+            mesh = make_mesh(batch_size=batch_size)
+            self.placed[batch_size] = (mesh, jax.device_put(self.params, replicated(mesh)))
+        return self.placed[batch_size]
 
     def measure(
         self, batches: Iterable[Any], *, rope_theta: float | None = None, needle: bool = False
@@ -440,9 +447,10 @@ class Probe:
         totals: dict[str, Any] = {}
         parts = []
         for batch in batches:
+            mesh, params = self._placed(batch.inputs.shape[0])
             # every process builds the whole batch (global_batch): each device takes its rows
-            keys = shard_batch(batch.needle_mask, self.mesh, global_batch=True) if needle else None
-            sums, stats = self._forward(self.params, shard_batch(batch, self.mesh, global_batch=True), theta, keys)
+            keys = shard_batch(batch.needle_mask, mesh, global_batch=True) if needle else None
+            sums, stats = self._forward(params, shard_batch(batch, mesh, global_batch=True), theta, keys)
             totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
             parts.append({name: host_value(value).astype(np.float64) for name, value in stats.items()})
         stats = {name: np.concatenate([p[name] for p in parts], axis=1) for name in parts[0]} if parts else {}

@@ -8,6 +8,7 @@ import math
 import typing
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -291,8 +292,11 @@ def test_a_mesh_that_cannot_hold_a_batch_of_the_config_stops_the_run_before_any_
         f"{path}: [mesh] (training.batch_size = 6): the batch size 6 must be a multiple of data x fsdp = 4 x 1 = 4 "
         "(the mesh's batch axes): change the batch size or the mesh"
     ]
-    assert cli.main(["run", str(path), "--out", str(tmp_path / "out")]) == 2  # one device here: 4 do not fit
-    assert "data x fsdp x tensor = 4 x 1 x 1 needs 4 devices; 1 here" in capsys.readouterr().err
+    too_many = jax.device_count() + 1
+    code = cli.main(["run", str(path), "--out", str(tmp_path / "out"), "--set", f"mesh.data={too_many}"])
+    assert code == 2
+    needs = f"data x fsdp x tensor = {too_many} x 1 x 1 needs {too_many} devices; {jax.device_count()} here"
+    assert needs in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     check_mesh(experiments.load(path, ["mesh.data=2"]), 8)  # 6 rows over 2
 
