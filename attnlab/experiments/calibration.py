@@ -164,7 +164,10 @@ def run_point(
         progress=progress,
         output=output,
         name=f"output_{output.label}",
+        tolerate_divergence=lm.is_tuning(point),
     )
+    if "diverged_at" in trained:  # a tuning model at a rate too high: nothing to score
+        return [lm.tuning_record(trained, training)]
     if progress is not None:
         progress(f"scoring {output.label}", 0, 1)
     logits, targets = validation_logits(model, config)

@@ -264,6 +264,7 @@ def run_point(
         workdir=workdir,
         progress=progress,
         name=f"extrapolation_{normalizer.label}_{point['positional']}_seed{training.seed}",
+        tolerate_divergence=lm.is_tuning(point),
     )
     if lm.is_tuning(point):
         return [lm.tuning_record(trained, training)]

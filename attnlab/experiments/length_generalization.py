@@ -153,6 +153,7 @@ def run_point(
         eval_batches=lambda: held_out,
         workdir=workdir,
         progress=progress,
+        tolerate_divergence=lm.is_tuning(point),
     )
     if lm.is_tuning(point):
         return [lm.tuning_record(trained, training)]

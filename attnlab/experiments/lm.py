@@ -36,6 +36,7 @@ from attnlab.train import (
     Objective,
     OptimizerConfig,
     TrainConfig,
+    TrainingDiverged,
     make_mesh,
     shard_batch,
     split_model,
@@ -176,9 +177,11 @@ def _finite_or_none(value: Any) -> float | None:
 
 def tuning_record(trained: dict[str, Any], training: TrainingSetting) -> dict[str, Any]:
     """The record of a tuning point from `train_model`'s record (trained with eval batches):
-    validation_loss (None when not finite), the last train_loss, and the seed and steps."""
+    validation_loss (None when not finite), the last train_loss, and the seed and steps; with
+    diverged_at, the step where a model trained with tolerate_divergence diverged."""
     if "validation_loss" not in trained:
         raise ValueError("a tuning model needs a validation loss: train it with eval_batches")
+    diverged = {"diverged_at": trained["diverged_at"]} if "diverged_at" in trained else {}
     return {
         "record": "tuning",
         "validation_loss": _finite_or_none(trained["validation_loss"]),
@@ -187,6 +190,7 @@ def tuning_record(trained: dict[str, Any], training: TrainingSetting) -> dict[st
         "steps": training.steps,
         "model_key": trained["model_key"],
         "train_seconds": trained["train_seconds"],
+        **diverged,
     }
 
 
@@ -206,7 +210,7 @@ def point_training(
 
 # The fields of a tuning record that are not its point: the rest, less learning_rate, name its group.
 TUNING_FIELDS = ("record", "validation_loss", "train_loss", "tuning_seed", "steps", "model_key", "train_seconds",
-                 "point_key", "learning_rate")  # fmt: skip
+                 "point_key", "learning_rate", "diverged_at")  # fmt: skip
 
 
 def tuning_groups(records: Iterable[dict[str, Any]]) -> tuple[str, ...]:
@@ -333,6 +337,7 @@ def train_model(
     name: str | None = None,
     objective: Objective | None = None,
     eval_every: int = 0,
+    tolerate_divergence: bool = False,
 ) -> tuple[TransformerLM, dict[str, Any]]:
     """Build and train one model; returns it and a record of the training.
 
@@ -354,6 +359,11 @@ def train_model(
     time over the whole training, across resumptions, compiling excluded), compile_seconds
     (compiling the train step in this call: 0 when the checkpoint was already finished),
     wall_seconds (this call).
+
+    With tolerate_divergence (a tuning model: a rate too high for the model is a result, not a
+    failure) a training that diverges returns the model at its last finite checkpoint and a record
+    of model_key, parameters, diverged_at (the step), history (that step's loss and grad_norm) and
+    a NaN validation_loss; otherwise `TrainingDiverged` stops the run.
     """
     started = time.perf_counter()
     model = model_setting.build(normalizer, training.seed, output)
@@ -369,19 +379,33 @@ def train_model(
     config = training.train_config()
     if eval_every:
         config = dataclasses.replace(config, eval_every=eval_every)
-    result = train(
-        model,
-        batches,
-        config,
-        eval_batches=eval_batches,
-        checkpoint=checkpoint,
-        metadata={"settings": determined, "model_config": model.config.to_json()},
-        progress=False,
-        name=name,
-        on_record=report,
-        objective=objective,
-        global_batches=True,
-    )
+    try:
+        result = train(
+            model,
+            batches,
+            config,
+            eval_batches=eval_batches,
+            checkpoint=checkpoint,
+            metadata={"settings": determined, "model_config": model.config.to_json()},
+            progress=False,
+            name=name,
+            on_record=report,
+            objective=objective,
+            global_batches=True,
+        )
+    except TrainingDiverged as error:
+        if not tolerate_divergence:
+            raise
+        record = {
+            "model_key": key,
+            "parameters": model.num_params(),
+            "diverged_at": error.step,
+            "history": [{"step": error.step, "loss": error.loss, "grad_norm": error.grad_norm}],
+            "validation_loss": float("nan"),
+            "train_seconds": None,
+            "wall_seconds": time.perf_counter() - started,
+        }
+        return model, record
     # Over the whole training, resumed runs included: the history's elapsed time is training only.
     train_seconds = result.history[-1]["elapsed_seconds"]
     tokens = training.steps * training.batch_size * training.seq_len

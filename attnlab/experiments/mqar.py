@@ -195,6 +195,7 @@ def run_point(
         progress=progress,
         name=f"mqar_{normalizer.label}_d{width}_seed{seed}",
         eval_every=config.eval_every,
+        tolerate_divergence=tuning,
     )
     if tuning:
         return [lm.tuning_record(trained, training)]

@@ -198,3 +198,18 @@ def test_an_unfinished_run_is_said_to_be_one(tuned_run, tmp_path):
         tmp_path
     )
     assert "The run is not finished" not in findings.page(out)
+
+
+def test_a_rate_that_diverges_is_recorded_as_such_and_never_chosen(tmp_path):
+    """A tuning model that diverges is a result (the rate is too high), not a failure of the run."""
+    overrides = ["tuning.learning_rates=[1e-3, 1e30]", "seeds=[0]", "widths=[8]", 'normalizers=["softmax"]']
+    args = ["run", str(QUICK), "--out", str(tmp_path), "--no-progress", "--no-figures"]
+    assert cli.main(args + [a for o in overrides for a in ("--set", o)]) == 0
+    payload = json.loads((tmp_path / "mqar_quick.json").read_text())
+    tuning = {r["learning_rate"]: r for r in payload["records"] if r["record"] == "tuning"}
+    assert tuning[1e30]["validation_loss"] is None and tuning[1e30]["diverged_at"] >= 1
+    assert tuning[1e-3]["validation_loss"] is not None and "diverged_at" not in tuning[1e-3]
+    (entry,) = payload["summary"]["tuning"]
+    assert entry["chosen"] == 1e-3 and entry["validation_loss"] == [tuning[1e-3]["validation_loss"], None]
+    (main,) = [r for r in payload["records"] if r["record"] != "tuning"]
+    assert main["learning_rate"] == 1e-3
