@@ -150,9 +150,7 @@ def main(argv=None) -> None:
         "records": records,
     }  # fmt: skip
     path = args.out / "context_parallel.json"
-    if path.exists():
-        results.archive(path, results.read_json(path), args.out, "context_parallel")
-    results.write_json_atomic(path, payload)
+    results.replace_results(path, payload)
     print(f"wrote {path}")
 
 

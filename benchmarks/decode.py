@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnlab.experiments.results import archive, environment, now, read_json, write_json_atomic
+from attnlab.experiments.results import environment, now, replace_results
 from attnlab.nn import ModelConfig, TransformerLM
 from attnlab.nn.decoding import decode, decoding_state, prefill
 
@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "run_seconds": time.perf_counter() - started,
         "records": records,
     }
-    if args.out.exists():
-        archive(args.out, read_json(args.out), args.out.parent, args.out.stem)
-    write_json_atomic(args.out, payload)
+    replace_results(args.out, payload)
     print(f"wrote {args.out}")
     return 0
 

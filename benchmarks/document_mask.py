@@ -141,9 +141,7 @@ def main(argv=None) -> None:
         "records": records,
     }  # fmt: skip
     path = args.out / "document_mask.json"
-    if path.exists():
-        results.archive(path, results.read_json(path), args.out, "document_mask")
-    results.write_json_atomic(path, payload)
+    results.replace_results(path, payload)
     print(f"wrote {path}")
 
 

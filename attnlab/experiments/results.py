@@ -189,6 +189,15 @@ def archive(path: Path, payload: dict[str, Any], out_dir: Path, name: str) -> Pa
     raise ResultsError(f"{folder}: 1000 archived versions share the time stamp {stem}; clean the folder up")
 
 
+def replace_results(path: Path, payload: dict[str, Any]) -> None:
+    """Write `payload` as the results file `path` (a benchmark's), the version there archived first
+    (results/archive/<stem>/), never overwritten."""
+    path = Path(path)
+    if path.exists():
+        archive(path, read_json(path), path.parent, path.stem)
+    write_json_atomic(path, payload)
+
+
 def _records_by_key(payload: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = {}
     for record in payload.get("records", []):
