@@ -88,8 +88,8 @@ def finding_text(payload: dict) -> str | None:
         else:
             edge = " (the grid's edge)" if entry["at_edge"] else ""
             chosen.append(f"{name} {_rate(entry['chosen'])}{edge}")
+    caveat = "; a rate at the grid's edge may not be the best one" if any(e["at_edge"] for e in entries) else ""
     return (
         f"Learning rates chosen by tuning (seed {seeds}, {steps} steps, the lowest held-out loss among {grid}), "
-        f"at which every main model below trained: {'; '.join(chosen)}; a rate at the grid's edge may not be "
-        "the best one"
+        f"at which every main model below trained: {'; '.join(chosen)}{caveat}"
     )

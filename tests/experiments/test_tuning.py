@@ -18,6 +18,7 @@ from attnlab import cli, figures
 from attnlab.experiments import lm, mqar
 from attnlab.experiments.checks import SettingError
 from attnlab.figures import findings
+from attnlab.figures import tuning as tuning_figures
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = REPO / "experiments" / "mqar_quick.toml"
@@ -213,3 +214,17 @@ def test_a_rate_that_diverges_is_recorded_as_such_and_never_chosen(tmp_path):
     assert entry["chosen"] == 1e-3 and entry["validation_loss"] == [tuning[1e-3]["validation_loss"], None]
     (main,) = [r for r in payload["records"] if r["record"] != "tuning"]
     assert main["learning_rate"] == 1e-3
+
+
+def test_the_findings_sentence_warns_of_the_grids_edge_only_when_a_rate_lies_there():
+    def sentence(losses: dict[float, float]) -> str:
+        records = [
+            {**_tuning({"normalizer": "softmax"}, rate, loss), "tuning_seed": 0, "steps": 10, "model_key": "k"}
+            for rate, loss in losses.items()
+        ]
+        return tuning_figures.finding_text({"records": records})
+
+    interior = sentence({1e-3: 1.5, 2e-3: 1.2, 4e-3: 1.4})
+    assert interior.endswith("at which every main model below trained: softmax 0.002"), interior
+    edge = sentence({1e-3: 1.5, 2e-3: 1.4, 4e-3: 1.2})
+    assert edge.endswith("softmax 0.004 (the grid's edge); a rate at the grid's edge may not be the best one"), edge
