@@ -142,6 +142,7 @@ def test_zigzag_gives_each_shard_an_early_and_a_late_chunk_and_round_trips():
     assert work("contiguous")[-1] > 5 * work("contiguous")[0]
 
 
+@pytest.mark.slow  # the 4-device test runs the same schemes; 10 s
 def test_one_device_mesh_is_the_single_device_call():
     mesh = Mesh(np.array(jax.devices()[:1]), ("context",))
     keys = jax.random.split(jax.random.PRNGKey(1), 3)

@@ -111,11 +111,11 @@ def model():
 
 config = TrainConfig(steps=4, log_every=1, optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1))
 meshes = {
-    "1": MeshConfig(data=1), "fsdp2": MeshConfig(data=1, fsdp=2), "fsdp4": MeshConfig(data=1, fsdp=4),
-    "fsdp8": MeshConfig(data=1, fsdp=8), "2x2x2": MeshConfig(data=2, fsdp=2, tensor=2),
+    "1": MeshConfig(data=1), "fsdp4": MeshConfig(data=1, fsdp=4), "fsdp8": MeshConfig(data=1, fsdp=8),
+    "2x2x2": MeshConfig(data=2, fsdp=2, tensor=2),
 }
 losses, memory = {}, {}
-for name, mesh in meshes.items():
+for name, mesh in meshes.items():  # (fsdp = 2 trains below, resuming a checkpoint)
     result = train(model(), stream(), config, mesh=make_mesh(mesh), progress=False)
     losses[name] = [r["loss"] for r in result.history]
     memory[name] = device_bytes((result.state.params, result.state.opt_state))
@@ -125,7 +125,7 @@ assert embedding.addressable_shards[0].data.shape == (256, 16), embedding.shardi
 query = result.state.params["blocks"][0]["attention"]["query"]["kernel"][...]  # [F, N, H]: heads over tensor
 assert query.addressable_shards[0].data.shape == (16, 1, 16), query.sharding
 # per-device bytes of parameters and optimizer state fall with fsdp (the norms' scales stay whole)
-assert memory["1"] > memory["fsdp2"] > memory["fsdp4"] > memory["fsdp8"], memory
+assert memory["1"] > memory["fsdp4"] > memory["fsdp8"], memory
 assert memory["fsdp8"] < 0.2 * memory["1"], memory
 sharded = shard_batch(next(stream()), make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
 assert sharded.inputs.addressable_shards[0].data.shape == (2, 16)
@@ -140,7 +140,7 @@ else:
 folder = tempfile.mkdtemp() + "/run"
 saving = TrainConfig(steps=4, log_every=1, checkpoint_every=1, optimizer=config.optimizer)
 for name, available in (("fsdp4", 2), ("fsdp2", 3), ("1", 4)):
-    mesh = make_mesh(meshes[name])
+    mesh = make_mesh({**meshes, "fsdp2": MeshConfig(data=1, fsdp=2)}[name])
     try:
         resumed = train(model(), itertools.islice(stream(), available), saving, mesh=mesh, checkpoint=folder,
                         progress=False)
@@ -149,7 +149,7 @@ for name, available in (("fsdp4", 2), ("fsdp2", 3), ("1", 4)):
         continue
     assert len(resumed.state.params["embed"]["embedding"][...].sharding.device_set) == 1
     np.testing.assert_allclose([r["loss"] for r in resumed.history], losses["1"], rtol=2e-5)
-print("MEMORY", {name: memory[name] for name in ("1", "fsdp2", "fsdp4", "fsdp8")})
+print("MEMORY", {name: memory[name] for name in ("1", "fsdp4", "fsdp8")})
 """
 
 
