@@ -26,16 +26,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from attnlab.train.optimizer import check_count
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 TENSOR_AXIS = "tensor"
 AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the mesh axes the batch is split over
-
-
-def _check_size(value: Any, where: str, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{where} must be an int >= {low}; got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +50,9 @@ class MeshConfig:
     tensor: int = 1
 
     def __post_init__(self):
-        _check_size(self.data, "MeshConfig.data", 0)
-        _check_size(self.fsdp, "MeshConfig.fsdp", 1)
-        _check_size(self.tensor, "MeshConfig.tensor", 1)
+        check_count(self.data, "MeshConfig.data", 0)
+        check_count(self.fsdp, "MeshConfig.fsdp", 1)
+        check_count(self.tensor, "MeshConfig.tensor", 1)
 
     @property
     def automatic(self) -> bool:
