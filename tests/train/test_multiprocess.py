@@ -148,6 +148,13 @@ def _launch(root: Path, role: str, environments: list[dict[str, str]]) -> list[d
     return results
 
 
+def _two_processes(devices: int) -> list[dict[str, str]]:
+    """The environments of 2 processes with `devices` CPU devices each, joined on a free localhost port."""
+    port = _free_port()
+    joined = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+    return [_environment(devices, {**joined, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+
+
 def _history_losses(path: Path) -> list[float]:
     payload = json.loads(path.read_text())
     (record,) = payload["records"]
@@ -155,13 +162,7 @@ def _history_losses(path: Path) -> list[float]:
 
 
 def test_two_processes_train_save_restore_and_write_once_as_one_four_device_process(tmp_path):
-    port = _free_port()
-    two = [
-        _environment(
-            2, {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
-        )
-        for i in range(2)
-    ]
+    two = _two_processes(2)
     first, second = _launch(tmp_path, "two", two)
     (one,) = _launch(tmp_path, "one", [_environment(4, {})])
 
@@ -217,13 +218,7 @@ LATE_SAVE = textwrap.dedent(
 def test_a_process_that_arrives_late_saves_with_the_others(tmp_path):
     # Every orbax CheckpointManager opened is a barrier of all processes: a save must open the
     # same managers in every process whether or not another has already made the folder.
-    port = _free_port()
-    environments = [
-        _environment(
-            1, {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
-        )
-        for i in range(2)
-    ]
+    environments = _two_processes(1)
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", LATE_SAVE, str(tmp_path / "saved")],
