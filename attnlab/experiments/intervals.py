@@ -15,6 +15,7 @@ it is `significant` when it excludes 0. With one seed there is no interval (low 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -55,9 +56,11 @@ def _values(values: Sequence[float], name: str) -> np.ndarray:
     return array
 
 
+@functools.cache
 def t_quantile(probability: float, df: int) -> float:
     """The `probability` quantile of Student's t with `df` degrees of freedom (probability in (0.5, 1)),
-    by bisection on its CDF, 1 - I_{df / (df + x^2)}(df / 2, 1 / 2) / 2."""
+    by bisection on its CDF, 1 - I_{df / (df + x^2)}(df / 2, 1 / 2) / 2 (remembered: a summary asks
+    for the same few quantiles many times, and each costs about 60 evaluations of the CDF)."""
     if not 0.5 < probability < 1.0 or df < 1:
         raise ValueError(f"t_quantile needs 0.5 < probability < 1 and df >= 1; got {probability}, {df}")
 
