@@ -195,7 +195,9 @@ def train(
       batches: an iterator of `attnlab.data.Batch` (inputs, targets, loss_mask), global batch
         [B, T] on one host (each host's share on several).
       eval_batches: a function returning fresh validation batches, used every eval_every steps
-        and at the end.
+        and at the end. A finished checkpoint saved without a final evaluation (its model trained
+        with no eval_batches) is evaluated on them once restored; the evaluations it saved are
+        returned as they are.
       mesh: a device mesh (`make_mesh`), or a `MeshConfig` to make one for the batch size
         (default: `MeshConfig()`, every device on the data axis, as many as the batch divides over);
         the batch is split over its data x fsdp axes, the state placed by `state_shardings`.
@@ -310,5 +312,9 @@ def train(
             if evaluate_now or checkpoint_now:
                 window["start"] = time.perf_counter()  # evaluation and saving are not training time
             bar.advance(task)
+    if eval_step is not None and not any(e["step"] == config.steps for e in evaluations):
+        # Restored finished, from a training that did not evaluate at its end: evaluate it now.
+        result = accumulate(eval_step, state.params, eval_batches(), None, mesh, global_batches)
+        evaluations = [*evaluations, {"step": config.steps, **result.to_json()}]
     nnx.update(model, jax.tree.map(host_value, state.params))
     return TrainResult(history, evaluations, state, timing["compile"], timing["train"], timing["tokens"])

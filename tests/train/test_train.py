@@ -313,6 +313,19 @@ def test_evaluation_metrics_and_validation_during_training():
     assert 0.0 <= final["token_accuracy"] <= 1.0
 
 
+def test_a_finished_checkpoint_trained_without_evaluation_is_evaluated_when_restored(tmp_path):
+    # A tuning model may restore a model another run finished without eval_batches: it still needs
+    # its validation loss (length_generalization stopped on exactly this).
+    config, batch, path = TrainConfig(steps=3, optimizer=FAST, log_every=1), _batch(5), tmp_path / "run"
+    first = train(_model(), _stream(1), config, checkpoint=path, progress=False)
+    assert first.evaluations == []
+    restored_model = _model(seed=7)
+    again = train(restored_model, _stream(1), config, eval_batches=lambda: [batch], checkpoint=path, progress=False)
+    assert _losses(again) == _losses(first)  # restored, not trained again
+    (final,) = again.evaluations
+    assert final["step"] == 3 and final["loss"] == pytest.approx(evaluate(restored_model, [batch]).loss, rel=1e-6)
+
+
 def test_per_position_loss_averages_to_the_loss_and_scores_only_masked_positions():
     model = _model()
     batch = _batch(6)
