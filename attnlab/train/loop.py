@@ -260,6 +260,10 @@ def train(
         }
         checkpoints.save(checkpoint, state, {**(metadata or {}), **extra}, keep=config.keep_checkpoints)
 
+    def evaluate_at(state: TrainState, done: int) -> None:
+        result = accumulate(eval_step, state.params, eval_batches(), None, mesh, global_batches)
+        evaluations.append({"step": done, **result.to_json()})
+
     timing = {"compile": 0.0, "train": 0.0, "tokens": 0}
     window: dict[str, Any] = {"start": time.perf_counter(), "tokens": 0, "pending": []}
 
@@ -305,16 +309,13 @@ def train(
                 if on_record is not None:
                     on_record(entry)
             if evaluate_now:
-                result = accumulate(eval_step, state.params, eval_batches(), None, mesh, global_batches)
-                evaluations.append({"step": done, **result.to_json()})
+                evaluate_at(state, done)
             if checkpoint_now:
                 save(state, done)
             if evaluate_now or checkpoint_now:
                 window["start"] = time.perf_counter()  # evaluation and saving are not training time
             bar.advance(task)
     if eval_step is not None and not any(e["step"] == config.steps for e in evaluations):
-        # Restored finished, from a training that did not evaluate at its end: evaluate it now.
-        result = accumulate(eval_step, state.params, eval_batches(), None, mesh, global_batches)
-        evaluations = [*evaluations, {"step": config.steps, **result.to_json()}]
+        evaluate_at(state, config.steps)  # restored finished, from a training that did not evaluate at its end
     nnx.update(model, jax.tree.map(host_value, state.params))
     return TrainResult(history, evaluations, state, timing["compile"], timing["train"], timing["tokens"])
