@@ -15,6 +15,7 @@ diverged state is never saved.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import sys
 import time
@@ -159,6 +160,24 @@ def _data_position(saved: dict[str, Any], folder: str | Path) -> int:
     return position
 
 
+def _data_digest(batches: Iterable[Any], global_batches: bool) -> str:
+    """A hash of validation batches (each leaf's dtype, shape and bytes, in order): what a
+    checkpoint's saved evaluations were measured on. With per-process shares on several processes,
+    the hash of every process's hash, so that all processes agree (a collective: all must call it)."""
+    hasher = hashlib.blake2b(digest_size=8)
+    for batch in batches:
+        for leaf in jax.tree.leaves(batch):
+            array = np.ascontiguousarray(leaf)
+            hasher.update(f"{array.dtype}{array.shape}".encode())
+            hasher.update(array.tobytes())
+    if global_batches or jax.process_count() == 1:
+        return hasher.hexdigest()
+    from jax.experimental import multihost_utils
+
+    everyone = np.asarray(multihost_utils.process_allgather(np.frombuffer(hasher.digest(), np.uint8)))
+    return hashlib.blake2b(everyone.tobytes(), digest_size=8).hexdigest()
+
+
 def _mesh_for(mesh: Mesh | MeshConfig | None, batch_size: int) -> Mesh:
     """The mesh to train on for a global batch of `batch_size` rows: `mesh` itself, checked (a
     ValueError when the batch does not divide over its batch axes), or one made from a MeshConfig."""
@@ -195,9 +214,11 @@ def train(
       batches: an iterator of `attnlab.data.Batch` (inputs, targets, loss_mask), global batch
         [B, T] on one host (each host's share on several).
       eval_batches: a function returning fresh validation batches, used every eval_every steps
-        and at the end. A finished checkpoint saved without a final evaluation (its model trained
-        with no eval_batches) is evaluated on them once restored; the evaluations it saved are
-        returned as they are.
+        and at the end. A checkpoint keeps its evaluations with a hash of the batches they were
+        measured on: restored with other eval_batches, it drops them (a message on stderr) and
+        evaluates again, and a finished checkpoint saved without a final evaluation (its model
+        trained with no eval_batches) is evaluated on them once restored. (Evaluations saved by
+        attnlab before the hash was kept are trusted as they are.)
       mesh: a device mesh (`make_mesh`), or a `MeshConfig` to make one for the batch size
         (default: `MeshConfig()`, every device on the data axis, as many as the batch divides over);
         the batch is split over its data x fsdp axes, the state placed by `state_shardings`.
@@ -235,12 +256,23 @@ def train(
     history: list[dict[str, Any]] = []
     evaluations: list[dict[str, Any]] = []
     position = 0  # batches consumed before this call
+    current_data = None if eval_batches is None else _data_digest(eval_batches(), global_batches)
+    evaluated_on: str | None = None  # the hash of the data the evaluations were measured on
     if checkpoint is not None and checkpoints.latest_step(checkpoint) is not None:
         state, saved = checkpoints.restore(checkpoint, state, settings=(metadata or {}).get("settings"))
         history, evaluations = saved.get("history", []), saved.get("evaluations", [])
+        evaluated_on = saved.get("eval_data_digest")
         position = _data_position(saved, checkpoint)
         if saved.get("train_config") not in (None, config.to_json()):
             print(f"{checkpoint}: resuming with a different TrainConfig than the one saved", file=sys.stderr)
+        if evaluations and eval_batches is not None and evaluated_on not in (None, current_data):
+            print(
+                f"{checkpoint}: its evaluations were measured on other validation data; evaluating again",
+                file=sys.stderr,
+            )
+            evaluations = []
+    if current_data is not None:
+        evaluated_on = current_data
     start = int(host_value(state.step))
     train_step = make_train_step(split, optimizer, mesh, schedule, objective, shardings)
     eval_step = make_eval_step(split, mesh, shardings.params) if eval_batches is not None else None
@@ -255,6 +287,7 @@ def train(
         extra = {
             "history": history,
             "evaluations": evaluations,
+            "eval_data_digest": evaluated_on,
             "train_config": config.to_json(),
             "data_position": position + done - start,
         }

@@ -326,6 +326,27 @@ def test_a_finished_checkpoint_trained_without_evaluation_is_evaluated_when_rest
     assert final["step"] == 3 and final["loss"] == pytest.approx(evaluate(restored_model, [batch]).loss, rel=1e-6)
 
 
+def test_a_checkpoint_restored_with_other_validation_data_is_evaluated_again(tmp_path, capsys):
+    # Saved evaluations hold only for the batches they were measured on: the same model restored
+    # with other eval_batches must report its loss on those, not the saved one.
+    config, path = TrainConfig(steps=3, optimizer=FAST, log_every=1), tmp_path / "run"
+    first_data, other_data = _batch(5), _batch(6)
+    first = train(_model(), _stream(1), config, eval_batches=lambda: [first_data], checkpoint=path, progress=False)
+    same = train(_model(seed=7), _stream(1), config, eval_batches=lambda: [first_data], checkpoint=path, progress=False)
+    assert same.evaluations == first.evaluations
+    assert "other validation data" not in capsys.readouterr().err
+    restored_model = _model(seed=7)
+    other = train(
+        restored_model, _stream(1), config, eval_batches=lambda: [other_data], checkpoint=path, progress=False
+    )
+    assert "measured on other validation data" in capsys.readouterr().err
+    assert _losses(other) == _losses(first)  # restored, not trained again
+    (final,) = other.evaluations
+    assert final["step"] == 3
+    assert final["loss"] == pytest.approx(evaluate(restored_model, [other_data]).loss, rel=1e-6)
+    assert final["loss"] != pytest.approx(first.evaluations[-1]["loss"], rel=1e-6)
+
+
 def test_per_position_loss_averages_to_the_loss_and_scores_only_masked_positions():
     model = _model()
     batch = _batch(6)
