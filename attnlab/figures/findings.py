@@ -28,7 +28,9 @@ CAVEAT = (
     "An interval is the 95% Student t interval over the seeds a config ran (the number is given): "
     "it says how far the seeds disagree at this scale. It does not say whether a larger model, longer "
     "training, other data or another learning rate would change the comparison; a difference whose "
-    "interval holds 0 is not shown to exist, not shown to be absent."
+    "interval holds 0 is not shown to exist, not shown to be absent. A t interval is the mean plus or "
+    "minus t times the standard error, not clipped: for a bounded metric it can pass the bound (an "
+    "accuracy interval may end above 1), which shows the seeds' spread, not a possible value."
 )
 
 
