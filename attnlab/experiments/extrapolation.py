@@ -159,7 +159,7 @@ class Config:
     eval_batch_tokens: int = setting(65_536, positive)
     seeds: tuple[int, ...] = setting((0, 1, 2), nonempty, each(at_least(0)), distinct)
     tuning: lm.TuningSetting = dataclasses.field(
-        default_factory=lambda: lm.TuningSetting(learning_rates=(1e-3, 3e-3, 1e-2, 3e-2), seed=0)
+        default_factory=lambda: lm.TuningSetting(learning_rates=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1), seed=0)
     )
 
     def relations(self) -> Iterator[str]:
