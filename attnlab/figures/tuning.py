@@ -17,6 +17,18 @@ def has_tuning(payload: dict) -> bool:
     return any(r.get("record") == "tuning" for r in payload["records"])
 
 
+def _label_key(by: tuple[str, ...]) -> str:
+    """The group field that names a line (the normalizer, or calibration's output)."""
+    return next((k for k in ("normalizer", "output") if k in by), by[0])
+
+
+def _specs(payload: dict, entries: list[dict], label_key: str) -> list[dict]:
+    """The config's normalizer specs, or one per tuned label where the config lists none."""
+    return payload.get("config", {}).get("normalizers") or [
+        {"name": e[label_key], "label": e[label_key]} for e in entries
+    ]
+
+
 def render(payload: dict, out_dir: Path) -> list[Path]:
     """<experiment>_tuning.png/svg: one panel per value of the groups' fields other than the
     normalizer (e.g. per width), one line per normalizer."""
@@ -24,10 +36,10 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
     records = payload["records"]
     by = lm.tuning_groups(records)
     entries = lm.tuning_summary(records, by)
-    label_key = next((k for k in ("normalizer", "output") if k in by), by[0])
+    label_key = _label_key(by)
     panel_keys = [k for k in by if k != label_key]
     panels = list(dict.fromkeys(tuple(e[k] for k in panel_keys) for e in entries))
-    specs = payload["config"].get("normalizers") or [{"name": e[label_key], "label": e[label_key]} for e in entries]
+    specs = _specs(payload, entries, label_key)
     colors = style.colors_for(list(specs))
     labels = {spec["label"]: style.display_label(spec) for spec in specs}
     tuned = [r for r in records if r.get("record") == "tuning"]
@@ -69,6 +81,19 @@ def _rate(rate: float) -> str:
     return f"{rate:g}"
 
 
+def _edge_text(entry: dict) -> str:
+    """For a rate chosen at the grid's edge: how far its loss is below its neighbour's, which says
+    whether the grid stopped on a slope or on a plateau."""
+    if not entry["at_edge"]:
+        return ""
+    rates, losses = entry["learning_rates"], entry["validation_loss"]
+    at = rates.index(entry["chosen"])
+    inner = at - 1 if at == len(rates) - 1 else at + 1
+    if losses[inner] is None:
+        return f" (the grid's edge; {_rate(rates[inner])} not finite)"
+    return f" (the grid's edge; loss {losses[at]:.2g} against {losses[inner]:.2g} at {_rate(rates[inner])})"
+
+
 def finding_text(payload: dict) -> str | None:
     """One sentence: the rate tuning chose for each group (None: the file has no tuning)."""
     if not has_tuning(payload):
@@ -80,14 +105,15 @@ def finding_text(payload: dict) -> str | None:
     steps = ", ".join(f"{s:,}" for s in sorted({r["steps"] for r in tuned}))
     grid = ", ".join(_rate(r) for r in sorted({r["learning_rate"] for r in tuned}))
     groups = lm.tuning_groups(records)
+    label_key = _label_key(groups)
+    labels = {spec["label"]: style.display_label(spec) for spec in _specs(payload, entries, label_key)}
     chosen = []
     for entry in entries:
-        name = ", ".join(str(entry[k]) for k in groups)
+        name = ", ".join(str(labels.get(entry[k], entry[k]) if k == label_key else entry[k]) for k in groups)
         if entry["chosen"] is None:
             chosen.append(f"{name}: none (no rate gave a finite loss)")
         else:
-            edge = " (the grid's edge)" if entry["at_edge"] else ""
-            chosen.append(f"{name} {_rate(entry['chosen'])}{edge}")
+            chosen.append(f"{name} {_rate(entry['chosen'])}{_edge_text(entry)}")
     caveat = "; a rate at the grid's edge may not be the best one" if any(e["at_edge"] for e in entries) else ""
     return (
         f"Learning rates chosen by tuning (seed {seeds}, {steps} steps, the lowest held-out loss among {grid}), "

@@ -171,7 +171,7 @@ def test_the_findings_page_says_which_rate_each_group_trained_at(tuned_run):
     line = next(line for line in text.splitlines() if line.startswith("- Learning rates chosen by tuning"))
     assert "(seed 0, 4 steps, the lowest held-out loss among 0.001, 0.03)" in line
     for entry in payload["summary"]["tuning"]:
-        edge = " (the grid's edge)" if entry["at_edge"] else ""
+        edge = " (the grid's edge; loss" if entry["at_edge"] else ""
         assert f"{entry['normalizer']}, {entry['width']} {entry['chosen']:g}{edge}" in line
     assert line.endswith("[figure](figures/mqar_quick_tuning.png)")
 
@@ -227,4 +227,20 @@ def test_the_findings_sentence_warns_of_the_grids_edge_only_when_a_rate_lies_the
     interior = sentence({1e-3: 1.5, 2e-3: 1.2, 4e-3: 1.4})
     assert interior.endswith("at which every main model below trained: softmax 0.002"), interior
     edge = sentence({1e-3: 1.5, 2e-3: 1.4, 4e-3: 1.2})
-    assert edge.endswith("softmax 0.004 (the grid's edge); a rate at the grid's edge may not be the best one"), edge
+    assert edge.endswith(
+        "softmax 0.004 (the grid's edge; loss 1.2 against 1.4 at 0.002); "
+        "a rate at the grid's edge may not be the best one"
+    ), edge
+    low_edge = sentence({1e-3: 1.1, 2e-3: None, 4e-3: 1.2})
+    assert "softmax 0.001 (the grid's edge; 0.002 not finite)" in low_edge, low_edge
+
+
+def test_the_findings_sentence_names_each_normalizer_as_the_figures_do():
+    records = [
+        {**_tuning({"normalizer": "entmax15"}, rate, loss), "tuning_seed": 0, "steps": 10, "model_key": "k"}
+        for rate, loss in {1e-3: 1.5, 2e-3: 1.2, 4e-3: 1.4}.items()
+    ]
+    text = tuning_figures.finding_text(
+        {"records": records, "config": {"normalizers": [{"name": "entmax15", "label": "entmax15"}]}}
+    )
+    assert text.endswith("trained: 1.5-entmax 0.002"), text
