@@ -12,6 +12,8 @@ import numpy as np
 from attnlab.experiments import lm
 from attnlab.figures import style
 
+LOG_SPAN = 20  # a panel whose finite losses span more than this factor gets a log loss axis
+
 
 def has_tuning(payload: dict) -> bool:
     return any(r.get("record") == "tuning" for r in payload["records"])
@@ -65,6 +67,8 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
             if diverged.size:
                 ax.plot(diverged, np.full(diverged.size, top), color=color, marker="x", ms=9, ls="none")
         ax.set_xscale("log")
+        if finite and min(finite) > 0 and max(finite) / min(finite) > LOG_SPAN:
+            ax.set_yscale("log")  # losses over decades: a linear axis flattens all but the worst rate
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel("validation loss after training (nats)")
         if panel_keys:

@@ -244,3 +244,16 @@ def test_the_findings_sentence_names_each_normalizer_as_the_figures_do():
         {"records": records, "config": {"normalizers": [{"name": "entmax15", "label": "entmax15"}]}}
     )
     assert text.endswith("trained: 1.5-entmax 0.002"), text
+
+
+@pytest.mark.parametrize(("losses", "scale"), [((0.3, 0.006, 0.0002), "log"), ((1.9, 1.76, 2.1), "linear")])
+def test_the_tuning_figure_draws_losses_over_decades_on_a_log_axis(tmp_path, monkeypatch, losses, scale):
+    drawn = []
+    monkeypatch.setattr(tuning_figures.style, "save", lambda fig, stem: drawn.append(fig) or [])
+    records = [
+        {**_tuning({"normalizer": "softmax"}, rate, loss), "tuning_seed": 0, "steps": 10, "model_key": "k"}
+        for rate, loss in zip((1e-3, 1e-2, 1e-1), losses, strict=True)
+    ]
+    tuning_figures.render({"records": records, "config": {}, "experiment": "x"}, tmp_path)
+    (fig,) = drawn
+    assert fig.axes[0].get_yscale() == scale
