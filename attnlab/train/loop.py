@@ -256,9 +256,10 @@ def train(
     history: list[dict[str, Any]] = []
     evaluations: list[dict[str, Any]] = []
     position = 0  # batches consumed before this call
-    current_data = None if eval_batches is None else _data_digest(eval_batches(), global_batches)
+    saving = checkpoint is not None
+    current_data = _data_digest(eval_batches(), global_batches) if saving and eval_batches is not None else None
     evaluated_on: str | None = None  # the hash of the data the evaluations were measured on
-    if checkpoint is not None and checkpoints.latest_step(checkpoint) is not None:
+    if saving and checkpoints.latest_step(checkpoint) is not None:
         state, saved = checkpoints.restore(checkpoint, state, settings=(metadata or {}).get("settings"))
         history, evaluations = saved.get("history", []), saved.get("evaluations", [])
         evaluated_on = saved.get("eval_data_digest")

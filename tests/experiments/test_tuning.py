@@ -216,13 +216,17 @@ def test_a_rate_that_diverges_is_recorded_as_such_and_never_chosen(tmp_path):
     assert main["learning_rate"] == 1e-3
 
 
+def _tuned(normalizer: str, losses: dict[float, float | None]) -> list[dict]:
+    """Tuning records of one normalizer, as a run writes them: its loss at each rate."""
+    return [
+        {**_tuning({"normalizer": normalizer}, rate, loss), "tuning_seed": 0, "steps": 10, "model_key": "k"}
+        for rate, loss in losses.items()
+    ]
+
+
 def test_the_findings_sentence_warns_of_the_grids_edge_only_when_a_rate_lies_there():
     def sentence(losses: dict[float, float]) -> str:
-        records = [
-            {**_tuning({"normalizer": "softmax"}, rate, loss), "tuning_seed": 0, "steps": 10, "model_key": "k"}
-            for rate, loss in losses.items()
-        ]
-        return tuning_figures.finding_text({"records": records})
+        return tuning_figures.finding_text({"records": _tuned("softmax", losses)})
 
     interior = sentence({1e-3: 1.5, 2e-3: 1.2, 4e-3: 1.4})
     assert interior.endswith("at which every main model below trained: softmax 0.002"), interior
@@ -236,10 +240,7 @@ def test_the_findings_sentence_warns_of_the_grids_edge_only_when_a_rate_lies_the
 
 
 def test_the_findings_sentence_names_each_normalizer_as_the_figures_do():
-    records = [
-        {**_tuning({"normalizer": "entmax15"}, rate, loss), "tuning_seed": 0, "steps": 10, "model_key": "k"}
-        for rate, loss in {1e-3: 1.5, 2e-3: 1.2, 4e-3: 1.4}.items()
-    ]
+    records = _tuned("entmax15", {1e-3: 1.5, 2e-3: 1.2, 4e-3: 1.4})
     text = tuning_figures.finding_text(
         {"records": records, "config": {"normalizers": [{"name": "entmax15", "label": "entmax15"}]}}
     )
@@ -250,10 +251,7 @@ def test_the_findings_sentence_names_each_normalizer_as_the_figures_do():
 def test_the_tuning_figure_draws_losses_over_decades_on_a_log_axis(tmp_path, monkeypatch, losses, scale):
     drawn = []
     monkeypatch.setattr(tuning_figures.style, "save", lambda fig, stem: drawn.append(fig) or [])
-    records = [
-        {**_tuning({"normalizer": "softmax"}, rate, loss), "tuning_seed": 0, "steps": 10, "model_key": "k"}
-        for rate, loss in zip((1e-3, 1e-2, 1e-1), losses, strict=True)
-    ]
+    records = _tuned("softmax", dict(zip((1e-3, 1e-2, 1e-1), losses, strict=True)))
     tuning_figures.render({"records": records, "config": {}, "experiment": "x"}, tmp_path)
     (fig,) = drawn
     assert fig.axes[0].get_yscale() == scale
