@@ -62,7 +62,7 @@ from jax.typing import ArrayLike
 
 from attnlab.attention import families, online_softmax
 from attnlab.attention.api import _as_float, _check_shapes, dot_product_attention, resolve_normalizer
-from attnlab.attention.blocks import join, split
+from attnlab.attention.blocks import grouped_key_product, grouped_scores, grouped_values, join, split
 from attnlab.attention.masks import Visibility, group_queries, ungroup_queries
 from attnlab.attention.online_softmax import DEFAULT_KEY_BLOCK, DEFAULT_QUERY_BLOCK
 from attnlab.attention.sparse_blocked import _power
@@ -453,7 +453,7 @@ def _gathered_rows(static: _ThresholdStatic, q_blocks, pos_blocks, index):
 
 def _threshold_logits(static, qg, k, pos_g, k_pos, segments):
     """u [B, K, G, R, Sl]: the gathered rows' logits against this device's keys, -inf where hidden."""
-    u = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=F32)
+    u = grouped_scores(qg, k)
     return jnp.where(_visible(pos_g, k_pos, segments, static.is_causal), u, -jnp.inf)
 
 
@@ -486,7 +486,7 @@ def _threshold_forward(static: _ThresholdStatic, q, k, v, q_pos, k_pos, segments
         weights = _power(jnp.maximum(u - tau, 0.0), exponent)
         total = jax.lax.psum(jnp.sum(weights, axis=-1, keepdims=True), static.axis_name)
         total = jnp.where(total > 0, total, 1.0)  # a row with no visible key: weights and output 0
-        part = jnp.einsum("bkgts,bksh->bkgth", weights.astype(v.dtype), v, preferred_element_type=F32) / total
+        part = grouped_values(weights.astype(v.dtype), v) / total
         out = jax.lax.psum_scatter(part, static.axis_name, scatter_dimension=3, tiled=True)
         rows = jnp.concatenate([tau, total, shift], axis=-1)  # [B, K, G, R, 3]
         return out, _own_rows(static, rows)
@@ -527,8 +527,8 @@ def _threshold_bwd(static, residuals, d_out):
         tau, total, shift = jnp.split(jax.lax.all_gather(row_blocks[index], axis, axis=3, tiled=True), 3, axis=-1)
         u = _threshold_logits(static, qg, k, pos_g, k_pos, segments) - shift
         p = _power(jnp.maximum(u - tau, 0.0), exponent) / total
-        dv = dv + jnp.einsum("bkgts,bkgth->bksh", p, d_out_g)
-        dp = jnp.einsum("bkgth,bksh->bkgts", d_out_g, v.astype(F32))
+        dv = dv + grouped_key_product(p, d_out_g)
+        dp = grouped_scores(d_out_g, v.astype(F32))
         w = jacobian_weights(p, alpha)
         sums = jax.lax.psum(
             jnp.concatenate([jnp.sum(w, -1, keepdims=True), jnp.sum(w * dp, -1, keepdims=True)], -1), axis
@@ -536,8 +536,8 @@ def _threshold_bwd(static, residuals, d_out):
         w_total, w_dp = sums[..., :1], sums[..., 1:]
         # The entmax Jacobian w.r.t. z, divided by (alpha - 1): the logits here are (alpha - 1) z.
         ds = w * (dp - w_dp / jnp.where(w_total > 0, w_total, 1.0)) / (alpha - 1.0)
-        dk = dk + jnp.einsum("bkgts,bkgth->bksh", ds, qg.astype(F32))
-        dq_g = jnp.einsum("bkgts,bksh->bkgth", ds, k.astype(F32))
+        dk = dk + grouped_key_product(ds, qg.astype(F32))
+        dq_g = grouped_values(ds, k.astype(F32))
         return (dk, dv), jax.lax.psum_scatter(dq_g, axis, scatter_dimension=3, tiled=True)
 
     init = (jnp.zeros_like(k, F32), jnp.zeros_like(v, F32))

@@ -32,19 +32,18 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from attnlab.attention import families, statistics
+from attnlab.attention.blocks import grouped_scores
 from attnlab.attention.masks import Visibility, apply_score
 from attnlab.normalizers import ELEMENTWISE, SOFTMAX, THRESHOLD
 from attnlab.normalizers._rows import align_param, prepare_rows_with_infinity
 from attnlab.normalizers.mappings import jacobian_weights, softmax_band
 
-GROUPED_LOGITS = "bkgth,bksh->bkgts"
-GROUPED_OUTPUT = "bkgts,bksh->bkgth"
 F32 = jnp.float32
 
 
 def grouped_logits(q: jax.Array, k: jax.Array, bias: jax.Array | None) -> jax.Array:
     """q [B, K, G, T, H] (already scaled), k [B, K, S, H] -> float32 logits [B, K, G, T, S]."""
-    logits = jnp.einsum(GROUPED_LOGITS, q, k, preferred_element_type=F32)
+    logits = grouped_scores(q, k)
     if bias is not None:
         logits = logits + bias.astype(F32)
     return logits
@@ -237,7 +236,9 @@ def dense_attention(
         logits = apply_score(score_fn, logits, visibility.heads, jnp.arange(q.shape[3]), jnp.arange(k.shape[2]))
     visible = visibility.dense()
     p = weights(normalizer, logits, visible)
-    out = jnp.einsum(GROUPED_OUTPUT, p, v.astype(p.dtype), preferred_element_type=F32)
+    # Not blocks.grouped_values: its folded copy of p would be one more logits-sized residual of the
+    # autodiff backward (the weights are saved once, by the normalizer).
+    out = jnp.einsum("bkgts,bksh->bkgth", p, v.astype(p.dtype), preferred_element_type=F32)
     aux = statistics.from_weights(p, mass_keys) if want_stats else {}
     if want_weights:
         aux["weights"] = p

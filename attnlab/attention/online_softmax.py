@@ -53,8 +53,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnlab.attention.blocks import (
+    fold_groups,
+    grouped_key_product,
+    grouped_scores,
+    grouped_values,
+    reduce_to,
+    row_values,
+)
 from attnlab.attention.blocks import join as _join
-from attnlab.attention.blocks import reduce_to
 from attnlab.attention.blocks import split as _split
 from attnlab.attention.mask_functions import (
     add_cotangents,
@@ -174,7 +181,7 @@ def _block_logits(static, q_i, q_offset, k_j, bias_ij, mask_ij, q_lengths, kv_le
     """Logits [B, K, G, Tq, Sk] of one (query block, key block) pair, their visibility (None when
     `masked` is False: the caller knows the whole block is visible) and, with a score function, the
     pullback of the scores to (raw logits, score consts): ds -> (ds_raw, d_consts)."""
-    s = jnp.einsum("bkgth,bksh->bkgts", q_i, k_j, preferred_element_type=F32)
+    s = grouped_scores(q_i, k_j)
     if bias_ij is not None:
         s = s + bias_ij.astype(F32)
     key_pos = j * static.key_block + jnp.arange(static.key_block)
@@ -278,7 +285,9 @@ def _forward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths)
     def step(j, carry, masked):
         (m, total, acc), visited = carry
         s, visible, _ = row.logits(static, k_blocks, q_lengths, kv_lengths, j, masked)
-        m_new = jnp.maximum(m, jnp.max(s if visible is None else jnp.where(visible, s, -jnp.inf), axis=-1))
+        # A hidden key is a -inf logit: exp and sigmoid give it weight 0 with no second mask.
+        s = fold_groups(s if visible is None else jnp.where(visible, s, -jnp.inf))  # [B, K, G*Tq, Sk]
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         # Once the maximum is +inf the row is cut to its +inf keys: they weigh 1 each, the rest 0.
         infinite = m_new == jnp.inf
         at_infinity = (s == jnp.inf).astype(F32)
@@ -290,16 +299,17 @@ def _forward_block(static, row: _Row, k_blocks, v_blocks, q_lengths, kv_lengths)
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.where(infinite[..., None], at_infinity, jnp.exp(s - m_safe[..., None]))
             correction = jnp.where(infinite, dropped, jnp.exp(m - m_safe))
-        p = _keep(visible, p)
         total = total * correction + jnp.sum(p, axis=-1)
         v_j = v_blocks[j]
-        pv = jnp.einsum("bkgts,bksh->bkgth", p.astype(v_j.dtype), v_j, preferred_element_type=F32)
+        pv = row_values(p.astype(v_j.dtype), v_j)
         return (m_new, total, acc * correction[..., None] + pv), visited + 1
 
     # A sink is a logit already visited: m = sink, l = e^0.
     m0, total0 = (-jnp.inf, 0.0) if elementwise or static.sink is None else (static.sink, 1.0)
-    init = (jnp.full((B, K, G, Tq), m0, F32), jnp.full((B, K, G, Tq), total0, F32), jnp.zeros((B, K, G, Tq, H), F32))
+    rows = (B, K, G * Tq)  # the pass keeps a group's query heads folded into its rows (see blocks.fold_groups)
+    init = (jnp.full(rows, m0, F32), jnp.full(rows, total0, F32), jnp.zeros((*rows, H), F32))
     (m, total, acc), visited = row.visit(step, (init, jnp.int32(0)))
+    m, total, acc = m.reshape(B, K, G, Tq), total.reshape(B, K, G, Tq), acc.reshape(B, K, G, Tq, H)
     infinite = m == jnp.inf
     if elementwise:
         lse = jnp.where(infinite, jnp.inf, 0.0)
@@ -369,14 +379,14 @@ def _backward_block(
         dq, dk, dv, dbias, d_score = carry
         s, visible, pullback = row.logits(static, k_blocks, q_lengths, kv_lengths, j, masked)
         p = _weights(static, visible, s, lse_i, norm_i)
-        dv = dv.at[j].add(jnp.einsum("bkgts,bkgth->bksh", p, d_out_i))
-        dp = jnp.einsum("bkgth,bksh->bkgts", d_out_i, v_blocks[j].astype(F32))
+        dv = dv.at[j].add(grouped_key_product(p, d_out_i))
+        dp = grouped_scores(d_out_i, v_blocks[j].astype(F32))
         ds = p * (1.0 - p) * dp if static.kind == "elementwise" else jnp.where(finite, p * (dp - delta), 0.0)
         if pullback is not None:  # through the score function, to the raw logits and its arrays
             ds, d_consts = pullback(ds)
             d_score = add_cotangents(d_score, d_consts)
-        dq = dq + jnp.einsum("bkgts,bksh->bkgth", ds, k_blocks[j].astype(F32))
-        dk = dk.at[j].add(jnp.einsum("bkgts,bkgth->bksh", ds, q32))
+        dq = dq + grouped_values(ds, k_blocks[j].astype(F32))
+        dk = dk.at[j].add(grouped_key_product(ds, q32))
         if keys_broadcast:
             dbias = dbias + reduce_to(ds, row.bias.shape)
         elif row.bias is not None:

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnlab.attention import statistics
-from attnlab.attention.blocks import join, split
-from attnlab.attention.dense import GROUPED_OUTPUT, grouped_logits, normalize_grouped
+from attnlab.attention.blocks import grouped_values, join, split
+from attnlab.attention.dense import grouped_logits, normalize_grouped
 from attnlab.attention.masks import Visibility, apply_score
 
 # Query blocks hold [B, N, query_block, S] logits; this many elements keeps that near 64 MiB.
@@ -68,7 +68,7 @@ def query_blocked_attention(
         if mask is not None:
             visible = visible & (mask if mask_blk is None else mask_blk)
         p = normalize_grouped(normalizer_blk, logits, visible)
-        out = jnp.einsum(GROUPED_OUTPUT, p, v.astype(p.dtype), preferred_element_type=jnp.float32)
+        out = grouped_values(p, v.astype(p.dtype))
         return out, statistics.from_weights(p, mass_keys) if want_stats else {}
 
     def body(carry, xs):

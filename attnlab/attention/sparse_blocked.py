@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.attention import statistics
-from attnlab.attention.blocks import reduce_to
+from attnlab.attention.blocks import grouped_key_product, grouped_scores, grouped_values, reduce_to
 from attnlab.attention.mask_functions import add_cotangents, cast_cotangents, convert, zero_cotangents
 from attnlab.attention.masks import Visibility, mask_indices
 from attnlab.normalizers.mappings import jacobian_weights
@@ -152,7 +152,7 @@ def _slice_block(static, q, k, v, bias, mask, q_lengths, kv_lengths, index, exte
 
 def _raw_logits(blk: _Block) -> jax.Array:
     """q k^T + bias of the block, float32 [B, K, G, Tq, E]."""
-    s = jnp.einsum("bkgth,bksh->bkgts", blk.q, blk.k, preferred_element_type=F32)
+    s = grouped_scores(blk.q, blk.k)
     return s if blk.bias is None else s + blk.bias.astype(F32)
 
 
@@ -213,7 +213,7 @@ def _forward_block(static, blk: _Block, mass_keys, want_stats: bool):
     weights = _unnormalised(alpha, u, tau)
     total = jnp.sum(weights, axis=-1)
     total = jnp.where(total > 0, total, 1.0)  # a row with no visible key: weights and output 0
-    out = jnp.einsum("bkgts,bksh->bkgth", weights.astype(blk.v.dtype), blk.v, preferred_element_type=F32)
+    out = grouped_values(weights.astype(blk.v.dtype), blk.v)
     out = out / total[..., None]
     stats = {}
     if want_stats:
@@ -307,8 +307,8 @@ def _attention_bwd(static, want_stats, residuals, cotangents):
             u = u - rows(shift_p)[..., None]
             p = _unnormalised(alpha, u, rows(tau_p)) / jnp.where(total_i > 0, total_i, 1.0)
             d_out_i = jax.lax.dynamic_slice_in_dim(d_out_p, index * block, block, axis=3)
-            dv = dv.at[:, :, :extent].add(jnp.einsum("bkgts,bkgth->bksh", p, d_out_i))
-            dp = jnp.einsum("bkgth,bksh->bkgts", d_out_i, blk.v.astype(F32))
+            dv = dv.at[:, :, :extent].add(grouped_key_product(p, d_out_i))
+            dp = grouped_scores(d_out_i, blk.v.astype(F32))
             w = jacobian_weights(p, alpha)
             w_total = jnp.sum(w, axis=-1, keepdims=True)
             # The entmax Jacobian w.r.t. z, divided by (alpha - 1): the logits here are (alpha - 1) z.
@@ -317,8 +317,8 @@ def _attention_bwd(static, want_stats, residuals, cotangents):
             if blk.score is not None:  # through the score function, to the raw logits and its arrays
                 ds, d_consts = pullback(ds)
                 d_score = add_cotangents(d_score, d_consts)
-            dq_i = jnp.einsum("bkgts,bksh->bkgth", ds, blk.k.astype(F32))
-            dk = dk.at[:, :, :extent].add(jnp.einsum("bkgts,bkgth->bksh", ds, blk.q.astype(F32)))
+            dq_i = grouped_values(ds, blk.k.astype(F32))
+            dk = dk.at[:, :, :extent].add(grouped_key_product(ds, blk.q.astype(F32)))
             dbias_i = None
             if bias is not None:
                 share = _bias_grad_block(ds, bias.shape, k.shape[2])
