@@ -18,7 +18,11 @@ stream's (which sequences, in which order), so every normalizer and width sees t
 under one seed: the paired differences against softmax in the summary compare models that differ
 only in their normalizer. The summary (`summarize`) gives, per normalizer and width, each
 metric's mean and Student-t 95% interval over the seeds, and the paired difference to softmax at
-the same width on the seeds both have (`attnlab.experiments.intervals`).
+the same width on the seeds both have (`attnlab.experiments.intervals`). A model either solves
+MQAR or stalls on a plateau (typically half the pairs, or chance), so the summary also counts,
+per normalizer and width, the seeds whose accuracy reached SOLVED, with the exact interval of that
+proportion and Fisher's exact test against softmax's count: a mean and t interval over three
+values of a two- or three-state outcome describe it poorly.
 
 Zoology's MQAR differs in ways that stay: its vocabulary is 8192 (ours at most 256, byte
 tokens), its fillers are random tokens (ours 0), it leaves the slot after a query blank (ours
@@ -71,6 +75,9 @@ TRAINING_SEEDS = 2**31
 VALIDATION_SEEDS = 2**20
 METRICS = ("accuracy", "sequence_accuracy", "eval_loss", "train_loss")
 GROUPS = ("normalizer", "width")
+# Held-out accuracy at which a model counts as having solved the task: the models of the committed
+# runs end at 1.000, near 0.5 (two of four pairs) or near 0.25 (chance), nothing in between.
+SOLVED = 0.99
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,8 +235,29 @@ def summary_of(records: list[dict[str, Any]], baseline: str | None = "softmax") 
     against = None if baseline is None else {"normalizer": baseline}
     return {
         **intervals.summarize_records(trained, by=GROUPS, metrics=METRICS, baseline=against),
+        "solved": solved_counts(trained, baseline),
         "tuning": lm.tuning_summary(records, GROUPS),
     }
+
+
+def solved_counts(trained: list[dict[str, Any]], baseline: str | None) -> list[dict[str, Any]]:
+    """Per normalizer and width (first-seen order): the seeds whose accuracy reached SOLVED, of the
+    seeds with an accuracy, with the Clopper-Pearson 95% interval of that proportion and, against
+    the `baseline` normalizer at the same width, Fisher's exact two-sided p (None for the baseline
+    itself or without one)."""
+    counts: dict[tuple, list[float]] = {}
+    for record in trained:
+        if record.get("accuracy") is not None:
+            counts.setdefault((record["normalizer"], record["width"]), []).append(float(record["accuracy"]))
+    solved = {group: (sum(a >= SOLVED for a in accuracies), len(accuracies)) for group, accuracies in counts.items()}
+    out = []
+    for (normalizer, width), (k, n) in solved.items():
+        base = solved.get((baseline, width))
+        p = None if base is None or normalizer == baseline else intervals.fisher_exact((k, n), base)
+        interval = intervals.binomial_interval(k, n, name=f"solved, {normalizer} at width {width}")
+        out.append({"normalizer": normalizer, "width": width, "solved": k, "seeds": n,
+                    "proportion": interval.to_json(), "fisher_p_against_baseline": p})  # fmt: skip
+    return out
 
 
 def summarize(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:

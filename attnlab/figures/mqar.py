@@ -2,8 +2,9 @@
 seeds with 95% t-interval error bars) beside each normalizer's paired difference to softmax, and
 the training curves per width.
 
-The intervals come from the results file's "summary" (written when the sweep finished); for a
-run still in progress they are computed from the records the same way.
+The intervals are computed from the records by `attnlab.experiments.mqar.summary_of`, as the run's
+summary is (so a file written before a statistic existed, or a run still in progress, is drawn the
+same way).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from attnlab.experiments import lm, mqar
+from attnlab.experiments import intervals, lm, mqar
 from attnlab.figures import style
 from attnlab.figures.findings import Finding, against_baseline, extremes, one_seed, seed_count, seeds_text
 
@@ -22,9 +23,6 @@ SPREAD = 0.12
 
 
 def _summary(payload: dict) -> dict:
-    summary = payload.get("summary")
-    if summary is not None:
-        return summary
     return mqar.summary_of(payload["records"], lm.baseline_label(payload["config"]["normalizers"]))
 
 
@@ -175,4 +173,43 @@ def findings(payload: dict) -> list:
     for width in widths:
         found = against_baseline(summary, "accuracy", "normalizer", {"width": width}, names)
         out += extremes(f"Width {width}, {seeds_text(seeds)}", "accuracy", found, figure)
+    if seeds > 1:
+        out += solved_findings(summary["solved"], config, names, figure)
     return out
+
+
+def solved_findings(solved: list[dict], config: dict, names: dict[str, str], figure: str) -> list[Finding]:
+    """How many seeds solved the task per normalizer and width, and whether any count differs from
+    the baseline's at its width by Fisher's exact test (with what the seed count allows at best)."""
+    widths = config["widths"]
+    counts = {(e["normalizer"], e["width"]): e for e in solved}
+    rows = []
+    for spec in config["normalizers"]:
+        label = spec["label"]
+        rows.append(f"{names[label]} " + " / ".join(
+            f"{counts[label, w]['solved']}" if (label, w) in counts else "n/a" for w in widths
+        ))  # fmt: skip
+    compared = [e for e in solved if e["fisher_p_against_baseline"] is not None]
+    seeds = max(e["seeds"] for e in solved)
+    best = intervals.fisher_exact((seeds, seeds), (0, seeds))
+    claim = (
+        f"Seeds (of {seeds}) whose model solved the task (held-out accuracy >= {mqar.SOLVED}) at width "
+        f"{' / '.join(map(str, widths))}: " + "; ".join(rows)
+    )
+    if not compared:
+        return [Finding(claim, None, figure)]
+    baseline = names[lm.baseline_label(config["normalizers"])]
+    differ = [e for e in compared if e["fisher_p_against_baseline"] < 1.0 - intervals.LEVEL]
+    if differ:
+        verdict = f"these counts differ from {baseline}'s at their width (Fisher's exact test): " + "; ".join(
+            f"{names[e['normalizer']]} at width {e['width']}, p = {e['fisher_p_against_baseline']:.3f}" for e in differ
+        )
+    else:
+        smallest = min(compared, key=lambda e: e["fisher_p_against_baseline"])
+        p = smallest["fisher_p_against_baseline"]
+        where = f", {names[smallest['normalizer']]} at width {smallest['width']}" if p < 1.0 else ""
+        verdict = (
+            f"no count differs from {baseline}'s at its width (Fisher's exact test, smallest p = {p:.3f}{where}); "
+            f"with {seeds} seeds even {seeds} of {seeds} against 0 of {seeds} gives p = {best:.3f}"
+        )
+    return [Finding(f"{claim}; {verdict}.", bool(differ), figure)]

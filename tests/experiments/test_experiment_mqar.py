@@ -21,7 +21,8 @@ from flax import nnx
 from attnlab import cli, experiments, figures
 from attnlab.experiments import lm, mqar
 from attnlab.experiments.config import ConfigError
-from attnlab.experiments.intervals import paired_difference, t_interval
+from attnlab.experiments.intervals import binomial_interval, fisher_exact, paired_difference, t_interval
+from attnlab.figures import mqar as mqar_figures
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = REPO / "experiments" / "mqar_quick.toml"
@@ -95,6 +96,44 @@ def test_summary_holds_t_intervals_over_seeds_and_paired_differences(quick_run):
         expected = paired_difference(ours, theirs).to_json()
         assert pair["eval_loss"]["mean"] == pytest.approx(expected["mean"])
         assert pair["eval_loss"]["high"] == pytest.approx(expected["high"])
+
+
+def test_summary_counts_the_seeds_that_solved_the_task(quick_run):
+    _, payload, _ = quick_run
+    solved = payload["summary"]["solved"]
+    assert [(e["normalizer"], e["width"]) for e in solved] == [
+        ("softmax", 8), ("sparsemax", 8), ("softmax", 16), ("sparsemax", 16)
+    ]  # fmt: skip
+    for entry in solved:
+        rows = [r for r in payload["records"] if (r["normalizer"], r["width"]) == (entry["normalizer"], entry["width"])]
+        k = sum(r["accuracy"] >= mqar.SOLVED for r in rows)
+        assert entry["solved"] == k and entry["seeds"] == len(rows) == 2
+        assert entry["proportion"] == binomial_interval(k, 2).to_json()
+        base = [r for r in payload["records"] if (r["normalizer"], r["width"]) == ("softmax", entry["width"])]
+        expected = fisher_exact((k, 2), (sum(r["accuracy"] >= mqar.SOLVED for r in base), 2))
+        assert entry["fisher_p_against_baseline"] == (None if entry["normalizer"] == "softmax" else expected)
+
+
+def _solved(label, width, k, n, p):
+    return {"normalizer": label, "width": width, "solved": k, "seeds": n, "fisher_p_against_baseline": p}
+
+
+def test_the_solved_finding_names_what_a_count_can_and_cannot_separate():
+    config = {
+        "widths": [16, 64],
+        "normalizers": [{"label": "softmax", "name": "softmax"}, {"label": "entmax15", "name": "entmax15"}],
+    }
+    names = {"softmax": "softmax", "entmax15": "1.5-entmax"}
+    same = [_solved("softmax", 16, 0, 3, None), _solved("entmax15", 16, 0, 3, 1.0),
+            _solved("softmax", 64, 1, 3, None), _solved("entmax15", 64, 3, 3, 0.4)]  # fmt: skip
+    (finding,) = mqar_figures.solved_findings(same, config, names, "f.png")
+    assert finding.significant is False
+    assert "softmax 0 / 1; 1.5-entmax 0 / 3" in finding.claim
+    assert "smallest p = 0.400, 1.5-entmax at width 64" in finding.claim
+    assert "even 3 of 3 against 0 of 3 gives p = 0.100" in finding.claim
+    apart = [_solved("softmax", 64, 0, 5, None), _solved("entmax15", 64, 5, 5, 2 / 252)]
+    (finding,) = mqar_figures.solved_findings(apart, {**config, "widths": [64]}, names, "f.png")
+    assert finding.significant is True and "1.5-entmax at width 64, p = 0.008" in finding.claim
 
 
 def test_a_seed_fixes_initialisation_and_data_for_every_normalizer(quick_run):

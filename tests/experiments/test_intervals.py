@@ -34,6 +34,33 @@ def test_one_value_has_no_interval_and_bad_values_are_refused():
         intervals.interval([1.0, 2.0], method="z")
 
 
+@pytest.mark.parametrize(
+    ("k", "n", "low", "high"),
+    [
+        (0, 3, 0.0, 1 - 0.025 ** (1 / 3)),  # closed forms at k = 0 and k = n
+        (3, 3, 0.025 ** (1 / 3), 1.0),
+        (1, 3, 0.008404, 0.905700),  # R: binom.test(1, 3)$conf.int
+        (7, 20, 0.153909, 0.592189),  # R: binom.test(7, 20)$conf.int
+    ],
+)
+def test_binomial_interval_is_clopper_pearson(k, n, low, high):
+    got = intervals.binomial_interval(k, n)
+    assert got.mean == k / n and got.n == n and got.method == "clopper-pearson"
+    assert got.low == pytest.approx(low, abs=1e-5) and got.high == pytest.approx(high, abs=1e-5)
+
+
+def test_fisher_exact_matches_known_tables_and_refuses_bad_counts():
+    assert intervals.fisher_exact((3, 3), (0, 3)) == pytest.approx(0.1)  # 2 / C(6, 3)
+    assert intervals.fisher_exact((4, 4), (0, 4)) == pytest.approx(2 / 70)
+    assert intervals.fisher_exact((8, 10), (2, 10)) == pytest.approx(0.023014, abs=1e-6)  # R: fisher.test
+    assert intervals.fisher_exact((1, 3), (2, 3)) == 1.0
+    assert intervals.fisher_exact((2, 5), (2, 5)) == 1.0
+    with pytest.raises(ValueError, match="4 of 3"):
+        intervals.fisher_exact((4, 3), (0, 3))
+    with pytest.raises(ValueError, match="integers"):
+        intervals.binomial_interval(1.5, 3)
+
+
 def test_bootstrap_interval_is_seeded_and_covers_the_mean():
     rng = np.random.default_rng(1)
     values = rng.normal(5.0, 1.0, size=50)
