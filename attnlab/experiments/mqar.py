@@ -109,7 +109,7 @@ class Config:
     eval_every: int = setting(0, noted(at_least(0), "0: only at the end"))
     seeds: tuple[int, ...] = setting((0, 1, 2), nonempty, each(at_least(0)), distinct)
     tuning: lm.TuningSetting = dataclasses.field(
-        default_factory=lambda: lm.TuningSetting(learning_rates=(1e-3, 3e-3, 1e-2), seed=0)
+        default_factory=lambda: lm.TuningSetting(learning_rates=(3e-4, 1e-3, 3e-3, 1e-2), seed=0)
     )
 
     def relations(self) -> Iterator[str]:
