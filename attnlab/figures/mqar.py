@@ -41,6 +41,18 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
+def _per_width_rows(config: dict, names: dict[str, str], cells: dict, show) -> list[str]:
+    """One "name a / b / c" entry per normalizer that has any cell, its widths in the config's order:
+    ``show(cells[label, width])`` at each width, "n/a" where a width has no cell."""
+    rows = []
+    for spec in config["normalizers"]:
+        label = spec["label"]
+        if any((label, w) in cells for w in config["widths"]):
+            shown = (show(cells[label, w]) if (label, w) in cells else "n/a" for w in config["widths"])
+            rows.append(f"{names[label]} " + " / ".join(shown))
+    return rows
+
+
 def _task(config: dict) -> str:
     return (
         f"L = {config['training']['seq_len']}, {config['num_kv_pairs']} key-value pairs, "
@@ -153,12 +165,8 @@ def findings(payload: dict) -> list:
     names = {spec["label"]: style.display_label(spec) for spec in config["normalizers"]}
     widths = config["widths"]
     out = [one_seed(config)] if seeds == 1 else []
-    table = []
-    for spec in config["normalizers"]:
-        label = spec["label"]
-        at = {e["width"]: e["accuracy"] for e in summary["groups"] if e["normalizer"] == label and e.get("accuracy")}
-        if at:
-            table.append(f"{names[label]} " + " / ".join(f"{at[w]['mean']:.3f}" if w in at else "n/a" for w in widths))
+    accuracy = {(e["normalizer"], e["width"]): e["accuracy"] for e in summary["groups"] if e.get("accuracy")}
+    table = _per_width_rows(config, names, accuracy, lambda a: f"{a['mean']:.3f}")
     if table:
         over = "" if seeds == 1 else ", means over seeds"
         out.append(
@@ -183,12 +191,7 @@ def solved_findings(solved: list[dict], config: dict, names: dict[str, str], fig
     the baseline's at its width by Fisher's exact test (with what the seed count allows at best)."""
     widths = config["widths"]
     counts = {(e["normalizer"], e["width"]): e for e in solved}
-    rows = []
-    for spec in config["normalizers"]:
-        label = spec["label"]
-        rows.append(f"{names[label]} " + " / ".join(
-            f"{counts[label, w]['solved']}" if (label, w) in counts else "n/a" for w in widths
-        ))  # fmt: skip
+    rows = _per_width_rows(config, names, counts, lambda e: f"{e['solved']}")
     compared = [e for e in solved if e["fisher_p_against_baseline"] is not None]
     seeds = max(e["seeds"] for e in solved)
     best = intervals.fisher_exact((seeds, seeds), (0, seeds))
