@@ -18,6 +18,9 @@ def test_the_committed_findings_page_is_rebuilt_byte_for_byte_from_the_committed
     assert written.read_bytes() == (RESULTS / findings.PAGE).read_bytes(), (
         "results/FINDINGS.md is not what `attnlab figures results/` writes from the committed JSON: rerun it"
     )
+    # Every claim is one sentence: the page adds its verdict and the full stop.
+    claims = [line for line in written.read_text().splitlines() if line.startswith("- ")]
+    assert claims and not [line for line in claims if ". (" in line or ".." in line]
 
 
 def test_a_critical_scaling_file_gives_its_claims_with_intervals(tmp_path):

@@ -215,4 +215,4 @@ def solved_findings(solved: list[dict], config: dict, names: dict[str, str], fig
             f"no count differs from {baseline}'s at its width (Fisher's exact test, smallest p = {p:.3f}{where}); "
             f"with {seeds} seeds even {seeds} of {seeds} against 0 of {seeds} gives p = {best:.3f}"
         )
-    return [Finding(f"{claim}; {verdict}.", bool(differ), figure)]
+    return [Finding(f"{claim}; {verdict}", bool(differ), figure)]

@@ -8,6 +8,7 @@ normalizer, other data for another seed), the figures, and the config checks.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -238,3 +239,13 @@ def test_full_configs_load_and_cover_the_grid():
         assert len(mqar.points(config)) == grid * (len(config.tuning.learning_rates) + 3)
     assert gpu.widths == (64, 128, 256, 512) and gpu.layers == 2  # Zoology's widths and depth
     assert cpu == defaults  # the defaults are the CPU config
+
+
+def test_the_rate_check_is_the_cpu_config_at_width_64_with_one_rate_for_every_normalizer():
+    # Same models, data and seeds as mqar.toml's width-64 points, so its models at 3e-4 are shared.
+    cpu = experiments.load(REPO / "experiments" / "mqar.toml").config
+    check = experiments.load(REPO / "experiments" / "mqar_rate_check.toml").config
+    assert 3e-4 in cpu.tuning.learning_rates and not check.tuning.enabled
+    one_rate = dataclasses.replace(cpu.training, learning_rate=3e-4)
+    assert check == dataclasses.replace(cpu, widths=(64,), training=one_rate, tuning=lm.TuningSetting())
+    assert len(mqar.points(check)) == len(cpu.normalizers) * len(cpu.seeds)
