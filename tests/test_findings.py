@@ -372,3 +372,19 @@ def test_mqar_findings_of_one_seed_settle_nothing():
         "Width 16, 1 seed, highest accuracy: sparsemax at 0.700 against softmax at 0.500, a difference of +0.200 "
         "(one seed)"
     ) in _claims(found)
+
+
+def test_extremes_name_the_groups_tied_with_a_pick():
+    def row(label, mean, low, high):
+        return findings.Row(label, {"mean": 1.0 - mean}, {"mean": mean, "low": low, "high": high})
+
+    tied = [row("a", -0.2, -0.3, -0.1), row("b", 0.4, 0.2, 0.6), row("c", 0.4, 0.2, 0.6), row("d", 0.4, 0.2, 0.6)]
+    low, high = findings.extremes("Width 64", "accuracy", ("base", {"mean": 0.6}, tied), None)
+    assert "the same for" not in low.claim and low.significant is True
+    assert high.claim.startswith("Width 64, highest accuracy: d at 0.600 against base at 0.600")
+    assert high.claim.endswith("; the same for b and c")
+    # Equal differences but another value (or the reverse) are not a tie.
+    apart = [row("a", 0.4, 0.2, 0.6), findings.Row("b", {"mean": 0.5}, {"mean": 0.4, "low": 0.2, "high": 0.6})]
+    assert all(
+        "the same for" not in f.claim for f in findings.extremes("W", "accuracy", ("base", {"mean": 0.6}, apart), None)
+    )

@@ -162,7 +162,8 @@ def extremes(
     """Two findings: the group with the smallest and the one with the largest difference to the
     baseline (`found`, from `against_baseline`), each against it: "{context}, {lowest} {what}: A
     at ... against B at ..., a difference of ..."; one when a single group is compared, none when
-    none is."""
+    none is. Groups with the same value and difference as a pick are named with it ("; the same
+    for C and D"), so a tie does not read as one group standing out."""
     baseline, base_value, rows = found
     if not rows:
         return []
@@ -172,12 +173,20 @@ def extremes(
     ]  # fmt: skip
     return [
         Finding(
-            f"{context}, {lead}{comparison_text(row, baseline, base_value, digits)}",
+            f"{context}, {lead}{comparison_text(row, baseline, base_value, digits)}{_ties_text(row, rows)}",
             significance(row.difference),
             figure,
         )
         for lead, row in picks
     ]
+
+
+def _ties_text(row: Row, rows: list[Row]) -> str:
+    """ "; the same for C and D": the other rows whose value and difference equal `row`'s, or ""."""
+    ties = [r.label for r in rows if r is not row and (r.value, r.difference) == (row.value, row.difference)]
+    if not ties:
+        return ""
+    return "; the same for " + (ties[0] if len(ties) == 1 else f"{', '.join(ties[:-1])} and {ties[-1]}")
 
 
 def tally(
