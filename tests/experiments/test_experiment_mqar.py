@@ -174,10 +174,8 @@ def test_figures_are_drawn_stable_and_work_without_a_summary(quick_run, tmp_path
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
     drawn = {p.name: p.read_bytes() for p in sorted((copy / "figures").iterdir())}
     assert set(drawn) == {f"mqar_quick_{stem}.{ext}" for stem in ("accuracy", "training") for ext in ("png", "svg")}
-    shutil.rmtree(copy / "figures")
-    assert cli.main(["figures", str(copy)]) == 0
-    assert {p.name: p.read_bytes() for p in sorted((copy / "figures").iterdir())} == drawn
-    # A run still in progress has no summary: the figures compute the same intervals from the records.
+    # Redrawn from the JSON alone, and without the summary a run in progress lacks (the figures then
+    # compute the same intervals from the records): the same files, byte for byte.
     path = copy / "mqar_quick.json"
     payload = json.loads(path.read_text())
     del payload["summary"]
