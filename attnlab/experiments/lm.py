@@ -15,6 +15,7 @@ In a config file the settings are TOML tables:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -44,7 +45,7 @@ from attnlab.train import (
 )
 from attnlab.train.evaluate import summarize
 from attnlab.train.mesh import host_value, replicated
-from attnlab.train.step import eval_sums, model_objective
+from attnlab.train.step import Model, eval_sums, model_objective, shareable
 
 Progress = Callable[[str, int, int], None]
 
@@ -436,22 +437,35 @@ def bin_positions(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.stack([values[..., a:b].mean(axis=-1) for a, b in itertools.pairwise(edges)], axis=-1)
 
 
+def _probe_forward(split: Model) -> Callable:
+    """forward(params, batch, theta, keys) -> (eval sums, attention statistics), jitted."""
+
+    def forward(params: Any, batch: Any, theta: jax.Array, keys: jax.Array | None) -> tuple[Any, Any]:
+        module = split.merge(params)
+        logits, stats = module(batch.inputs, rope_theta=theta, statistics=True, mass_keys=keys)
+        return eval_sums(logits, batch, model_objective(module)(logits, batch)), stats
+
+    return jax.jit(forward)
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_probe_forward(graphdef: Any) -> Callable:
+    """The forward of every model with this graph and no non-parameter state (any seed): compiled once."""
+    return _probe_forward(Model(graphdef, nnx.State({})))
+
+
 class Probe:
     """Measures one trained model on batches: the loss and accuracies of `attnlab.train.evaluate`
     and the attention statistics, from one forward pass per batch, compiled once per input shape
-    (the RoPE base is a traced argument, so changing it does not recompile)."""
+    and model structure (the RoPE base is a traced argument, so changing it does not recompile;
+    another seed of the same model reuses the compiled pass)."""
 
     def __init__(self, model: TransformerLM):
         self.split, self.params = split_model(model)
         self.placed: dict[int, tuple[Any, Any]] = {}  # batch size -> (mesh, parameters on it)
         self.rope_theta = model.config.rope_theta
-
-        def forward(params: Any, batch: Any, theta: jax.Array, keys: jax.Array | None) -> tuple[Any, Any]:
-            module = self.split.merge(params)
-            logits, stats = module(batch.inputs, rope_theta=theta, statistics=True, mass_keys=keys)
-            return eval_sums(logits, batch, model_objective(module)(logits, batch)), stats
-
-        self._forward = jax.jit(forward)
+        shared = shareable(self.split)
+        self._forward = _shared_probe_forward(self.split.graphdef) if shared else _probe_forward(self.split)
 
     def _placed(self, batch_size: int) -> tuple[Any, Any]:
         """The mesh for batches of `batch_size` (the default mesh, as many devices as the batch

@@ -10,11 +10,18 @@ deterministic, as `attnlab.data.train_batches` is, for the resumed run to equal 
 A non-finite loss or gradient norm stops training with `TrainingDiverged`, naming the model, the
 step and the values; it is checked at every history record (each syncs the device anyway), so a
 diverged state is never saved.
+
+The compiled steps are reused: a model of the same structure (its nnx graph: the same config, any
+seed), trained with the same optimizer settings, step count and mesh and its own loss as one
+trained before in this process, gets that model's compiled train and eval steps instead of compiling
+them again (a sweep over seeds compiles once per normalizer). The compiled program depends on
+nothing else: the parameters and the optimizer state are its arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import sys
@@ -32,8 +39,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from attnlab.train import checkpoint as checkpoints
 from attnlab.train.evaluate import accumulate
 from attnlab.train.mesh import MeshConfig, batch_devices, host_value, make_mesh, shard_batch
-from attnlab.train.optimizer import OptimizerConfig, check_count, learning_rate_schedule, make_optimizer
-from attnlab.train.step import Objective, TrainState, init_state, make_eval_step, make_train_step, split_model
+from attnlab.train.optimizer import OptimizerConfig, check_count, decay_mask, learning_rate_schedule, make_optimizer
+from attnlab.train.step import (
+    Model,
+    Objective,
+    TrainState,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    shareable,
+    split_model,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +100,8 @@ class TrainResult:
     """history: one record per log point {step, loss, accuracy, grad_norm, learning_rate,
     tokens_per_second, elapsed_seconds}, metrics averaged over the steps since the last record;
     evaluations: {step, loss, token_accuracy, sequence_accuracy, ...} per evaluation;
-    compile_seconds: compiling the train step; train_seconds: stepping (compile excluded);
+    compile_seconds: compiling the train step (about 0 when reused, see the module docstring);
+    train_seconds: stepping (compile excluded);
     tokens: input tokens consumed by the steps of this call."""
 
     history: list[dict[str, Any]]
@@ -191,6 +208,47 @@ def _mesh_for(mesh: Mesh | MeshConfig | None, batch_size: int) -> Mesh:
     return mesh
 
 
+class _Key:
+    """A pytree as a cache key: equal when its structure and its (hashable) leaves are equal."""
+
+    def __init__(self, tree: Any):
+        self.tree = tree
+        leaves, treedef = jax.tree.flatten(tree)
+        self._key = (treedef, tuple(leaves))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Key) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(config: OptimizerConfig, steps: int, mask: _Key) -> tuple[Any, Any]:
+    """(optimizer, schedule): `make_optimizer` decaying `mask`, and its learning-rate schedule; one
+    object per settings, so the steps compiled with it can be reused."""
+    return make_optimizer(config, steps, mask.tree), learning_rate_schedule(config, steps)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_steps(graphdef, optimizer, mesh, schedule, shardings: _Key) -> tuple[Any, Any]:
+    model = Model(graphdef, nnx.State({}))
+    train_step = make_train_step(model, optimizer, mesh, schedule, None, shardings.tree)
+    return train_step, make_eval_step(model, mesh, shardings.tree.params)
+
+
+def _steps(model: Model, optimizer, mesh, schedule, objective, shardings: _Key) -> tuple[Any, Any]:
+    """(train_step, eval_step) for `model`: the ones compiled for a model of the same graph and
+    settings if any (see the module docstring). Built anew, and not kept, for a model that is not
+    `shareable` or with a caller's objective (a new function per call, which may hold a teacher)."""
+    if objective is not None or not shareable(model):
+        return (
+            make_train_step(model, optimizer, mesh, schedule, objective, shardings.tree),
+            make_eval_step(model, mesh, shardings.tree.params),
+        )
+    return _compiled_steps(model.graphdef, optimizer, mesh, schedule, shardings)
+
+
 def train(
     model: nnx.Module,
     batches: Iterable[Any],
@@ -250,8 +308,7 @@ def train(
     batches = itertools.chain([first], batches)
     mesh = _mesh_for(mesh, jax.tree.leaves(first)[0].shape[0] * (1 if global_batches else jax.process_count()))
     split, params = split_model(model)
-    optimizer = make_optimizer(config.optimizer, config.steps, params)
-    schedule = learning_rate_schedule(config.optimizer, config.steps)
+    optimizer, schedule = _optimizer(config.optimizer, config.steps, _Key(decay_mask(params)))
     state, shardings = init_state(optimizer, params, mesh)
     history: list[dict[str, Any]] = []
     evaluations: list[dict[str, Any]] = []
@@ -275,8 +332,8 @@ def train(
     if current_data is not None:
         evaluated_on = current_data
     start = int(host_value(state.step))
-    train_step = make_train_step(split, optimizer, mesh, schedule, objective, shardings)
-    eval_step = make_eval_step(split, mesh, shardings.params) if eval_batches is not None else None
+    train_step, eval_step = _steps(split, optimizer, mesh, schedule, objective, _Key(shardings))
+    eval_step = eval_step if eval_batches is not None else None
     iterator: Iterator[Any] = itertools.islice(batches, position, None)
 
     def save(state: TrainState, done: int) -> None:

@@ -49,6 +49,19 @@ class Model(NamedTuple):
         return nnx.merge(self.graphdef, params, self.rest)
 
 
+def shareable(model: Model) -> bool:
+    """Whether a program compiled for `model` serves every model of its graph (any seed): it has no
+    non-parameter state, which the program would hold as constants, and its graph is hashable (a
+    cache key; nnx graphs compare by structure and static attributes)."""
+    if jax.tree.leaves(model.rest):
+        return False
+    try:
+        hash(model.graphdef)
+    except TypeError:
+        return False
+    return True
+
+
 def split_model(module: nnx.Module) -> tuple[Model, Any]:
     """(Model, params): the module's graph and fixed state, and its nnx.Param state."""
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)

@@ -186,6 +186,50 @@ def test_the_same_seed_gives_the_same_losses():
     assert not np.allclose(one["embed"]["embedding"][...], two["embed"]["embedding"][...])
 
 
+_COMPILES: list[float] | None = None  # backend compilations are appended here while a list
+
+
+def _count_compile(event, seconds, **_):
+    if _COMPILES is not None and event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES.append(seconds)
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def test_a_second_seed_reuses_the_compiled_steps_and_trains_as_it_would_alone():
+    global _COMPILES
+    from attnlab.train import loop
+
+    config = TrainConfig(steps=4, optimizer=FAST, log_every=1, eval_every=2)
+    held_out = [_batch(7)]
+    for cache in (loop._optimizer, loop._compiled_steps):
+        cache.cache_clear()
+    alone = train(_model(seed=2), _stream(3), config, eval_batches=lambda: held_out, progress=False)
+    for cache in (loop._optimizer, loop._compiled_steps):
+        cache.cache_clear()
+    train(_model(seed=1), _stream(0), config, eval_batches=lambda: held_out, progress=False)
+    _COMPILES = []
+    try:
+        again = train(_model(seed=2), _stream(3), config, eval_batches=lambda: held_out, progress=False)
+    finally:
+        compiles, _COMPILES = _COMPILES, None
+    assert compiles == []  # neither the train step nor the eval step (nor anything else) compiled again
+    assert again.history == [{**r, **{k: a[k] for k in ("tokens_per_second", "elapsed_seconds")}}
+                             for r, a in zip(alone.history, again.history, strict=True)]  # fmt: skip
+    assert again.evaluations == alone.evaluations
+    # Another structure (a wider model) or other optimizer settings compile their own.
+    wider = TransformerLM(ModelConfig(**{**TINY, "width": 48}), rngs=nnx.Rngs(2))
+    other = TrainConfig(steps=4, optimizer=OptimizerConfig(learning_rate=3e-3), log_every=2)
+    for model, settings in ((wider, config), (_model(seed=2), other)):
+        _COMPILES = []
+        try:
+            train(model, _stream(3), settings, progress=False)
+        finally:
+            compiles, _COMPILES = _COMPILES, None
+        assert compiles, settings
+
+
 def _interrupting(stream, after):
     for i, batch in enumerate(stream):
         if i == after:
