@@ -451,7 +451,7 @@ def _probe_forward(split: Model) -> Callable:
 @functools.lru_cache(maxsize=16)
 def _shared_probe_forward(graphdef: Any) -> Callable:
     """The forward of every model with this graph and no non-parameter state (any seed): compiled once."""
-    return _probe_forward(Model(graphdef, nnx.State({})))
+    return _probe_forward(Model.of_graph(graphdef))
 
 
 class Probe:

@@ -232,7 +232,7 @@ def _optimizer(config: OptimizerConfig, steps: int, mask: _Key) -> tuple[Any, An
 
 @functools.lru_cache(maxsize=16)
 def _compiled_steps(graphdef, optimizer, mesh, schedule, shardings: _Key) -> tuple[Any, Any]:
-    model = Model(graphdef, nnx.State({}))
+    model = Model.of_graph(graphdef)
     train_step = make_train_step(model, optimizer, mesh, schedule, None, shardings.tree)
     return train_step, make_eval_step(model, mesh, shardings.tree.params)
 

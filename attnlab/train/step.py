@@ -48,6 +48,11 @@ class Model(NamedTuple):
     def merge(self, params: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, params, self.rest)
 
+    @classmethod
+    def of_graph(cls, graphdef: Any) -> Model:
+        """The model of every `shareable` split with this graph (its non-parameter state is empty)."""
+        return cls(graphdef, nnx.State({}))
+
 
 def shareable(model: Model) -> bool:
     """Whether a program compiled for `model` serves every model of its graph (any seed): it has no

@@ -2,6 +2,8 @@
 the saved data position, refusing other settings), divergence and evaluation. Several devices:
 tests/train/test_sharding.py; the checkpoint folder itself: tests/train/test_checkpoint.py."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,34 +188,37 @@ def test_the_same_seed_gives_the_same_losses():
     assert not np.allclose(one["embed"]["embedding"][...], two["embed"]["embedding"][...])
 
 
-_COMPILES: list[float] | None = None  # backend compilations are appended here while a list
+@contextlib.contextmanager
+def _backend_compiles():
+    """Yields a list that collects the duration of each XLA compilation while the block runs."""
+    compiles: list[float] = []
 
+    def listen(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
 
-def _count_compile(event, seconds, **_):
-    if _COMPILES is not None and event == "/jax/core/compile/backend_compile_duration":
-        _COMPILES.append(seconds)
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compile)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def test_a_second_seed_reuses_the_compiled_steps_and_trains_as_it_would_alone():
-    global _COMPILES
     from attnlab.train import loop
 
     config = TrainConfig(steps=4, optimizer=FAST, log_every=1, eval_every=2)
     held_out = [_batch(7)]
-    for cache in (loop._optimizer, loop._compiled_steps):
-        cache.cache_clear()
-    alone = train(_model(seed=2), _stream(3), config, eval_batches=lambda: held_out, progress=False)
-    for cache in (loop._optimizer, loop._compiled_steps):
-        cache.cache_clear()
-    train(_model(seed=1), _stream(0), config, eval_batches=lambda: held_out, progress=False)
-    _COMPILES = []
-    try:
+
+    def fresh(seed, stream):
+        for cache in (loop._optimizer, loop._compiled_steps):
+            cache.cache_clear()
+        return train(_model(seed=seed), _stream(stream), config, eval_batches=lambda: held_out, progress=False)
+
+    alone = fresh(2, 3)
+    fresh(1, 0)
+    with _backend_compiles() as compiles:
         again = train(_model(seed=2), _stream(3), config, eval_batches=lambda: held_out, progress=False)
-    finally:
-        compiles, _COMPILES = _COMPILES, None
     assert compiles == []  # neither the train step nor the eval step (nor anything else) compiled again
     assert again.history == [{**r, **{k: a[k] for k in ("tokens_per_second", "elapsed_seconds")}}
                              for r, a in zip(alone.history, again.history, strict=True)]  # fmt: skip
@@ -222,11 +227,8 @@ def test_a_second_seed_reuses_the_compiled_steps_and_trains_as_it_would_alone():
     wider = TransformerLM(ModelConfig(**{**TINY, "width": 48}), rngs=nnx.Rngs(2))
     other = TrainConfig(steps=4, optimizer=OptimizerConfig(learning_rate=3e-3), log_every=2)
     for model, settings in ((wider, config), (_model(seed=2), other)):
-        _COMPILES = []
-        try:
+        with _backend_compiles() as compiles:
             train(model, _stream(3), settings, progress=False)
-        finally:
-            compiles, _COMPILES = _COMPILES, None
         assert compiles, settings
 
 
