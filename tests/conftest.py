@@ -13,6 +13,7 @@ import functools
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 # The suite runs in several processes (pytest -n): on a GPU, none may take most of its memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -82,6 +83,39 @@ def _release_lowered_programs():
     yield
     for cache in _lowering_caches():
         cache.cache_clear()
+
+
+# The slowest test files on a 2-core machine (pytest --durations), slowest first. With `-n 2 --dist
+# loadfile` xdist hands each worker one whole file at a time, by default the files with the most
+# tests first: these long files with few tests came last, and one worker ran them while the other
+# stood idle. They start first instead; the many short files then even out the two workers' ends.
+_SLOWEST_FILES = (
+    "test_docs.py",
+    "test_device_script.py",
+    "experiments/test_experiment_throughput.py",
+    "experiments/test_experiment_training.py",
+    "attention/test_attention.py",
+    "train/test_multiprocess.py",
+    "train/test_train.py",
+    "attention/test_attention_fast_paths.py",
+    "attention/test_mask_functions.py",
+    "attention/test_lowering.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order collected below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    tests = Path(__file__).parent
+
+    def rank(item) -> int:
+        relative = item.path.relative_to(tests).as_posix() if item.path.is_relative_to(tests) else ""
+        return _SLOWEST_FILES.index(relative) if relative in _SLOWEST_FILES else len(_SLOWEST_FILES)
+
+    items.sort(key=rank)  # stable: every file keeps its own order, the other files theirs
 
 
 _CLOSED_FORM_ALPHAS = (1, 1.5, 2)
