@@ -1,7 +1,7 @@
 """The `attnlab` command: run experiments, rebuild figures, list what is available.
 
     attnlab run [CONFIG.toml ...] [--out DIR] [--set key=value ...] [--no-figures] [--distributed auto|on|off]
-    attnlab figures [RESULTS_DIR]
+    attnlab figures [RESULTS_DIR] [--no-progress]
     attnlab list
 
 Exit codes: 0 success; 2 bad command line or config (nothing is run or written); 1 a run that
@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
     figures = commands.add_parser("figures", help="rebuild every figure and the index from results JSON")
     figures.add_argument("results_dir", nargs="?", default="results", metavar="RESULTS_DIR")
+    figures.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     commands.add_parser("list", help="list experiment kinds and normalizers")
     return parser
@@ -143,7 +144,7 @@ def _figures(args: argparse.Namespace) -> int:
         print(f"attnlab figures: {results_dir} is not a folder of results JSON", file=sys.stderr)
         return 2
     try:
-        rendered = figures.render_all(results_dir)
+        rendered = figures.render_all(results_dir, progress=not args.no_progress)
     except (ResultsError, OSError) as err:
         print(f"attnlab figures: {err}", file=sys.stderr)
         return 1

@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from attnlab import distributed
 from attnlab.experiments.config import ConfigError, apply_overrides, parse_dataclass, read_toml
 from attnlab.experiments.kind import Kind
 from attnlab.experiments.results import ResultsFile, device, now
+from attnlab.progress import item_bar
 from attnlab.train.mesh import MeshConfig, use_mesh
 
 NAME_KEYS = ("kind", "name")
@@ -256,24 +256,15 @@ def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True, w
     todo = [(point, key) for point, key in todo if not results.done(key)]
     distributed.check_same_everywhere(" ".join(key for _, key in todo), f"{experiment.name}: the points to run")
     started = time.perf_counter()
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[point]}"),
-        disable=not (progress and write),
-        transient=False,
-    ) as bar:
-        task = bar.add_task(experiment.name, total=len(points), completed=len(points) - len(todo), point="")
-        inner = bar.add_task("", total=None, visible=False, point="")
+    with item_bar(progress and write) as bar:
+        task = bar.add_task(experiment.name, total=len(points), completed=len(points) - len(todo), item="")
+        inner = bar.add_task("", total=None, visible=False, item="")
 
         def update(description: str, completed: int, total: int) -> None:
             bar.update(inner, description=f"  {description}", completed=completed, total=total, visible=True)
 
         for point, key in todo:
-            bar.update(task, point=_describe(point))
+            bar.update(task, item=_describe(point))
             keywords = _point_keywords(
                 kind.run_point, update, out_dir / CHECKPOINTS, [dict(r) for r in results.records]
             )

@@ -17,6 +17,7 @@ from attnlab.experiments.results import ResultsError, read_json
 from attnlab.figures import tuning
 from attnlab.figures.findings import write_findings
 from attnlab.figures.names import figure_name
+from attnlab.progress import item_bar
 
 FIGURES = "figures"
 
@@ -47,16 +48,23 @@ def _render(json_path: Path, payload: dict[str, Any], drawers: dict[str, Any]) -
     return paths + tuning.render(named, out_dir) if tuning.has_tuning(named) else paths
 
 
-def render_all(results_dir: str | Path) -> dict[Path, list[Path]]:
+def render_all(results_dir: str | Path, *, progress: bool = False) -> dict[Path, list[Path]]:
     """Render every results JSON of a known kind in `results_dir` (archived versions are not
-    redrawn) and rewrite its README.md index."""
+    redrawn) and rewrite its README.md index; `progress` shows a bar over the files (a folder of
+    full results takes a minute or two)."""
     results_dir = Path(results_dir)
     drawers = renderers()
     rendered = {}
-    for json_path in sorted(results_dir.glob("*.json")):
-        payload = read_json(json_path)
-        if payload.get("kind") in drawers:
-            rendered[json_path] = _render(json_path, payload, drawers)
+    json_paths = sorted(results_dir.glob("*.json"))
+    with item_bar(progress) as bar:
+        task = bar.add_task("figures", total=len(json_paths), item="")
+        for json_path in json_paths:
+            bar.update(task, item=json_path.name)
+            payload = read_json(json_path)
+            if payload.get("kind") in drawers:
+                rendered[json_path] = _render(json_path, payload, drawers)
+            bar.advance(task)
+        bar.update(task, item="")
     write_index(results_dir, rendered)
     write_findings(results_dir)
     return rendered

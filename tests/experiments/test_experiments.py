@@ -185,6 +185,22 @@ def test_figures_reject_unknown_kind(tmp_path):
         figures.render(tmp_path / "x.json")
 
 
+def test_figures_show_their_progress_over_the_folder_unless_told_not_to(tmp_path, capsys, monkeypatch):
+    # A folder of full results takes a minute or two to draw: a bar counts its results files.
+    drawn = []
+    monkeypatch.setattr(
+        figures, "renderers", lambda: {"quick": lambda payload, _: drawn.append(payload["experiment"]) or []}
+    )
+    for name in ("a", "b"):
+        write_json_atomic(tmp_path / f"{name}.json", {"kind": "quick", "config": {}, "records": []})
+    write_json_atomic(tmp_path / "other.json", {"kind": "mystery", "records": []})  # no figures: skipped
+    assert cli.main(["figures", str(tmp_path)]) == 0
+    shown = capsys.readouterr().out
+    assert drawn == ["a", "b"] and "figures" in shown and "3/3" in shown
+    assert cli.main(["figures", str(tmp_path), "--no-progress"]) == 0
+    assert drawn == ["a", "b", "a", "b"] and "3/3" not in capsys.readouterr().out
+
+
 def test_cli_list(capsys):
     assert cli.main(["list"]) == 0
     text = capsys.readouterr().out
