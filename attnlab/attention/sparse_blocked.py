@@ -164,15 +164,17 @@ def _scored(blk: _Block, s: jax.Array, score_consts=None) -> jax.Array:
     return score_fn(s, *blk.indices, *(consts if score_consts is None else score_consts))
 
 
-def _logits(blk: _Block, s: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def _visible_logits(blk: _Block, s: jax.Array | None = None) -> jax.Array:
     """u [B, K, G, Tq, E]: the (already (alpha - 1)-scaled) logits (given as s, or computed), -inf
-    where invisible, and whether each row holds a visible +inf [B, K, G, Tq, 1]: such a row is cut to
-    its +inf keys, each at 0 (uniform weights over them, as in the dense reference)."""
+    where invisible."""
     s = _scored(blk, _raw_logits(blk)) if s is None else s
-    u = jnp.where(blk.visible, s, -jnp.inf)
-    at_infinity = u == jnp.inf
-    infinite = jnp.any(at_infinity, axis=-1, keepdims=True)
-    return jnp.where(infinite, jnp.where(at_infinity, 0.0, -jnp.inf), u), infinite
+    return jnp.where(blk.visible, s, -jnp.inf)
+
+
+def _cut_at_infinity(u: jax.Array, infinite: jax.Array) -> jax.Array:
+    """u, with each row that holds a visible +inf ([..., 1] True) cut to its +inf keys, each at 0:
+    uniform weights over them, as in the dense reference (a NaN in such a row is dropped too)."""
+    return jnp.where(infinite, jnp.where(u == jnp.inf, 0.0, -jnp.inf), u)
 
 
 def _unnormalised(alpha: float, u: jax.Array, tau: jax.Array) -> jax.Array:
@@ -180,35 +182,43 @@ def _unnormalised(alpha: float, u: jax.Array, tau: jax.Array) -> jax.Array:
     return _power(jnp.maximum(u - tau[..., None], 0.0), 1.0 / (alpha - 1.0))
 
 
-def _shifted(alpha: float, u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-    """u with each row's maximum moved to 0, the shift [..., 1] (0 for a row with nothing visible),
-    the rows' origin for the threshold search (0; -inf for a row with nothing visible) and a lower
-    bound of the shifted rows' thresholds (or None).
+def _shifted(alpha: float, u: jax.Array):
+    """(u shifted, shift, origin, start, infinite) of visible logits u [..., n]: u cut at +inf (see
+    _cut_at_infinity) with each row's maximum moved to 0; the shift [..., 1] (0 for a row with
+    nothing visible); the rows' origin for the threshold search (0; -inf for a row with nothing
+    visible); a lower bound of the shifted rows' thresholds (or None); whether each row holds a
+    visible +inf [..., 1].
 
     Shifting first keeps the gaps u - tau exact for large logits (at |u| = 1e4 float32 rounds
     them to 1e-3). One pass takes the maximum of every chunk of CHUNK keys (their maximum is the
-    row's); the threshold of the chunk maxima alone (a small problem) is a lower bound of the row's
-    threshold, since dropping entries only lowers it, and it is usually close: Newton on the whole
-    row then starts near the root and needs about half the passes it needs from max - 1.
+    row's, and +inf exactly when the row holds a +inf: NaN is left out of these maxima so that it
+    cannot hide one); the threshold of the chunk maxima alone (a small problem) is a lower bound
+    of the row's threshold, since dropping entries only lowers it, and it is usually close: Newton
+    on the whole row then starts near the root and needs about half the passes it needs from max - 1.
+    A NaN logit stays in u: its row's output is NaN, as in the dense path.
     """
     n = u.shape[-1]
     chunked = n % CHUNK == 0 and n >= 2 * CHUNK
+    finite = jnp.where(jnp.isnan(u), -jnp.inf, u)
     if chunked:
-        chunk_max = jnp.max(u.reshape(*u.shape[:-1], n // CHUNK, CHUNK), axis=-1)
+        chunk_max = jnp.max(finite.reshape(*u.shape[:-1], n // CHUNK, CHUNK), axis=-1)
         m = jnp.max(chunk_max, axis=-1, keepdims=True)
     else:
-        m = jnp.max(u, axis=-1, keepdims=True)
+        m = jnp.max(finite, axis=-1, keepdims=True)
+    infinite = m == jnp.inf
+    m = jnp.where(infinite, 0.0, m)  # the cut row's maximum
     shift = jnp.where(jnp.isfinite(m), m, 0.0)
     origin = m - shift
-    start = entmax_threshold(chunk_max - shift, None, alpha, origin=origin) if chunked else None
-    return u - shift, shift, origin, start
+    start = None
+    if chunked:
+        start = entmax_threshold(_cut_at_infinity(chunk_max, infinite) - shift, None, alpha, origin=origin)
+    return _cut_at_infinity(u, infinite) - shift, shift, origin, start, infinite
 
 
 def _forward_block(static, blk: _Block, mass_keys, want_stats: bool):
-    """out [B, K, G, Tq, H], the row constants (tau, Z, shift) [B, K, G, Tq] and statistics."""
+    """out [B, K, G, Tq, H], the row constants (tau, Z, shift, infinite) [B, K, G, Tq] and statistics."""
     alpha = static.alpha
-    u, _ = _logits(blk)
-    u, shift, origin, start = _shifted(alpha, u)
+    u, shift, origin, start, infinite = _shifted(alpha, _visible_logits(blk))
     tau = entmax_threshold(u, None, alpha, origin=origin, start=start)[..., 0]
     weights = _unnormalised(alpha, u, tau)
     total = jnp.sum(weights, axis=-1)
@@ -219,7 +229,7 @@ def _forward_block(static, blk: _Block, mass_keys, want_stats: bool):
     if want_stats:
         p = weights / total[..., None]
         stats = statistics.from_weights(p, None if mass_keys is None else mass_keys[..., : u.shape[-1]])
-    return out, (tau, total, shift[..., 0]), stats
+    return out, (tau, total, shift[..., 0], infinite[..., 0]), stats
 
 
 def _blocks_of(static, group: Group):
@@ -241,7 +251,7 @@ def _forward(static, q, k, v, bias, mask, q_lengths, kv_lengths, mass_keys, func
         rows.append(row)
         stats.append(stat)
     join = partial(_join_blocks, static.num_queries)
-    row = tuple(join([r[i] for r in rows]) for i in range(3))
+    row = tuple(join([r[i] for r in rows]) for i in range(len(rows[0])))
     return join(outs), row, {name: join([s[name] for s in stats]) for name in stats[0]}
 
 
@@ -283,13 +293,13 @@ def _bias_grad_block(ds: jax.Array, bias_shape: tuple[int, ...], num_keys: int) 
 
 
 def _attention_bwd(static, want_stats, residuals, cotangents):
-    q, k, v, bias, mask, q_lengths, kv_lengths, functions, (tau, total, shift) = residuals
+    q, k, v, bias, mask, q_lengths, kv_lengths, functions, (tau, total, shift, infinite) = residuals
     alpha = static.alpha
     block = static.query_block
     pad = partial(_pad_queries, static)
     q_p, bias_p, mask_p = pad(q), pad(bias), pad(mask)
     d_out_p = pad(cotangents[0].astype(F32))
-    tau_p, total_p, shift_p = (pad(x[..., None]) for x in (tau, total, shift))
+    tau_p, total_p, shift_p, infinite_p = (pad(x[..., None]) for x in (tau, total, shift, infinite))
     bias_over_queries = bias is not None and bias.shape[3] != 1
     dk, dv = jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32)
     dbias_acc = None if bias is None or bias_over_queries else jnp.zeros(bias.shape, F32)
@@ -303,8 +313,8 @@ def _attention_bwd(static, want_stats, residuals, cotangents):
             rows = lambda x: jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=3)[..., 0]  # noqa: E731
             total_i = rows(total_p)[..., None]  # 0 on padding rows, whose weights are all 0
             s, pullback = jax.vjp(partial(_scored, blk), _raw_logits(blk), score_consts)
-            u, infinite = _logits(blk, s)
-            u = u - rows(shift_p)[..., None]
+            infinite_i = rows(infinite_p)[..., None]
+            u = _cut_at_infinity(_visible_logits(blk, s), infinite_i) - rows(shift_p)[..., None]
             p = _unnormalised(alpha, u, rows(tau_p)) / jnp.where(total_i > 0, total_i, 1.0)
             d_out_i = jax.lax.dynamic_slice_in_dim(d_out_p, index * block, block, axis=3)
             dv = dv.at[:, :, :extent].add(grouped_key_product(p, d_out_i))
@@ -313,7 +323,7 @@ def _attention_bwd(static, want_stats, residuals, cotangents):
             w_total = jnp.sum(w, axis=-1, keepdims=True)
             # The entmax Jacobian w.r.t. z, divided by (alpha - 1): the logits here are (alpha - 1) z.
             ds = w * (dp - jnp.sum(w * dp, axis=-1, keepdims=True) / jnp.where(w_total > 0, w_total, 1.0))
-            ds = jnp.where(infinite, 0.0, ds / (alpha - 1.0))  # a row cut to its +inf keys is constant
+            ds = jnp.where(infinite_i, 0.0, ds / (alpha - 1.0))  # a row cut to its +inf keys is constant
             if blk.score is not None:  # through the score function, to the raw logits and its arrays
                 ds, d_consts = pullback(ds)
                 d_score = add_cotangents(d_score, d_consts)

@@ -171,6 +171,32 @@ def test_entmax_fast_path_propagates_nan_from_its_row():
     assert int(jnp.sum(jnp.isnan(out))) == H
 
 
+@pytest.mark.parametrize("name", ["sparsemax", "entmax15"])
+def test_entmax_fast_path_cuts_a_row_at_its_plus_inf_keys_even_beside_a_nan(name):
+    """Rows long enough for the chunked threshold start (the +inf rows are found from its chunk
+    maxima): a row holding +inf is uniform over its +inf keys, as dense gives, also when it holds a
+    NaN too (dense drops it there); a row with a NaN alone is NaN; the other rows' gradients are finite and dense's."""
+    q, k, v, _ = _inputs(seed=10, t=4, s=256)
+    bias = jnp.zeros((1, N, 4, 256))
+    bias = bias.at[0, :, 0, [3, 200]].set(jnp.inf)  # query 0: two +inf keys
+    # query 1: +inf and NaN (where XLA:CPU's maximum over the row gives NaN, hiding the +inf)
+    bias = bias.at[0, :, 1, 0].set(jnp.inf).at[0, :, 1, 255].set(jnp.nan)
+    bias = bias.at[0, :, 2, 11].set(jnp.nan)  # query 2: a NaN alone
+    run = functools.partial(dot_product_attention, normalizer=name, bias=bias)
+    got, want = run(q, k, v, implementation="chunked"), run(q, k, v, implementation="xla")
+    _close(got[:, :2], want[:, :2], atol=1e-6)
+    _close(got[:, 3], want[:, 3])
+    assert bool(jnp.all(jnp.isnan(got[:, 2]))) and bool(jnp.all(jnp.isnan(want[:, 2])))
+    _close(got[:, 0], (v[:, 3] + v[:, 200]).repeat(N // K, axis=1) / 2, atol=1e-6)
+
+    def loss(q, implementation):  # the NaN row's gradients are NaN (both paths): rows 0, 1 and 3
+        return jnp.sum(jnp.nan_to_num(run(q, k, v, implementation=implementation)))
+
+    grads = [jax.grad(loss)(q, implementation)[:, [0, 1, 3]] for implementation in ("chunked", "xla")]
+    assert bool(jnp.all(jnp.isfinite(grads[0])))
+    _close(*grads, atol=1e-5)
+
+
 @pytest.mark.slow  # test_attention.py's GQA test checks the same path against dense by default
 def test_entmax_fast_path_gqa_matches_repeated_heads():
     q, k, v, _ = _inputs(seed=9)
