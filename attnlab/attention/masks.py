@@ -162,13 +162,17 @@ class Visibility:
 COUNT_ELEMENTS = 1 << 22
 
 
-def mask_indices(heads: tuple[int, int, int], query_pos: jax.Array, key_pos: jax.Array) -> tuple[jax.Array, ...]:
+def mask_indices(
+    heads: tuple[int, int, int], query_pos: jax.Array, key_pos: jax.Array, head_offset: tuple = (0, 0)
+) -> tuple[jax.Array, ...]:
     """(b, h, q_idx, kv_idx), int32 index arrays that broadcast to the grouped [B, K, G, Tq, Sk]:
     b [B, 1, 1, 1, 1], h [1, K, G, 1, 1] (query head n = k G + g), q_idx [1, 1, 1, Tq, 1],
-    kv_idx [1, 1, 1, 1, Sk]."""
+    kv_idx [1, 1, 1, 1, Sk]. With head_offset (b0, k0) (traced or not) they index the batch rows
+    b0 .. b0 + B - 1 and key-value heads k0 .. k0 + K - 1 of a larger call (a block of its heads)."""
     B, K, G = heads
-    b = jnp.arange(B, dtype=jnp.int32).reshape(B, 1, 1, 1, 1)
-    h = jnp.arange(K * G, dtype=jnp.int32).reshape(1, K, G, 1, 1)
+    b0, k0 = head_offset
+    b = (b0 + jnp.arange(B, dtype=jnp.int32)).reshape(B, 1, 1, 1, 1)
+    h = (k0 * G + jnp.arange(K * G, dtype=jnp.int32)).reshape(1, K, G, 1, 1)
     q = jnp.asarray(query_pos, jnp.int32).reshape(1, 1, 1, -1, 1)
     kv = jnp.asarray(key_pos, jnp.int32).reshape(1, 1, 1, 1, -1)
     return b, h, q, kv

@@ -673,7 +673,7 @@ def reference_attention(q, k, v, key_lengths, *, alpha: float, is_causal: bool, 
     if implementation == "chunked":
         out, _ = sparse_blocked_attention(
             q_grouped, k_grouped, v_grouped, None, visibility, float(alpha),
-            query_block=sparse_blocked.default_query_block(B, N, S),
+            query_block=sparse_blocked.default_query_block(B * N, S),
         )  # fmt: skip
     elif implementation == "dense":
         normalizer = Normalizer(Entmax(alpha=float(alpha)).simplified())

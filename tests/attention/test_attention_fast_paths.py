@@ -15,7 +15,7 @@ from attnlab.attention import dot_product_attention
 from attnlab.attention.api import static_entmax_alpha
 from attnlab.attention.masks import Visibility
 from attnlab.attention.online_softmax import key_block_ranges
-from attnlab.attention.sparse_blocked import plan_groups
+from attnlab.attention.sparse_blocked import plan_groups, sparse_blocked_attention
 
 B, T, S, N, K, H = 2, 70, 70, 4, 2, 8
 
@@ -195,6 +195,45 @@ def test_entmax_fast_path_cuts_a_row_at_its_plus_inf_keys_even_beside_a_nan(name
     grads = [jax.grad(loss)(q, implementation)[:, [0, 1, 3]] for implementation in ("chunked", "xla")]
     assert bool(jnp.all(jnp.isfinite(grads[0])))
     _close(*grads, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias_shape", [(B, 1, 1, T, S), (1, K, N // K, T, S), (1, K, 1, 1, S)])
+def test_entmax_blocks_of_one_head_or_of_all_heads_give_the_same_values_and_gradients(bias_shape):
+    """The blocked entmax path takes blocks of one batch row and key-value head on a CPU (the backends
+    above, against dense) and blocks of every head elsewhere: both, with grouped queries, lengths, a
+    bias broadcast over heads or over the batch, a mask function and a score function that read the
+    batch row and head, and statistics, give the same values and gradients, score arrays included."""
+    q, k, v, _ = _inputs(seed=13)
+    q, k, v = (jnp.moveaxis(x, 1, 2) for x in (q, k, v))  # [B, heads, T, H]
+    q = q.reshape(B, K, N // K, T, H)
+    bias = 0.5 * jax.random.normal(jax.random.PRNGKey(14), bias_shape)  # grouped [B|1, K|1, G|1, T|1, S]
+    table = jax.random.normal(jax.random.PRNGKey(15), (B, N))
+
+    def mask_fn(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx + b) | (h == 3)
+
+    def run(split_heads, q, k, v, bias, table):
+        def score_fn(s, b, h, q_idx, kv_idx):
+            return s * (1.0 + 0.1 * table[b, h])
+
+        visibility = Visibility(T, S, key_lengths=jnp.array([S, 50]), mask_fn=mask_fn, heads=(B, K, N // K))
+        out, stats = sparse_blocked_attention(
+            q, k, v, bias, visibility, 1.5, query_block=16, want_stats=True, score_fn=score_fn, split_heads=split_heads
+        )
+        return jnp.sum(jnp.sin(out)), (out, stats)
+
+    results = [
+        jax.jit(jax.grad(functools.partial(run, split), argnums=(0, 1, 2, 3, 4), has_aux=True))(q, k, v, bias, table)
+        for split in (False, True)
+    ]
+    (grads_all, (out_all, stats_all)), (grads_one, (out_one, stats_one)) = results
+    _close(out_one, out_all, atol=1e-6)
+    for name in stats_all:
+        _close(stats_one[name], stats_all[name], atol=1e-6)
+    for got, want in zip(grads_one, grads_all, strict=True):
+        assert got.shape == want.shape
+        _close(got, want, atol=1e-5)
+    assert float(jnp.max(jnp.abs(grads_all[4]))) > 0  # the score function's array has a gradient
 
 
 @pytest.mark.slow  # test_attention.py's GQA test checks the same path against dense by default
