@@ -16,8 +16,9 @@ Per block: one pass takes the maxima of 128-key chunks (their maximum is the row
 threshold is a lower bound that starts the row's Newton search close to its root; then a few
 passes (one per Newton step) find tau; one more forms the weights, and out = (w V) / Z.
 
-The forward keeps tau, Z, the shift and the +inf flag per query (O(T) memory), so the backward rebuilds p in one
-elementwise pass, with no threshold search, and applies the entmax Jacobian in closed form:
+The forward keeps tau, Z, the shift and the +inf flag per query (O(T) memory), so the backward
+rebuilds p in one elementwise pass, with no threshold search, and applies the entmax Jacobian in
+closed form:
 
     dp = dout V^T,   w = p^(2 - alpha) on the support,   dz = w * dp - w * sum(w dp) / sum(w),
     du = dz / (alpha - 1),   dv = p^T dout,   dq = du K,   dk = du^T q,   db = du.

@@ -17,7 +17,9 @@ from jax import export
 
 import attnlab.normalizers as N
 from attnlab.attention import dot_product_attention
+from attnlab.attention.masks import Visibility
 from attnlab.attention.pallas_sparse import pallas_sparse_attention
+from attnlab.attention.sparse_blocked import sparse_blocked_attention
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 TRITON = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
@@ -84,3 +86,18 @@ def test_the_xla_backends_lower_for_cuda_and_tpu(implementation):
         _lowers(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, q, q, platforms=["cuda", "tpu"])
         served += 1
     assert served >= 1
+
+
+def test_blocked_entmax_over_every_head_lowers_for_cuda_and_tpu():
+    """dot_product_attention gives blocked entmax blocks of one head on a CPU (lowered above) and
+    blocks of every head elsewhere: those lower too, forward and backward, with lengths and a bias."""
+    B, K, G, T, H = 2, 2, 2, 256, 32
+    visibility = Visibility(T, T, is_causal=True, key_lengths=jnp.array([T, 200]))
+
+    def loss(q, k, v, bias):
+        out, _ = sparse_blocked_attention(q, k, v, bias, visibility, 1.5, query_block=64, split_heads=False)
+        return jnp.sum(out)
+
+    args = (_spec((B, K, G, T, H)), _spec((B, K, T, H)), _spec((B, K, T, H)), _spec((1, K, 1, T, T)))
+    module = _lowers(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), *args, platforms=["cuda", "tpu"])
+    assert "stablehlo.while" in module
