@@ -38,6 +38,12 @@ Measured per timing point ({"measure": "time", ...}; one jitted program compiled
                        `reps` further calls, each waited for (repetitions stop early once their sum
                        passes `rep_budget_s`; `reps` records how many ran);
   tokens_per_second    batch * n / median_seconds (and tokens_per_second_best from min_seconds);
+  attention_flops, tflops_per_second
+                       the matmul work of the call as FlashAttention's benchmarks count it
+                       (`attention_flops`: 4 batch heads n^2 head_dim for the forward, halved when
+                       causal, 3.5x for forward+backward; the normaliser's own work not counted),
+                       and that over median_seconds in 10^12 per second: the same count for every
+                       case, so a path that skips work (causal blocks, empty blocks) scores higher;
   compiled_*_bytes     XLA's buffer assignment of the compiled program (`compiled.memory_analysis()`):
                        arguments, outputs, and temporaries (every intermediate buffer the program
                        allocates: the n x n logits of a dense path, one block's worth for a chunked
@@ -613,7 +619,7 @@ def _time_jax(config: Config, case: str, implementation: str, n: int, mode: str)
             return {"error": _failure(err)}
         raise
     measured = to_numpy(timing.pop("result"))
-    record = _timing_fields(config, n, timing, compile_seconds) | compiled_memory(compiled)
+    record = _timing_fields(config, n, mode, timing, compile_seconds) | compiled_memory(compiled)
     record |= _exactness(config, case, n, mode, measured)
     if implementation == "pallas":
         record |= key_block_sparsity(config, case, args)
@@ -670,14 +676,25 @@ def _time_peer(config: Config, case: str, peer: str, n: int, mode: str) -> dict[
     if timing["note"] is not None:
         _SLOW_PEER_CALLS.setdefault(_slow_key(config, case, peer, mode), (n, timing["first_call_seconds"]))
     measured = peer_numpy(timing.pop("result"))
-    record = _timing_fields(config, n, timing, None) | compiled_memory(None)
+    record = _timing_fields(config, n, mode, timing, None) | compiled_memory(None)
     record |= _exactness(config, case, n, mode, measured)
     record.update(peer=None, max_abs_error_vs_peer=None, torch_threads=torch.get_num_threads())
     return record
 
 
-def _timing_fields(config: Config, n: int, timing: dict[str, Any], compile_seconds: float | None) -> dict[str, Any]:
+def attention_flops(batch: int, heads: int, head_dim: int, n: int, causal: bool, mode: str) -> float:
+    """The matmul work of self-attention over n tokens as FlashAttention's benchmarks count it:
+    q k^T and p v are 2 n^2 head_dim each per batch row and head (half when causal); the backward
+    adds 2.5x the forward's (dv, dp, dq, dk: four matmuls, and q k^T again)."""
+    forward = 4.0 * batch * heads * n * n * head_dim / (2.0 if causal else 1.0)
+    return forward * (3.5 if mode == "forward+backward" else 1.0)
+
+
+def _timing_fields(
+    config: Config, n: int, mode: str, timing: dict[str, Any], compile_seconds: float | None
+) -> dict[str, Any]:
     tokens = config.batch * n
+    flops = attention_flops(config.batch, config.heads, config.head_dim, n, config.causal, mode)
     out = {
         "compile_seconds": None if compile_seconds is None else round(compile_seconds, 6),
         "first_call_seconds": round(timing["first_call_seconds"], 6),
@@ -687,6 +704,8 @@ def _timing_fields(config: Config, n: int, timing: dict[str, Any], compile_secon
         "reps": timing["reps"],
         "tokens_per_second": tokens / timing["median_seconds"],
         "tokens_per_second_best": tokens / timing["min_seconds"],
+        "attention_flops": flops,
+        "tflops_per_second": flops / timing["median_seconds"] / 1e12,
     }
     if timing.get("note"):
         out["note"] = timing["note"]

@@ -1,5 +1,5 @@
-"""Figures of a `throughput` results file: tokens/s, time relative to a baseline, compiled memory,
-compile time and (when measured) peak memory, each vs n.
+"""Figures of a `throughput` results file: tokens/s, time relative to a baseline, the attention
+FLOP rate (when recorded), compiled memory, compile time and (when measured) peak memory, each vs n.
 
 One panel per mode (forward, forward+backward) in each figure. attnlab cases take their
 normalizer's fixed colour, with the line style naming the implementation (chunked solid, dense
@@ -273,6 +273,27 @@ def _relative_time(payload: dict, records: list[dict], modes: list[str]):
     )
 
 
+def _flop_rate(payload: dict, records: list[dict], modes: list[str]):
+    """The records' attention FLOP rate (tflops_per_second: the same matmul count for every case,
+    over its median time) vs n, in GFLOP/s when every rate is below 1 TFLOP/s (a CPU)."""
+    rates = [r["tflops_per_second"] for r in records if r.get("tflops_per_second")]
+    giga = max(rates) < 1.0
+    unit = "GFLOP/s" if giga else "TFLOP/s"
+    return _panels(
+        payload,
+        records,
+        modes,
+        lambda r: r["tflops_per_second"] * (1e3 if giga else 1.0),
+        f"attention {unit} (matmul work ÷ median time)",
+        "Attention FLOP rate (higher is better)",
+        key="tflops_per_second",
+        notes=[
+            "work counted as FlashAttention's benchmarks count it: 4·batch·heads·n²·head_dim per forward, "
+            "halved when causal, 3.5x for forward+backward; the same count for every case"
+        ],
+    )
+
+
 def _fit(rows: list[dict]) -> tuple[float, float] | None:
     """(a, b) of peak = a + b n by least squares through the measured points (2 lengths or more)."""
     if len({r["n"] for r in rows}) < 2:
@@ -324,7 +345,7 @@ def _peak_memory(payload: dict, records: list[dict]):
 
 
 def render(payload: dict, out_dir: Path) -> list[Path]:
-    """tokens/s, time relative to the baseline, compiled temporary memory and compile time vs n
+    """tokens/s, time relative to the baseline, the FLOP rate, compiled temporary memory and compile time vs n
     (one panel per mode in each), and peak memory vs n when memory points were measured."""
     style.setup()
     name = payload["experiment"]
@@ -343,6 +364,8 @@ def render(payload: dict, out_dir: Path) -> list[Path]:
             key="median_seconds",
         )
         paths += style.save(fig, out_dir / f"{name}_tokens_per_second")
+        if any(r.get("tflops_per_second") for r in timed):
+            paths += style.save(_flop_rate(payload, timed, modes), out_dir / f"{name}_flop_rate")
         fig = _relative_time(payload, [r for r in timed if r.get("median_seconds")], modes)
         if fig is not None:
             paths += style.save(fig, out_dir / f"{name}_relative_time")

@@ -28,6 +28,7 @@ QUICK = REPO / "experiments" / "throughput_quick.toml"
 FIGURES = [
     "throughput_quick_compile_time",
     "throughput_quick_compiled_memory",
+    "throughput_quick_flop_rate",
     "throughput_quick_relative_time",
     "throughput_quick_tokens_per_second",
 ]
@@ -64,6 +65,10 @@ def test_every_point_has_one_record_with_timing_memory_and_device(quick_run):
         assert r["backend"] == jax.default_backend() and r["device_kind"] == device_kind
         assert r["tokens_per_second"] == pytest.approx(config.batch * r["n"] / r["median_seconds"], rel=1e-12)
         assert r["tokens_per_second_best"] == pytest.approx(config.batch * r["n"] / r["min_seconds"], rel=1e-12)
+        # FlashAttention's count: 4 B N n^2 H forward, half of it causal, 3.5x with the backward
+        work = 4 * config.batch * config.heads * r["n"] ** 2 * config.head_dim / (2 if config.causal else 1)
+        assert r["attention_flops"] == work * (3.5 if r["mode"] == "forward+backward" else 1)
+        assert r["tflops_per_second"] == pytest.approx(r["attention_flops"] / r["median_seconds"] / 1e12, rel=1e-12)
         assert r["reps"] == len(r["times_seconds"]) == config.reps
         assert r["median_seconds"] == pytest.approx(statistics.median(r["times_seconds"]), abs=1e-6)
         assert 0 < r["min_seconds"] <= r["median_seconds"] and r["first_call_seconds"] > 0
