@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention import families, query_blocked, sparse_blocked
+from attnlab.attention import families, query_blocked
 from attnlab.attention.dense import dense_attention
 from attnlab.attention.masks import Visibility, group_queries, ungroup_queries
 from attnlab.attention.online_softmax import DEFAULT_QUERY_BLOCK, online_softmax_attention, softmax_statistics
@@ -342,14 +342,11 @@ def _blocked_entmax_supports(normalizer: Callable, options: Options) -> str | No
 
 def _blocked_entmax_run(normalizer: Callable, call: Call, options: Options) -> Result:
     q, bias = _folded(normalizer, call)
-    B, N, _, S, _, _ = _shape(call)
     score_fn = _score_then_rows(call, _row_factor(normalizer, call) if call.score_fn is not None else None, None)
-    split_heads = options.platform == "cpu"  # see sparse_blocked_attention
-    heads_per_block = q.shape[2] if split_heads else B * N
     out, aux = sparse_blocked_attention(
         q, call.k, call.v, bias, call.visibility, families.static_entmax_alpha(normalizer),
-        query_block=call.query_block or sparse_blocked.default_query_block(heads_per_block, S, split_heads=split_heads),
-        want_stats=options.statistics, mass_keys=call.mass_keys, score_fn=score_fn, split_heads=split_heads,
+        query_block=call.query_block or None, want_stats=options.statistics, mass_keys=call.mass_keys,
+        score_fn=score_fn, split_heads=options.platform == "cpu",  # see sparse_blocked_attention
     )  # fmt: skip
     return Result(out, aux)
 

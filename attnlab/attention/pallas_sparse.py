@@ -74,7 +74,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from attnlab.attention import sparse_blocked
 from attnlab.attention.dense import dense_attention
 from attnlab.attention.masks import Visibility, group_queries, ungroup_queries
 from attnlab.attention.pallas_common import block_size, check_operands, interpreted
@@ -665,16 +664,12 @@ def reference_attention(q, k, v, key_lengths, *, alpha: float, is_causal: bool, 
     alpha-entmax itself.
     """
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    B, T, N, _ = q.shape
-    S, K = k.shape[1], k.shape[2]
+    T, S, K = q.shape[1], k.shape[1], k.shape[2]
     lengths = None if key_lengths is None else jnp.asarray(key_lengths, jnp.int32)
     visibility = Visibility(num_queries=T, num_keys=S, is_causal=is_causal, key_lengths=lengths)
     q_grouped, k_grouped, v_grouped = group_queries(q, K), jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)
     if implementation == "chunked":
-        out, _ = sparse_blocked_attention(
-            q_grouped, k_grouped, v_grouped, None, visibility, float(alpha),
-            query_block=sparse_blocked.default_query_block(B * N, S),
-        )  # fmt: skip
+        out, _ = sparse_blocked_attention(q_grouped, k_grouped, v_grouped, None, visibility, float(alpha))
     elif implementation == "dense":
         normalizer = Normalizer(Entmax(alpha=float(alpha)).simplified())
         out, _, _ = dense_attention(

@@ -98,8 +98,12 @@ class _Static(NamedTuple):
 
     @property
     def block_heads(self) -> tuple[int, int, int]:
-        """(B, K, G) of one block."""
-        return (1, 1, self.heads[2]) if self.split_heads else self.heads
+        return _block_heads(self.heads, self.split_heads)
+
+
+def _block_heads(heads: tuple[int, int, int], split_heads: bool) -> tuple[int, int, int]:
+    """(B, K, G) of one block of a call over `heads` (B, K, G)."""
+    return (1, 1, heads[2]) if split_heads else heads
 
 
 def plan_groups(num_queries: int, num_keys: int, is_causal: bool, query_block: int, max_groups: int) -> tuple:
@@ -419,7 +423,7 @@ def sparse_blocked_attention(
     visibility: Visibility,
     alpha: float,
     *,
-    query_block: int,
+    query_block: int | None = None,
     max_groups: int = 8,
     want_stats: bool = False,
     mass_keys: jax.Array | None = None,
@@ -433,8 +437,9 @@ def sparse_blocked_attention(
     and, with `want_stats`, statistics [B, K, G, T] (not differentiated). A mask function
     (visibility.mask_fn) and a score function (logits = score_fn(q k^T + bias, ...)) apply per block.
 
-    A block holds `query_block` queries of every head, or with `split_heads` of one batch row and
-    key-value head (its G query heads), the blocks going one head after another. On a CPU the
+    A block holds `query_block` queries (None: `default_query_block`) of every head, or with
+    `split_heads` of one batch row and key-value head (its G query heads), the blocks going one
+    head after another. On a CPU the
     split blocks are the fast choice: for the same logits per block they take more queries per
     head, so the matmuls are thicker, and the block's logits and keys stay in cache over the
     threshold passes (causal, B = 1, 8 heads x 64, float32, n = 4096, a 2-core CPU, through
@@ -446,6 +451,9 @@ def sparse_blocked_attention(
         raise ValueError(f"sparse_blocked_attention needs 1 < alpha <= 2; got alpha={alpha}")
     B, K, G, T = q.shape[:4]
     S = k.shape[2]
+    block_heads = _block_heads((B, K, G), split_heads)
+    if query_block is None:
+        query_block = default_query_block(math.prod(block_heads), S, split_heads=split_heads)
     query_block = max(1, min(query_block, T))
     groups = plan_groups(T, S, visibility.is_causal, query_block, max_groups)
     if score_fn is None:
@@ -457,7 +465,6 @@ def sparse_blocked_attention(
         def score_fn(s, b, h, q_idx, kv_idx):
             return (alpha - 1.0) * given(s, b, h, q_idx, kv_idx)
 
-    block_heads = (1, 1, G) if split_heads else (B, K, G)
     converted, functions = [], []
     for group in groups:
         indices = mask_indices(block_heads, jnp.arange(query_block), jnp.arange(group.extent))
