@@ -18,8 +18,9 @@ figures` and `attnlab list` read that one registry.
 A point's key is a hash of everything that determines its records (see :meth:`Kind.point_key`):
 the kind, the config without the fields that only enumerate the sweep (`sweep_fields`), the
 point itself, the entry of each list-of-specs sweep field that the point selects (so a changed
-normalizer parameter under the same label is a new point), and the device. A rerun reuses the
-records whose key matches and runs the rest.
+normalizer parameter under the same label is a new point), the device, and the code that computes
+the records (the kind's module and the attnlab modules and library versions it runs on:
+`attnlab.experiments.fingerprint`). A rerun reuses the records whose key matches and runs the rest.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from attnlab.experiments.config import to_json
+from attnlab.experiments.fingerprint import code_fingerprint
 
 KEY_LENGTH = 16  # hex digits of the SHA-256 kept in keys: 64 bits, collision-free at any realistic scale
 
@@ -66,6 +68,9 @@ class Kind:
       summarize: summarize(config, records) -> the "summary" the results file records when the
         sweep finishes (a pure function of the records: e.g. each metric's mean and interval over
         seeds, see attnlab.experiments.intervals), or None.
+      code_module: the module whose code, with every attnlab module it imports, computes the
+        records (its fingerprint is part of every point's key: `code`); run_point's module unless
+        given, and kept by `dataclasses.replace` (a test that swaps run_point keeps the kind's keys).
     """
 
     name: str
@@ -77,6 +82,11 @@ class Kind:
     figures: str | None = None
     derived: Callable[[Any], dict[str, Any]] | None = None
     summarize: Callable[[Any, list[dict[str, Any]]], dict[str, Any]] | None = None
+    code_module: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.code_module:
+            object.__setattr__(self, "code_module", self.run_point.__module__)
 
     def config_json(self, config: Any) -> dict[str, Any]:
         """The config as plain JSON values (what the results file records), with `derived`'s values."""
@@ -87,7 +97,7 @@ class Kind:
         """Everything that determines the records of `point` (what its key hashes): the kind, the
         config less its sweep fields, the point, for each sweep field of labelled entries
         (normalizer specs, outputs) the entry whose label the point names (the whole field
-        when none does), and the device."""
+        when none does), the device, and the code (`code`)."""
         config_json = self.config_json(config)
         selected = {}
         for field, point_key in self.sweep_fields.items():
@@ -99,7 +109,19 @@ class Kind:
                 chosen = [e for e in labelled if e.label == point[point_key]]
                 selected[field] = to_json(chosen[0]) if chosen else config_json.get(field)
         rest = {k: v for k, v in config_json.items() if k not in self.sweep_fields}
-        return {"kind": self.name, "config": rest, "point": point, "selected": selected, "device": device}
+        return {
+            "kind": self.name,
+            "config": rest,
+            "point": point,
+            "selected": selected,
+            "device": device,
+            "code": self.code(),
+        }
+
+    def code(self) -> dict[str, Any]:
+        """The fingerprint of the code that computes this kind's records: `code_module` and every
+        attnlab module it imports, transitively, with their library versions."""
+        return code_fingerprint(self.code_module)
 
     def point_key(self, config: Any, point: dict[str, Any], device: dict[str, Any]) -> str:
         return settings_key(self.point_settings(config, point, device))

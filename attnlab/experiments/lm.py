@@ -29,6 +29,7 @@ from flax import nnx
 
 from attnlab.experiments.checks import at_least, check, distinct, each, positive, setting
 from attnlab.experiments.config import to_json
+from attnlab.experiments.fingerprint import code_fingerprint
 from attnlab.experiments.kind import settings_key
 from attnlab.nn import ModelConfig, TransformerLM
 from attnlab.normalizers import NormalizerSpec
@@ -293,7 +294,9 @@ def model_settings(
 ) -> dict[str, Any]:
     """Everything that determines a trained model and its training record: the shape, the
     training (less `UNKEYED_TRAINING`), the normalizer (less its display label), the output, the
-    evaluation period, and the caller's `settings` (its data, objective and evaluation windows)."""
+    evaluation period, the caller's `settings` (its data, objective and evaluation windows), and
+    the code that builds and trains it (this module's fingerprint, `attnlab.experiments.fingerprint`:
+    a checkpoint written by other code is not resumed)."""
     training_json = {k: v for k, v in to_json(training).items() if k not in UNKEYED_TRAINING}
     normalizer_json = {k: v for k, v in normalizer.to_json().items() if k != "label"}
     output_json = output.to_json() if hasattr(output, "to_json") else output
@@ -303,6 +306,7 @@ def model_settings(
         "normalizer": normalizer_json,
         "output": output_json,
         "eval_every": eval_every,
+        "code": code_fingerprint(__name__),
         **(settings or {}),
     }
 

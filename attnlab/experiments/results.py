@@ -11,7 +11,8 @@ Every record carries its sweep point and the point's key (a hash of everything t
 it, see :meth:`attnlab.experiments.kind.Kind.point_key`). A rerun reuses the records whose key
 matches, from this file or from an earlier version of it, and runs the other points.
 
-Nothing finished is lost: when the config changed, the earlier file is copied to
+Nothing finished is lost: when the config changed, or the same config's records were computed by
+other code or on another device (their keys are not this run's), the earlier file is copied to
 `<out>/archive/<name>/<its started_at>.json` before the new run's first point replaces it, and an
 archived version is never overwritten. Writes are atomic (a temporary file, then a rename) and the
 JSON is strict: a non-finite number is written as null, and the record says which value it was
@@ -27,6 +28,7 @@ import os
 import platform
 import re
 import subprocess
+from collections.abc import Collection
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -207,12 +209,18 @@ def _records_by_key(payload: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return grouped
 
 
-def _resumable(existing: dict[str, Any] | None, kind: str, config: dict[str, Any]) -> bool:
-    """Whether `existing` is this run interrupted or finished: same kind and config, every record keyed."""
+def _resumable(
+    existing: dict[str, Any] | None, kind: str, config: dict[str, Any], keys: Collection[str] | None
+) -> bool:
+    """Whether `existing` is this run interrupted or finished: same kind and config, every record
+    keyed, and (given this run's point `keys`) under one of them: a file of the same config written
+    by other code or on another device is an earlier version, not this run."""
     if existing is None or existing.get("kind") != kind or existing.get("config") != config:
         return False
     records = existing.get("records")
-    return isinstance(records, list) and all(isinstance(r, dict) and "point_key" in r for r in records)
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "point_key" in r for r in records):
+        return False
+    return keys is None or all(r["point_key"] in keys for r in records)
 
 
 class ResultsFile:
@@ -221,10 +229,13 @@ class ResultsFile:
     `done(key)` says whether the point's records are in the current payload; `reuse(key)` copies
     them in from an earlier version (the file as it was, or an archived one) when one has them;
     `add(point, key, records)` appends a finished point and saves. The earlier file, when its
-    config differs, is archived at the first `add` or `reuse` (not before: a run that fails
-    before its first point leaves everything as it was). With write=False (every process but
-    process 0 of a multi-process run) the payload is kept up to date in memory and nothing is
-    written: `_save` is the one place the file and its archive are written.
+    config differs or its records are under keys that are not this run's (`keys`: other code,
+    another device), is archived at the first `add` or `reuse` (not before: a run that fails
+    before its first point leaves everything as it was): one file never mixes two runs' records.
+    `environment_extra` joins the file's environment (the mesh, the code's fingerprint). With
+    write=False (every process but process 0 of a multi-process run) the payload is kept up to
+    date in memory and nothing is written: `_save` is the one place the file and its archive are
+    written.
     """
 
     def __init__(
@@ -236,7 +247,8 @@ class ResultsFile:
         config: dict[str, Any],
         command: str = "",
         write: bool = True,
-        mesh: dict[str, Any] | None = None,
+        keys: Collection[str] | None = None,
+        environment_extra: dict[str, Any] | None = None,
     ):
         self.path = Path(path)
         self.write = write
@@ -249,11 +261,19 @@ class ResultsFile:
         self._to_archive: dict[str, Any] | None = None
         if existing is not None:
             self.earlier.update(_records_by_key(existing))
-        if _resumable(existing, kind, config):
+        self.replaced_because: str | None = None
+        if _resumable(existing, kind, config, None if keys is None else set(keys)):
             self.payload = existing
             self.payload["finished_at"] = None
         else:
             self._to_archive = existing
+            if existing is not None:
+                same = existing.get("kind") == kind and existing.get("config") == config
+                self.replaced_because = (
+                    "its records are not under this run's point keys (other code or another device)"
+                    if same
+                    else "another config wrote it"
+                )
             self.payload = {
                 "experiment": name,
                 "kind": kind,
@@ -264,7 +284,7 @@ class ResultsFile:
                 "records": [],
             }
         self.payload["command"] = command
-        self.payload["environment"] = environment() if mesh is None else {**environment(), "mesh": mesh}
+        self.payload["environment"] = {**environment(), **(environment_extra or {})}
         self._keys = set(_records_by_key(self.payload))
 
     @property
@@ -273,7 +293,7 @@ class ResultsFile:
 
     @property
     def replaces(self) -> Path | None:
-        """Where the earlier file (of another config) goes when this run writes its first point."""
+        """Where the earlier file (of another config, code or device) goes when this run writes its first point."""
         return (
             None
             if self._to_archive is None
@@ -296,7 +316,7 @@ class ResultsFile:
         self._append({key: [strict_record({**point, **r, "point_key": key}) for r in records]})
 
     def _archive_earlier(self) -> None:
-        """Archive the earlier file of another config, once, before this run first writes."""
+        """Archive the earlier file (another config, code or device), once, before this run first writes."""
         if self._to_archive is not None:
             archive(self.path, self._to_archive, self.out_dir, self.name)
             self._to_archive = None

@@ -3,9 +3,10 @@
 A run of `experiment` into `out`:
   - holds `out/.lock` (an exclusive `flock`) for as long as it writes there; a second run on the
     same folder waits for it, saying which process it waits for;
-  - computes every point's key (`Kind.point_key`) and reuses the records of each point whose key
-    is in `out/<name>.json` or one of its archived versions; the others run, in order, and each
-    finished point is saved at once (an interrupted run loses only the point in flight);
+  - computes every point's key (`Kind.point_key`: the config, the point, the device and the code)
+    and reuses the records of each point whose key is in `out/<name>.json` or one of its archived
+    versions; the others run, in order, and each finished point is saved at once (an interrupted
+    run loses only the point in flight);
   - trains models under `out/checkpoints/`, each model in a folder keyed by its settings
     (see `attnlab.experiments.lm.train_model`), so a point interrupted mid-training resumes and a
     changed setting trains anew.
@@ -229,6 +230,9 @@ def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True, w
     kind = experiment.spec
     out_dir = Path(out_dir)
     write = distributed.is_writer() if write is None else write
+    points = kind.points(experiment.config)
+    here = device()
+    keyed = [(point, kind.point_key(experiment.config, point, here)) for point in points]
     results = ResultsFile(
         out_dir / f"{experiment.name}.json",
         name=experiment.name,
@@ -236,17 +240,15 @@ def run(experiment: Experiment, out_dir: str | Path, *, progress: bool = True, w
         config=kind.config_json(experiment.config),
         command=experiment.command,
         write=write,
-        mesh=dataclasses.asdict(experiment.mesh),
+        keys=[key for _, key in keyed],
+        environment_extra={"mesh": dataclasses.asdict(experiment.mesh), "code": kind.code()},
     )
     check_mesh(experiment, jax.device_count())
-    points = kind.points(experiment.config)
-    here = device()
-    keyed = [(point, kind.point_key(experiment.config, point, here)) for point in points]
     todo = [(point, key) for point, key in keyed if not results.done(key)]
     reused = [(point, key) for point, key in todo if results.reusable(key)]
     if write and results.replaces is not None:
         print(
-            f"{results.path}: another config wrote it; it is kept as {results.replaces} "
+            f"{results.path}: {results.replaced_because}; it is kept as {results.replaces} "
             "once this run finishes its first point",
             file=sys.stderr,
         )

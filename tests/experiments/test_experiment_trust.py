@@ -90,7 +90,7 @@ def _run(*args: str) -> int:
 # ----------------------------------------------------------------------------------- keyed runs
 
 
-def test_every_determining_setting_changes_the_model_key_and_nothing_else_does():
+def test_every_determining_setting_changes_the_model_key_and_nothing_else_does(monkeypatch):
     model, training = lm.ModelSetting(layers=1, width=16, heads=2), lm.TrainingSetting(seq_len=8, steps=4, warmup=1)
     softmax = NormalizerSpec("softmax")
     ssmax = NormalizerSpec("ssmax", {"s": 0.4})
@@ -100,7 +100,12 @@ def test_every_determining_setting_changes_the_model_key_and_nothing_else_does()
         return settings_key(lm.model_settings(model, training, normalizer, **kw))
 
     reference = key()
+    with monkeypatch.context() as patch:  # the code that builds and trains the model, edited
+        edited = {**lm.code_fingerprint(lm.__name__), "source": "0" * 16}
+        patch.setattr(lm, "code_fingerprint", lambda module: edited)
+        edited_code = key()
     changed = {
+        "code": edited_code,
         "learning rate": key(training=dataclasses.replace(training, learning_rate=0.05)),
         "seed": key(training=dataclasses.replace(training, seed=1)),
         "width": key(model=lm.ModelSetting(layers=1, width=32, heads=2)),
