@@ -1,9 +1,17 @@
-"""Splitting an axis into equal blocks (padded) for scans, and joining them back."""
+"""Splitting an axis into equal blocks (padded) for scans, and joining them back; the causal groups
+of query blocks; the grouped-query products."""
 
 from __future__ import annotations
 
+import itertools
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+# Key extents are rounded up to whole multiples of this (whole 128-key chunks for blocked entmax).
+EXTENT_MULTIPLE = 128
 
 
 def split(x: jax.Array | None, block: int, num_blocks: int, axis: int, *, fill=0, broadcast=True):
@@ -28,6 +36,38 @@ def join(blocks: jax.Array, axis: int, length: int) -> jax.Array:
     x = jnp.moveaxis(blocks, 0, axis)
     x = x.reshape(*x.shape[:axis], x.shape[axis] * x.shape[axis + 1], *x.shape[axis + 2 :])
     return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+
+
+class Group(NamedTuple):
+    """Query blocks [first, first + count) that share one static key extent."""
+
+    first: int
+    count: int
+    extent: int
+
+
+def plan_groups(num_queries: int, num_keys: int, is_causal: bool, query_block: int, max_groups: int) -> tuple:
+    """Contiguous groups of query blocks, each with the key extent its last block needs.
+
+    Under a causal mask (query t sees keys s <= t) the blocks go in up to `max_groups` groups of
+    about equal size, each computing keys [0, extent) only: about (groups + 1) / (2 groups) of the
+    full work. Neighbouring groups whose extents come out equal (short rows: extents are rounded up
+    to EXTENT_MULTIPLE and capped at num_keys) are one group, one program fewer to compile."""
+    num_blocks = math.ceil(num_queries / query_block)
+    if not is_causal:
+        return (Group(0, num_blocks, num_keys),)
+    num_groups = max(1, min(max_groups, num_blocks))
+    bounds = [round(g * num_blocks / num_groups) for g in range(num_groups + 1)]
+    groups: list[Group] = []
+    for start, stop in itertools.pairwise(bounds):
+        if stop > start:
+            needed = min(num_keys, stop * query_block)
+            extent = max(1, min(num_keys, EXTENT_MULTIPLE * math.ceil(needed / EXTENT_MULTIPLE)))
+            if groups and groups[-1].extent == extent:
+                groups[-1] = Group(groups[-1].first, groups[-1].count + stop - start, extent)
+            else:
+                groups.append(Group(start, stop - start, extent))
+    return tuple(groups)
 
 
 def reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:

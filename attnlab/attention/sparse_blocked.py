@@ -35,7 +35,6 @@ float arrays get their gradients there). Rows are whole here: no key block is sk
 
 from __future__ import annotations
 
-import itertools
 import math
 from functools import partial
 from typing import NamedTuple
@@ -44,15 +43,13 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.attention import statistics
-from attnlab.attention.blocks import grouped_key_product, grouped_scores, grouped_values, reduce_to
+from attnlab.attention.blocks import Group, grouped_key_product, grouped_scores, grouped_values, plan_groups, reduce_to
 from attnlab.attention.mask_functions import add_cotangents, cast_cotangents, convert, zero_cotangents
 from attnlab.attention.masks import Visibility, mask_indices
 from attnlab.normalizers.mappings import jacobian_weights
 from attnlab.normalizers.thresholds import entmax_threshold
 
 F32 = jnp.float32
-# Key extents are rounded up to whole multiples of this, so that they split into whole chunks.
-EXTENT_MULTIPLE = 128
 # Keys per chunk whose maxima seed the threshold search (see _shifted).
 CHUNK = 128
 # Default query blocks (see default_query_block). Blocks of every head hold about this many logits
@@ -76,14 +73,6 @@ def default_query_block(heads: int, keys: int, *, split_heads: bool = False) -> 
     return max(MIN_QUERY_BLOCK, QUERY_BLOCK_ELEMENTS // max(1, heads * keys))
 
 
-class Group(NamedTuple):
-    """Query blocks [first, first + count) that share one static key extent."""
-
-    first: int
-    count: int
-    extent: int
-
-
 class _Static(NamedTuple):
     alpha: float
     num_queries: int
@@ -104,22 +93,6 @@ class _Static(NamedTuple):
 def _block_heads(heads: tuple[int, int, int], split_heads: bool) -> tuple[int, int, int]:
     """(B, K, G) of one block of a call over `heads` (B, K, G)."""
     return (1, 1, heads[2]) if split_heads else heads
-
-
-def plan_groups(num_queries: int, num_keys: int, is_causal: bool, query_block: int, max_groups: int) -> tuple:
-    """Contiguous groups of query blocks, each with the key extent its last block needs."""
-    num_blocks = math.ceil(num_queries / query_block)
-    if not is_causal:
-        return (Group(0, num_blocks, num_keys),)
-    num_groups = max(1, min(max_groups, num_blocks))
-    bounds = [round(g * num_blocks / num_groups) for g in range(num_groups + 1)]
-    groups = []
-    for start, stop in itertools.pairwise(bounds):
-        if stop > start:
-            needed = min(num_keys, stop * query_block)
-            extent = min(num_keys, EXTENT_MULTIPLE * math.ceil(needed / EXTENT_MULTIPLE))
-            groups.append(Group(start, stop - start, max(1, extent)))
-    return tuple(groups)
 
 
 def _power(gap: jax.Array, exponent: float) -> jax.Array:

@@ -13,9 +13,10 @@ import pytest
 from attnlab import normalizers
 from attnlab.attention import dot_product_attention
 from attnlab.attention.api import static_entmax_alpha
+from attnlab.attention.blocks import plan_groups
 from attnlab.attention.masks import Visibility
 from attnlab.attention.online_softmax import key_block_ranges
-from attnlab.attention.sparse_blocked import plan_groups, sparse_blocked_attention
+from attnlab.attention.sparse_blocked import sparse_blocked_attention
 
 B, T, S, N, K, H = 2, 70, 70, 4, 2, 8
 
