@@ -11,7 +11,8 @@
     blocked_entmax  query blocks, exact thresholds, closed-form        THRESHOLD with one concrete alpha in (1, 2]
                     backward (attention.sparse_blocked)
     query_blocked   query blocks, whole rows through the normalizer    any normalizer (callables included)
-                    (attention.query_blocked)
+                    (causal: cut to the keys a group of blocks sees;
+                    attention.query_blocked)
     pallas          Pallas kernels (GPU, else interpreted):            THRESHOLD with one concrete alpha in (1, 2]
                     entmax skipping weightless key blocks              (pallas_sparse); SOFTMAX with no sink or a
                     (attention.pallas_sparse); flash attention with    sink per head, residual*; ELEMENTWISE
