@@ -106,12 +106,34 @@ def stick_breaking_rows(z: jax.Array, valid: jax.Array) -> jax.Array:
     An invalid entry neither takes weight nor breaks the stick (as if removed from the row).
     """
     log_rest = jnp.where(valid, jax.nn.log_sigmoid(-z), 0.0)  # log(1 - beta_k); 0: no break
-    # sum over k > j: the reverse cumulative sum of the row shifted left by one (no subtraction,
-    # so nothing cancels)
-    later = jnp.concatenate([log_rest[..., 1:], jnp.zeros_like(log_rest[..., :1])], axis=-1)
-    later = jax.lax.cumsum(later, axis=z.ndim - 1, reverse=True)
-    log_w = jnp.where(valid, jax.nn.log_sigmoid(z) + later, 0.0)
+    log_w = jnp.where(valid, jax.nn.log_sigmoid(z) + sum_after(log_rest), 0.0)
     return jnp.where(valid, jnp.exp(log_w), 0.0)
+
+
+# Rows are summed in chunks of this many entries by a matmul with a triangular matrix (sum_after).
+SUM_CHUNK = 128
+
+
+def sum_after(x: jax.Array) -> jax.Array:
+    """later_j = sum_{k > j} x_k along the last axis (a reverse cumulative sum, shifted: no
+    subtraction, so nothing cancels), float32-exact up to the order of the additions.
+
+    The row goes in chunks of SUM_CHUNK: within a chunk a matmul with a strictly triangular matrix
+    (at full float32 precision on every platform), across chunks a short cumulative sum of their
+    totals. XLA:CPU writes jax.lax.cumsum as reduce-windows whose combining loop does not
+    vectorise the elementwise work fused after it (exp, log): stick-breaking's weights took 90 ms
+    for [8, 128, 2048] rows that way, 3-4x what the same passes take around a matmul."""
+    n = x.shape[-1]
+    chunk = min(SUM_CHUNK, n)
+    chunks = -(-n // chunk)
+    padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, chunks * chunk - n)])
+    blocks = padded.reshape(*x.shape[:-1], chunks, chunk)
+    strictly_after = jnp.tril(jnp.ones((chunk, chunk), x.dtype), k=-1)  # [k, j] = 1 where k > j
+    within = jnp.einsum("...k,kj->...j", blocks, strictly_after, precision=jax.lax.Precision.HIGHEST)
+    totals = jnp.sum(blocks, axis=-1)
+    shifted = jnp.concatenate([totals[..., 1:], jnp.zeros_like(totals[..., :1])], axis=-1)
+    later_chunks = jax.lax.cumsum(shifted, axis=shifted.ndim - 1, reverse=True)
+    return (within + later_chunks[..., None]).reshape(*x.shape[:-1], chunks * chunk)[..., :n]
 
 
 def multimax_modulator(x: jax.Array, b_low: Any, b_high: Any, slope_low: Any, slope_high: Any) -> jax.Array:
