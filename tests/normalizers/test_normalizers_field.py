@@ -21,6 +21,7 @@ from attnlab import normalizers as N
 from attnlab.attention import dot_product_attention
 from attnlab.attention.backends import Options, select
 from attnlab.nn import MultiHeadAttention, NormalizerSpec
+from attnlab.normalizers.recent import sum_after
 
 NEW_NAMES = (
     "llama4_softmax",
@@ -241,6 +242,21 @@ def test_stick_breaking_hidden_keys_are_removed_keys():
         row = X[0, 0]
         assert p[0, 0].sum() == pytest.approx(1.0 - np.prod(1.0 / (1.0 + np.exp(row))), rel=1e-14)
         assert p[0, 0, -1] == pytest.approx(1.0 / (1.0 + np.exp(-row[-1])), rel=1e-14)
+
+
+@pytest.mark.parametrize("n", [1, 5, 128, 130, 300])
+def test_sums_after_each_key_over_several_chunks_and_stick_breaking_on_long_rows(n):
+    """sum_after goes in chunks of SUM_CHUNK (128): whole, padded and single chunks, in float64."""
+    rng = np.random.default_rng(n)
+    with jax.enable_x64(True):
+        x = rng.normal(size=(3, n))
+        after = np.cumsum(x[:, ::-1], axis=1)[:, ::-1] - x  # the float64 reference
+        np.testing.assert_allclose(sum_after(jnp.asarray(x)), after, rtol=1e-12, atol=1e-12)
+        cotangent = rng.normal(size=(3, n))  # its transpose: the sums before each key
+        grad = jax.grad(lambda x: jnp.sum(sum_after(x) * cotangent))(jnp.asarray(x))
+        np.testing.assert_allclose(grad, np.cumsum(cotangent, axis=1) - cotangent, rtol=1e-12, atol=1e-12)
+        z = 0.3 * rng.normal(size=n) + 3.0  # most of the stick taken far from the end: small weights early on
+        np.testing.assert_allclose(N.stick_breaking(jnp.asarray(z)), _stick_breaking(z), rtol=1e-10, atol=1e-300)
 
 
 # ------------------------------------------------------------------------------- the sink
