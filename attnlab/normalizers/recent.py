@@ -122,7 +122,7 @@ def sum_after(x: jax.Array) -> jax.Array:
     (at full float32 precision on every platform), across chunks a short cumulative sum of their
     totals. XLA:CPU writes jax.lax.cumsum as reduce-windows whose combining loop does not
     vectorise the elementwise work fused after it (exp, log): stick-breaking's weights took 90 ms
-    for [8, 128, 2048] rows that way, 3-4x what the same passes take around a matmul."""
+    for [8, 128, 2048] rows that way, 14-18 ms this way."""
     n = x.shape[-1]
     chunk = min(SUM_CHUNK, n)
     chunks = -(-n // chunk)
