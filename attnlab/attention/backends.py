@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from attnlab.attention import families, query_blocked
+from attnlab.attention import families
 from attnlab.attention.dense import dense_attention
 from attnlab.attention.masks import Visibility, group_queries, ungroup_queries
 from attnlab.attention.online_softmax import DEFAULT_QUERY_BLOCK, online_softmax_attention, softmax_statistics
@@ -360,10 +360,9 @@ def _query_blocked_supports(normalizer: Callable, options: Options) -> str | Non
 
 
 def _query_blocked_run(normalizer: Callable, call: Call, options: Options) -> Result:
-    B, N, _, S, _, _ = _shape(call)
     out, aux = query_blocked_attention(
         call.q * call.scale, call.k, call.v, call.bias, call.visibility, normalizer,
-        query_block=call.query_block or query_blocked.default_query_block(B, N, S),
+        query_block=call.query_block or None,
         want_stats=options.statistics, mass_keys=call.mass_keys, score_fn=call.score_fn,
     )  # fmt: skip
     return Result(out, aux)

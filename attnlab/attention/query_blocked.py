@@ -59,7 +59,7 @@ def query_blocked_attention(
     visibility: Visibility,
     normalizer: Callable,
     *,
-    query_block: int,
+    query_block: int | None,
     want_stats: bool,
     mass_keys: jax.Array | None,
     score_fn: Callable | None = None,
@@ -67,11 +67,15 @@ def query_blocked_attention(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """q [B, K, G, T, H] (scaled), k/v [B, K, S, H] -> out [B, K, G, T, H] float32, statistics [B, K, G, T].
 
-    A mask function (in `visibility`) and a score function are evaluated on each block's positions.
+    A block holds `query_block` queries (None: `default_query_block`). A mask function (in
+    `visibility`) and a score function are evaluated on each block's positions.
     Under a causal mask, and when `normalizer` ignores what it cannot see (`drops_hidden_keys`),
     the query blocks go in up to `max_groups` groups (None: MAX_GROUPS), each computing only the
     keys [0, extent) its queries can see (`attnlab.attention.blocks.plan_groups`)."""
-    T, S = q.shape[3], k.shape[2]
+    B, K, G, T = q.shape[:4]
+    S = k.shape[2]
+    if query_block is None:
+        query_block = default_query_block(B, K * G, S)
     block = max(1, min(query_block, T))
     num_blocks = math.ceil(T / block)
     cut = visibility.is_causal and drops_hidden_keys(normalizer, S)
